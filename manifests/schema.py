@@ -1,0 +1,175 @@
+"""The shard-manifest contract (DESIGN §2): dataclasses, writing and validation."""
+from __future__ import annotations
+
+import os
+from dataclasses import asdict, dataclass, field
+from pathlib import Path, PurePosixPath
+from typing import Any, Iterable, Sequence
+
+from .errors import UserError, check
+from .io import atomic_write_json, read_json, sha256_file
+
+SCHEMA_VERSION = 1
+WIDS_VERSION = 1
+MANIFEST_NAME = "manifest.json"
+KINDS = ("features", "samples")
+# Rombach et al. (LDM), SD-VAE; REPA train.py `latents_scale` / `latents_bias`.
+SD_VAE_SCALE = 0.18215
+SD_VAE_SHIFT = 0.0
+
+
+@dataclass
+class ShardEntry:
+    """One tar shard: `url` is relative to the manifest's folder."""
+    url: str
+    nsamples: int
+    sha256: str
+    bytes: int
+
+
+@dataclass
+class Manifest:
+    """A validated manifest; `root` is the folder holding manifest.json."""
+    root: Path
+    name: str
+    shardlist: list[ShardEntry]
+    kind: str
+    num_samples: int
+    fields: dict[str, dict[str, Any]]
+    classes: list[str] = field(default_factory=list)
+    preprocess: dict[str, Any] = field(default_factory=dict)
+    skipped: list[dict[str, Any]] = field(default_factory=list)
+    created_by: dict[str, Any] = field(default_factory=dict)
+    extra: dict[str, Any] = field(default_factory=dict)  # e.g. sampler settings of a samples manifest
+
+    @property
+    def path(self) -> Path:
+        return self.root / MANIFEST_NAME
+
+    def shard_paths(self) -> list[Path]:
+        return [self.root / s.url for s in self.shardlist]
+
+    def field(self, name: str, *, shape: Sequence[int | None] | None = None, dtype: str | None = None,
+              hint: str = "") -> dict[str, Any]:
+        """Return field `name`, checking it exists and has the expected shape/dtype (None = any size)."""
+        hint = f" ({hint})" if hint else ""
+        if name not in self.fields:
+            have = ", ".join(sorted(self.fields)) or "none"
+            raise UserError(f"manifest {self.path} has no field '{name}'{hint}; it has: {have}")
+        spec = self.fields[name]
+        have_shape = list(spec.get("shape", []))
+        if shape is not None:
+            ok = len(have_shape) == len(shape) and all(w is None or w == h for w, h in zip(shape, have_shape))
+            if not ok:
+                want = [("*" if w is None else w) for w in shape]
+                raise UserError(f"manifest field '{name}' has shape {have_shape}, model expects {want}{hint}")
+        if dtype is not None and spec.get("dtype") != dtype:
+            raise UserError(f"manifest field '{name}' has dtype {spec.get('dtype')}, expected {dtype}{hint}")
+        return spec
+
+    def encoder_fields(self) -> list[str]:
+        """Names of the patch-token fields (one per encoder)."""
+        return [k for k, v in self.fields.items() if v.get("codec") == "patch-tokens"]
+
+    def to_json(self) -> dict[str, Any]:
+        repa = {
+            "schema": SCHEMA_VERSION, "kind": self.kind, "num_samples": self.num_samples,
+            "classes": self.classes, "preprocess": self.preprocess, "fields": self.fields,
+            "skipped": self.skipped, "created_by": self.created_by, **self.extra,
+        }
+        return {"wids_version": WIDS_VERSION, "name": self.name,
+                "shardlist": [asdict(s) for s in self.shardlist], "repa": repa}
+
+
+def safe_relpath(url: str, what: str) -> str:
+    """Reject absolute paths and '..' so a shard can never leave the manifest's folder."""
+    check(isinstance(url, str) and url != "", f"{what}: empty or non-string path {url!r}")
+    p = PurePosixPath(url)
+    check(not p.is_absolute() and not url.startswith(("/", "\\")) and ":" not in p.parts[0],
+          f"{what}: absolute path {url!r} is not allowed; paths must be relative to the manifest's folder")
+    check(".." not in p.parts and "\\" not in url,
+          f"{what}: path {url!r} leaves the manifest's folder ('..' is not allowed)")
+    return url
+
+
+def manifest_path(path: str | os.PathLike) -> Path:
+    """Accept a manifest file or the folder that holds it."""
+    p = Path(path)
+    return p / MANIFEST_NAME if p.is_dir() else p
+
+
+def load_manifest(path: str | os.PathLike, *, kind: str | None = None, verify: bool = False,
+                  check_exists: bool = True) -> Manifest:
+    """Read and validate a manifest; every problem is a one-line UserError naming the culprit."""
+    mpath = manifest_path(path)
+    raw = read_json(mpath, "manifest")
+    where = f"manifest {mpath}"
+    check(isinstance(raw, dict), f"{where}: top level must be a JSON object")
+    repa = raw.get("repa")
+    check(isinstance(repa, dict), f"{where}: missing the 'repa' section (not a REPA shard manifest?)")
+    schema = repa.get("schema")
+    check(schema == SCHEMA_VERSION, f"{where}: schema version {schema!r} is not supported (expected {SCHEMA_VERSION})")
+    mkind = repa.get("kind")
+    check(mkind in KINDS, f"{where}: 'repa.kind' is {mkind!r}, expected one of {list(KINDS)}")
+    if kind is not None:
+        check(mkind == kind, f"{where}: is a '{mkind}' manifest, expected '{kind}'")
+    for key in ("fields", "num_samples"):
+        check(key in repa, f"{where}: missing 'repa.{key}'")
+    fields = repa["fields"]
+    check(isinstance(fields, dict) and fields, f"{where}: 'repa.fields' must be a non-empty object")
+    for fname, spec in fields.items():
+        check(isinstance(spec, dict) and "shape" in spec and "dtype" in spec,
+              f"{where}: field '{fname}' needs 'shape' and 'dtype'")
+    shardlist = raw.get("shardlist")
+    check(isinstance(shardlist, list), f"{where}: 'shardlist' must be a list")
+    root = mpath.parent
+    entries: list[ShardEntry] = []
+    for i, s in enumerate(shardlist):
+        check(isinstance(s, dict) and "url" in s, f"{where}: shardlist[{i}] has no 'url'")
+        url = safe_relpath(s["url"], f"{where}: shard {i}")
+        try:
+            entry = ShardEntry(url=url, nsamples=int(s["nsamples"]), sha256=str(s.get("sha256", "")),
+                               bytes=int(s.get("bytes", -1)))
+        except (KeyError, TypeError, ValueError) as e:
+            raise UserError(f"{where}: shard '{url}' has a bad or missing 'nsamples'") from e
+        if check_exists:
+            sp = root / url
+            check(sp.is_file(), f"{where}: shard '{url}' does not exist ({sp})")
+            if entry.bytes >= 0:
+                size = sp.stat().st_size
+                check(size == entry.bytes,
+                      f"shard '{url}' is {size} bytes on disk, manifest says {entry.bytes} (truncated or replaced?)")
+        entries.append(entry)
+    total = sum(e.nsamples for e in entries)
+    check(total == int(repa["num_samples"]),
+          f"{where}: shards hold {total} samples but 'repa.num_samples' is {repa['num_samples']}")
+    known = {"schema", "kind", "num_samples", "classes", "preprocess", "fields", "skipped", "created_by"}
+    m = Manifest(root=root, name=str(raw.get("name", root.name)), shardlist=entries, kind=mkind,
+                 num_samples=int(repa["num_samples"]), fields=fields, classes=list(repa.get("classes", [])),
+                 preprocess=dict(repa.get("preprocess", {})), skipped=list(repa.get("skipped", [])),
+                 created_by=dict(repa.get("created_by", {})),
+                 extra={k: v for k, v in repa.items() if k not in known})
+    if verify:
+        verify_shards(m)
+    return m
+
+
+def verify_shards(m: Manifest, progress: bool = False) -> None:
+    """Check each shard's sha256 against the manifest; the first mismatch is a UserError."""
+    it: Iterable[ShardEntry] = m.shardlist
+    if progress:
+        from tqdm import tqdm
+        it = tqdm(it, desc="verify sha256", unit="shard")
+    for s in it:
+        p = m.root / s.url
+        check(p.is_file(), f"shard '{s.url}' listed in {m.path} does not exist")
+        got = sha256_file(p)
+        check(got == s.sha256, f"shard '{s.url}' fails sha256 check (manifest {s.sha256[:12]}…, file {got[:12]}…)")
+
+
+def write_manifest(m: Manifest) -> Path:
+    """Write manifest.json atomically, last, after every shard it lists is in place."""
+    for s in m.shardlist:
+        safe_relpath(s.url, f"manifest {m.path}")
+    atomic_write_json(m.path, m.to_json())
+    return m.path
