@@ -19,10 +19,10 @@ $(VENV)/.installed: pyproject.toml
 	touch $@
 
 demo: venv
-	$(PY) -m pipeline.demo --out $(DEMO_DIR)
+	$(PY) scripts/demo.py --out $(DEMO_DIR)
 
 demo-fast: venv
-	DEMO_FAST=1 $(PY) -m pipeline.demo --out $(DEMO_DIR)-fast
+	DEMO_FAST=1 $(PY) scripts/demo.py --out $(DEMO_DIR)-fast
 
 test: venv
 	$(PY) -m pytest -q $(PYTEST_ARGS)
