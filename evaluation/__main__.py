@@ -1,0 +1,20 @@
+"""`python -m evaluation [align] ...`: the metrics job, or the alignment analysis with `align`."""
+from __future__ import annotations
+
+import sys
+from typing import Sequence
+
+from manifests import run_cli
+
+
+def main(argv: Sequence[str] | None = None) -> int:
+    args = list(sys.argv[1:] if argv is None else argv)
+    if args and args[0] == "align":
+        from evaluation.align_cli import main as align_main  # lazy: the metrics job never imports it
+        return int(align_main(args[1:]) or 0)
+    from evaluation.job import main as metrics_main
+    return int(metrics_main(args) or 0)
+
+
+if __name__ == "__main__":
+    sys.exit(run_cli(main))

@@ -1,0 +1,160 @@
+"""Load a SiT checkpoint (ours or official) and read per-block hidden states of noisy latents via forward hooks."""
+from __future__ import annotations
+
+import re
+from dataclasses import dataclass, field
+from typing import Any
+
+import numpy as np
+import torch
+from tqdm import tqdm
+
+from manifests import UserError, check
+
+OFFICIAL_MODEL = "SiT-XL/2"  # REPA generate.py / train.py --model default
+OFFICIAL_ENCODER_DEPTH = 8  # REPA train.py --encoder-depth default
+OFFICIAL_CLASS_DROPOUT = 0.1  # SiT/REPA class_dropout_prob: the label table holds one extra (null) row
+
+
+@dataclass(kw_only=True)
+class ModelSpec:
+    """How to build the model when the checkpoint carries no config.json (official files); flags override."""
+    model: str | None = None
+    encoder_depth: int | None = None
+    projector_embed_dims: list[int] | None = None
+    path: str | None = None
+
+
+@dataclass
+class LoadedModel:
+    """The model in eval mode plus what the report records about it."""
+    model: torch.nn.Module
+    name: str
+    path: str  # interpolant: linear or cosine
+    depth: int
+    step: int | None
+    config: dict[str, Any] = field(default_factory=dict)
+
+
+def _infer_kwargs(sd: dict[str, torch.Tensor], spec: ModelSpec) -> dict[str, Any]:
+    """Official kwargs from the state-dict shapes (what an official file cannot tell: encoder depth)."""
+    try:
+        tokens, hidden = sd["pos_embed"].shape[1:]
+        _, in_ch, patch, _ = sd["x_embedder.proj.weight"].shape
+        rows = sd["y_embedder.embedding_table.weight"].shape[0]
+    except KeyError as e:
+        raise UserError(f"checkpoint has no {e.args[0]!r}: not a SiT state dict") from e
+    grid = int(round(tokens ** 0.5))
+    projs = sorted({int(m.group(1)) for k in sd if (m := re.match(r"projectors\.(\d+)\.4\.weight$", k))})
+    z_dims = spec.projector_embed_dims or [int(sd[f"projectors.{i}.4.weight"].shape[0]) for i in projs]
+    kw: dict[str, Any] = dict(input_size=grid * patch, in_channels=in_ch, num_classes=rows - 1,
+                              class_dropout_prob=OFFICIAL_CLASS_DROPOUT, z_dims=z_dims,
+                              encoder_depth=spec.encoder_depth or OFFICIAL_ENCODER_DEPTH)
+    if projs:
+        kw["projector_dim"] = int(sd["projectors.0.0.weight"].shape[0])
+    return kw
+
+
+def load_model(ckpt: str, spec: ModelSpec, device: torch.device) -> LoadedModel:
+    """Load ours (training checkpoint or export + config.json) or an official REPA file, strictly, in eval mode."""
+    from trainer.models import SiT_models
+    from trainer.official import check_state_dict, load_sit_weights
+    sd, meta = load_sit_weights(ckpt, encoder_depth=spec.encoder_depth)
+    cfg = dict(meta.get("config") or {})
+    args = dict(meta.get("args") or {})  # an official training dict's argparse options
+    if cfg.get("model") and spec.model in (None, cfg["model"]):
+        name, kwargs = cfg["model"], dict(cfg.get("model_kwargs", {}))
+        if spec.encoder_depth is not None:
+            kwargs["encoder_depth"] = spec.encoder_depth
+        if spec.projector_embed_dims is not None:
+            kwargs["z_dims"] = spec.projector_embed_dims
+        path = spec.path or cfg.get("path") or "linear"
+    else:
+        if spec.encoder_depth is None and args.get("encoder_depth") is not None:
+            spec = ModelSpec(**{**spec.__dict__, "encoder_depth": int(args["encoder_depth"])})
+        name, kwargs = spec.model or args.get("model") or OFFICIAL_MODEL, _infer_kwargs(sd, spec)
+        path = spec.path or args.get("path_type") or "linear"
+    check(name in SiT_models, f"--model {name!r} is unknown; choose one of {', '.join(sorted(SiT_models))}")
+    try:
+        model = SiT_models[name](**kwargs)
+    except (TypeError, ValueError) as e:
+        raise UserError(f"cannot build {name} for checkpoint {ckpt}: {e} (check --model/--encoder-depth)") from e
+    check_state_dict(model, sd, path=ckpt, what=name)
+    model.load_state_dict(sd, strict=True)
+    model.eval().to(device)
+    check(path in ("linear", "cosine"), f"checkpoint {ckpt} names an unknown path {path!r} (use --path)")
+    return LoadedModel(model=model, name=name, path=path, depth=len(model.blocks), step=meta.get("step"),
+                       config=cfg)
+
+
+class _StopForward(Exception):
+    """Raised by the last hook needed so the blocks after it and the final layer are not run."""
+
+
+@torch.no_grad()
+def hidden_states(lm: LoadedModel, moments: np.ndarray, labels: np.ndarray, *, layers: list[int], t: float,
+                  scale: float, shift: float, batch_size: int, seed: int, device: torch.device,
+                  null_label: bool = False, keep_tokens: int = 0) -> tuple[dict[int, np.ndarray], dict[int, np.ndarray]]:
+    """Pooled (N, D) hidden states after each 1-based block in `layers`, and full tokens of the first images.
+
+    Inputs: z = (mean + std·ε')·scale + shift from the stored moments, x_t = α(t)·z + σ(t)·ε on the model's
+    path; image i draws ε' and ε from its own generator (seed, i), so results do not depend on batch size.
+    """
+    from trainer.transport import alpha_sigma
+    model = lm.model
+    n = len(moments)
+    c = moments.shape[1] // 2
+    check(c == model.in_channels, f"manifest field 'latent' holds {c}-channel moments, model expects "
+                                  f"{model.in_channels} latent channels")
+    check(moments.shape[2] == model.input_size,
+          f"manifest field 'latent' is {moments.shape[2]}x{moments.shape[3]}, model expects input_size "
+          f"{model.input_size} (a different resolution?)")
+    if len(labels):
+        check(0 <= int(labels.min()) and int(labels.max()) < model.num_classes,
+              f"manifest labels span [{int(labels.min())}, {int(labels.max())}], model has {model.num_classes} classes")
+    if null_label:
+        check(model.y_embedder.embedding_table.num_embeddings > model.num_classes,
+              "--label null needs a model trained with label dropout (no null class in this checkpoint)")
+    alpha, sigma, _, _ = alpha_sigma(torch.tensor(float(t), dtype=torch.float64), lm.path)
+    pooled: dict[int, list[torch.Tensor]] = {i: [] for i in layers}
+    tokens: dict[int, list[torch.Tensor]] = {i: [] for i in layers}
+    last = max(layers)
+    seen = [0]  # images of the current batch already stored as full tokens
+
+    def hook_for(layer: int):
+        def hook(_module, _inp, out):
+            h = out.float()  # (B, T, D)
+            pooled[layer].append(h.mean(dim=1).cpu())  # (B, D)
+            take = max(0, min(keep_tokens - seen[0], h.shape[0]))
+            if take:
+                tokens[layer].append(h[:take].cpu())
+            if layer == last:
+                raise _StopForward
+        return hook
+
+    handles = [model.blocks[i - 1].register_forward_hook(hook_for(i)) for i in layers]
+    try:
+        for s in tqdm(range(0, n, batch_size), desc=f"hidden states t={t}", unit="batch"):
+            mom = torch.from_numpy(moments[s:s + batch_size])  # (B, 2C, H, W)
+            eps_post, eps = [], []
+            for i in range(s, s + len(mom)):
+                g = torch.Generator().manual_seed(seed * 1_000_003 + i)
+                eps_post.append(torch.randn(mom.shape[1] // 2, *mom.shape[2:], generator=g))
+                eps.append(torch.randn(mom.shape[1] // 2, *mom.shape[2:], generator=g))
+            z = (mom[:, :c] + mom[:, c:] * torch.stack(eps_post)) * scale + shift  # (B, C, H, W)
+            x_t = (float(alpha) * z + float(sigma) * torch.stack(eps)).to(device)  # (B, C, H, W)
+            y = torch.from_numpy(labels[s:s + len(mom)]).to(device)
+            if null_label:
+                y = torch.full_like(y, model.num_classes)  # the unconditional (null) class
+            tt = torch.full((len(mom),), float(t), device=device)
+            seen[0] = s
+            try:
+                model(x_t, tt, y)
+            except _StopForward:
+                pass
+    finally:
+        for h in handles:
+            h.remove()
+    out_pooled = {i: torch.cat(v).numpy() for i, v in pooled.items()}
+    out_tokens = {i: torch.cat(v).numpy() if v else np.zeros((0,), np.float32) for i, v in tokens.items()}
+    return out_pooled, out_tokens

@@ -1,0 +1,254 @@
+"""`python -m evaluation`: sample set + reference -> FID, sFID, IS, precision, recall (ADM evaluator, DESIGN §6)."""
+from __future__ import annotations
+
+import argparse
+import os
+import shlex
+import sys
+import time
+from dataclasses import asdict, dataclass
+from pathlib import Path
+from typing import Any, Sequence
+
+import numpy as np
+
+from manifests import UserError, atomic_open
+from manifests.io import ensure_writable_dir
+
+EXAMPLE = """examples:
+  python -m evaluation --samples samples/ --reference VIRTUAL_imagenet256_labeled.npz --out report.json
+  python -m evaluation --samples samples.npz --reference feats/ --inception-weights pt_inception-2015-12-05-6726825d.pth
+  python -m evaluation --reference imagenet-val-folder/ --resolution 512 --write-reference ref512.npz
+Without --inception-weights the network loads torch-fidelity's cached download (torch hub checkpoints folder).
+A reference .npz's mu/sigma/mu_s/sigma_s are used as stored; its arr_0 images give precision/recall."""
+STAT_SHAPES = {"mu": "d", "sigma": "dd", "mu_s": "s", "sigma_s": "ss"}
+WEIGHTS_TAG = "inception_weights"  # extra array in references we write: which weights made the statistics
+
+
+@dataclass(kw_only=True)
+class EvalConfig:
+    """Resolved settings of one evaluation (recorded in report.json)."""
+    samples: str | None = None
+    reference: str = ""
+    out: str = "report.json"
+    num_samples: int | None = None
+    write_reference: str | None = None
+    resolution: int | None = None
+    inception_weights: str | None = None
+    device: str = "auto"
+    batch_size: int = 100
+    num_workers: int = min(8, os.cpu_count() or 1)
+    pr_dtype: str = "float32"
+    pr_k: int = 3
+    is_split: int = 5000
+    recompute_reference_stats: bool = False
+    cache_dir: str = str(Path(os.environ.get("XDG_CACHE_HOME", Path.home() / ".cache")) / "repa" / "inception")
+    no_cache: bool = False
+    progress: bool = True
+
+
+class _Parser(argparse.ArgumentParser):
+    def error(self, message: str):  # one line, exit 2, through run_cli
+        raise UserError(f"{self.prog}: {message}")
+
+
+def _positive(text: str) -> int:
+    try:
+        v = int(text)
+    except ValueError as e:
+        raise argparse.ArgumentTypeError(f"{text!r} is not an integer") from e
+    if v <= 0:
+        raise argparse.ArgumentTypeError(f"must be > 0, got {text}")
+    return v
+
+
+def build_parser() -> argparse.ArgumentParser:
+    d = EvalConfig()
+    p = _Parser(prog="python -m evaluation", formatter_class=argparse.RawDescriptionHelpFormatter,
+                description="FID, sFID, IS, precision and recall as the ADM evaluator computes them, in PyTorch.",
+                epilog=EXAMPLE)
+    g = p.add_argument_group("inputs")
+    g.add_argument("--samples", help="samples manifest (or its folder), ADM-style .npz (arr_0), or a folder of PNGs")
+    g.add_argument("--reference", required=True,
+                   help="ADM reference .npz, features manifest, or image folder (centre-cropped to the sample size)")
+    g.add_argument("--num-samples", type=_positive, help="expected sample count: fewer is an error, more are cut "
+                   "(default: all)")
+    g.add_argument("--write-reference", metavar="OUT.npz", help="write the reference as an ADM-format batch "
+                   "(arr_0, mu, sigma, mu_s, sigma_s); --samples becomes optional")
+    g.add_argument("--resolution", type=_positive, help="centre-crop a folder reference to this size "
+                   "(default: the sample size)")
+    g = p.add_argument_group("network")
+    g.add_argument("--inception-weights", metavar="PATH|random:SEED",
+                   help="converted 2015 TF Inception weights (default: torch-fidelity's cached download); "
+                        "random:SEED is for tests and marks the report 'not comparable'")
+    g.add_argument("--device", default=d.device, choices=["auto", "cpu", "cuda"], help="(default: %(default)s)")
+    g.add_argument("--batch-size", type=_positive, default=d.batch_size, help="(default: %(default)s)")
+    g.add_argument("--num-workers", type=_positive, default=d.num_workers, help="image decoding threads "
+                   "(default: %(default)s)")
+    g = p.add_argument_group("metrics")
+    g.add_argument("--pr-dtype", default=d.pr_dtype, choices=["float32", "float16"],
+                   help="distance precision for P/R; float16 reproduces ADM (default: %(default)s)")
+    g.add_argument("--pr-k", type=_positive, default=d.pr_k, help="k-NN radius for P/R (default: %(default)s)")
+    g.add_argument("--is-split", type=_positive, default=d.is_split, help="IS split size (default: %(default)s)")
+    g.add_argument("--recompute-reference-stats", action="store_true",
+                   help="ignore a reference .npz's stored mu/sigma and compute them from its arr_0")
+    g = p.add_argument_group("output")
+    g.add_argument("--out", default=d.out, help="report JSON (default: %(default)s)")
+    g.add_argument("--cache-dir", default=d.cache_dir, help="HDF5 activation cache (default: %(default)s)")
+    g.add_argument("--no-cache", action="store_true", help="do not read or write the activation cache")
+    g.add_argument("--no-progress", action="store_true", help="no progress bars")
+    return p
+
+
+def parse_config(argv: Sequence[str] | None) -> EvalConfig:
+    a = build_parser().parse_args(argv)
+    cfg = EvalConfig(**{k: v for k, v in vars(a).items() if k != "no_progress"}, progress=not a.no_progress)
+    if cfg.samples is None and cfg.write_reference is None:
+        raise UserError("python -m evaluation: --samples is required (unless --write-reference is given)")
+    return cfg
+
+
+def _device(name: str) -> str:
+    import torch
+    if name == "auto":
+        return "cuda" if torch.cuda.is_available() else "cpu"
+    if name == "cuda" and not torch.cuda.is_available():
+        raise UserError("--device cuda: no CUDA device is available (use --device cpu)")
+    return name
+
+
+def _check_out(path: Path, what: str) -> None:
+    ensure_writable_dir(path.parent if str(path.parent) else Path("."), f"{what} folder")
+    if path.is_dir():
+        raise UserError(f"{what} {path} is a folder, expected a file name")
+
+
+def _reference_stats(path: Path, images, model, cfg: EvalConfig) -> tuple[dict[str, np.ndarray] | None, str]:
+    """Stored statistics of a reference .npz if they apply to these weights, with the reason."""
+    from .images import load_npz_arrays
+    from .inception import POOL_DIM, SPATIAL_DIM
+    arrays = load_npz_arrays(path, [*STAT_SHAPES, WEIGHTS_TAG])
+    stats = {k: v for k, v in arrays.items() if k in STAT_SHAPES}
+    if not stats:
+        return None, "computed (the .npz stores no statistics)"
+    for a, b in (("mu", "sigma"), ("mu_s", "sigma_s")):
+        if (a in stats) != (b in stats):
+            raise UserError(f"reference {path} has '{a if a in stats else b}' without "
+                            f"'{b if a in stats else a}'; both or neither are required")
+    dims = {"d": POOL_DIM, "s": SPATIAL_DIM}
+    for k, v in stats.items():
+        want = tuple(dims[c] for c in STAT_SHAPES[k])
+        if v.shape != want or not np.issubdtype(v.dtype, np.floating) or not np.isfinite(v).all():
+            raise UserError(f"reference {path}: '{k}' has shape {list(v.shape)} dtype {v.dtype}, expected finite "
+                            f"floats of shape {list(want)}")
+    tag = str(arrays[WEIGHTS_TAG]) if WEIGHTS_TAG in arrays else None
+    if cfg.recompute_reference_stats:
+        return None, "computed (--recompute-reference-stats)"
+    if tag is None and not model.comparable:
+        return None, "computed (stored statistics come from the TF Inception, not these random weights)"
+    if tag is not None and tag != model.cache_id:
+        return None, f"computed (stored statistics were made with other weights: {tag[:16]})"
+    return {k: v.astype(np.float64) for k, v in stats.items()}, "npz"
+
+
+def _open_inputs(cfg: EvalConfig):
+    from .images import open_images
+    samples = None
+    if cfg.samples is not None:
+        samples = open_images(cfg.samples, num_workers=cfg.num_workers, what="samples").limit(cfg.num_samples)
+    crop = cfg.resolution
+    if crop is None and samples is not None and samples.size[0] == samples.size[1]:
+        crop = samples.size[0]
+    ref = open_images(cfg.reference, crop=crop, num_workers=cfg.num_workers, what="reference")
+    if samples is not None and ref.size != samples.size:
+        raise UserError(f"sample set {samples.path} is {samples.size[0]}x{samples.size[1]} but reference "
+                        f"{ref.path} is {ref.size[0]}x{ref.size[1]}; evaluate against a reference of the same size")
+    return samples, ref
+
+
+def _write_reference(path: Path, ref, acts, model, cfg: EvalConfig) -> None:
+    """An ADM-format reference batch: arr_0 plus statistics (and which weights made them)."""
+    images = np.concatenate(list(ref.batches(cfg.batch_size, cfg.num_workers)))  # (N, H, W, 3) uint8
+    with atomic_open(path, "wb") as f:
+        np.savez(f, arr_0=images, mu=acts.mu, sigma=acts.sigma, mu_s=acts.mu_s, sigma_s=acts.sigma_s,
+                 **{WEIGHTS_TAG: np.array(model.cache_id)})
+    print(f"wrote reference batch {path} ({images.shape[0]} images)", file=sys.stderr)
+
+
+def _fid(a, b, from_acts: bool, acts: str, mu: str, sigma: str) -> float:
+    """FID of two sets: the exact low-rank form when a set is smaller than the feature dimension."""
+    from .metrics import frechet_distance, frechet_distance_acts
+    xa, xb = getattr(a, acts), getattr(b, acts)
+    if from_acts and xa is not None and xb is not None and min(len(xa), len(xb)) <= xa.shape[1]:
+        return frechet_distance_acts(xa, xb)
+    return frechet_distance(getattr(a, mu), getattr(a, sigma), getattr(b, mu), getattr(b, sigma))
+
+
+def _describe(images, acts) -> dict[str, Any]:
+    return {"path": str(images.path), "kind": images.kind, "count": images.count, "size": list(images.size),
+            "sha256": images.sha256, "transform": images.transform, "cache": acts.cache,
+            "cache_path": acts.cache_path}
+
+
+def main(argv: Sequence[str] | None = None) -> int:
+    t_start = time.perf_counter()
+    cfg = parse_config(argv)
+    out = Path(cfg.out).expanduser()
+    if cfg.samples is not None:
+        _check_out(out, "report")
+    if cfg.write_reference:
+        _check_out(Path(cfg.write_reference).expanduser(), "--write-reference")
+    samples, ref = _open_inputs(cfg)
+    device = _device(cfg.device)
+
+    from .features import compute_activations
+    from .inception import InceptionFeatures
+    from .metrics import inception_score, precision_recall
+    from .report import NOT_COMPARABLE, format_table, write_report
+    model = InceptionFeatures(cfg.inception_weights, device=device)
+    cache_dir = None if cfg.no_cache else Path(cfg.cache_dir).expanduser()
+    kw = dict(batch_size=cfg.batch_size, num_workers=cfg.num_workers, cache_dir=cache_dir, progress=cfg.progress)
+
+    ref_acts = compute_activations(ref, model, desc="reference", **kw)
+    stored, stats_source = (None, "computed")
+    if ref.kind == "npz":
+        stored, stats_source = _reference_stats(ref.path, ref, model, cfg)
+        if stored is not None:
+            for k, v in stored.items():
+                setattr(ref_acts, k, v)
+    if cfg.write_reference:
+        _write_reference(Path(cfg.write_reference).expanduser(), ref, ref_acts, model, cfg)
+    if samples is None:
+        return 0
+
+    smp_acts = compute_activations(samples, model, desc="samples", **kw)
+    t0 = time.perf_counter()
+    metrics = {"fid": _fid(smp_acts, ref_acts, stored is None, "pool", "mu", "sigma"),
+               "sfid": _fid(smp_acts, ref_acts, stored is None, "spatial", "mu_s", "sigma_s"),
+               "is": inception_score(smp_acts.logits, split_size=cfg.is_split)}
+    t_fid = time.perf_counter() - t0
+    t0 = time.perf_counter()
+    metrics["precision"], metrics["recall"] = precision_recall(ref_acts.pool, smp_acts.pool, k=cfg.pr_k,
+                                                               dtype=cfg.pr_dtype, device=device)
+    t_pr = time.perf_counter() - t0
+
+    timing = {}
+    for name in ("decode_wait_s", "forward_s", "statistics_s"):
+        timing[name] = round(sum(a.timing.get(name, 0.0) for a in (ref_acts, smp_acts)), 3)
+    timing.update(fid_is_s=round(t_fid, 3), pr_s=round(t_pr, 3), total_s=round(time.perf_counter() - t_start, 3))
+    import torch
+    report = {
+        "metrics": metrics,
+        "comparable": model.comparable,
+        **({} if model.comparable else {"note": NOT_COMPARABLE}),
+        "samples": _describe(samples, smp_acts),
+        "reference": {**_describe(ref, ref_acts), "stats_source": stats_source},
+        "inception": {"weights": model.weights_id, "sha256": model.weights_sha256, "comparable": model.comparable},
+        "settings": {**asdict(cfg), "device": device, "tf32": False, "autocast": False, "torch": torch.__version__},
+        "timing": timing,
+        "created_by": {"command": "python -m evaluation " + shlex.join(list(argv or sys.argv[1:]))},
+    }
+    write_report(out, report)
+    print(format_table(str(samples.path), samples.count, metrics, model.comparable))
+    print(f"report: {out}", file=sys.stderr)
+    return 0

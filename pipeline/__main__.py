@@ -1,0 +1,108 @@
+"""CLI: `python -m pipeline synth|extract|verify` (DESIGN §3, §8)."""
+from __future__ import annotations
+
+import argparse
+import sys
+from typing import Sequence
+
+from manifests import run_cli
+
+EXAMPLES = """examples:
+  python -m pipeline synth --out data/synth --classes 10 --per-class 20
+  python -m pipeline extract --source data/synth --out data/feat --vae tiny-vae --encoders tiny-dinov2,tiny-siglip
+  python -m pipeline extract --source /data/imagenet/train --out /data/in256 --encoders dinov2-vit-b --hflip
+  ray job submit --working-dir . -- python -m pipeline extract --source /nfs/in/train --out /nfs/in256
+  python -m pipeline verify /data/in256
+"""
+
+
+class _Fmt(argparse.ArgumentDefaultsHelpFormatter, argparse.RawDescriptionHelpFormatter):
+    pass
+
+
+def _count(s: str) -> int:
+    """An integer; the range check (positive) is done by the job so the message names the flag."""
+    try:
+        return int(s)
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"expected an integer, got {s!r}") from None
+
+
+def build_parser() -> argparse.ArgumentParser:
+    from .presets import ENCODERS
+    p = argparse.ArgumentParser(prog="python -m pipeline", description=__doc__, epilog=EXAMPLES, formatter_class=_Fmt)
+    sub = p.add_subparsers(dest="cmd", required=True)
+
+    s = sub.add_parser("synth", help="write the embedded synthetic ImageFolder", formatter_class=_Fmt,
+                       epilog=EXAMPLES)
+    s.add_argument("--out", required=True, help="output folder (ImageFolder: OUT/<wnid>/*.JPEG)")
+    s.add_argument("--classes", type=_count, default=10, help="number of classes")
+    s.add_argument("--per-class", type=_count, default=20, help="images per class")
+    s.add_argument("--seed", type=int, default=0, help="random seed")
+
+    e = sub.add_parser("extract", help="images -> VAE moments + encoder tokens in WebDataset shards",
+                       formatter_class=_Fmt, epilog=EXAMPLES)
+    io = e.add_argument_group("input and output")
+    io.add_argument("--source", required=True, help="ImageFolder root (class folders) or folder of jpg+cls tars")
+    io.add_argument("--out", required=True, help="output folder: manifest.json + shards/")
+    io.add_argument("--name", default=None, help="manifest name (default: <source>-<res>-features)")
+    io.add_argument("--limit", type=_count, default=None, help="use N inputs spread evenly over the sorted list")
+    io.add_argument("--shard-size", type=_count, default=1000, help="inputs per shard")
+    io.add_argument("--verify", action="store_true", help="re-hash finished shards before trusting them, "
+                                                          "and verify the manifest's sha256 at the end")
+    mo = e.add_argument_group("models and preprocessing")
+    mo.add_argument("--resolution", type=int, default=256, help="ADM centre-crop size (256 or 512)")
+    mo.add_argument("--vae", default="sd-vae-ft-ema", help="VAE preset NAME or NAME=PATH (sd-vae-ft-ema, "
+                                                          "sd-vae-ft-mse, tiny-vae)")
+    mo.add_argument("--encoders", default="dinov2-vit-b",
+                    help=f"comma list of NAME or NAME=PATH; names: {', '.join(sorted(ENCODERS))}")
+    mo.add_argument("--hflip", action="store_true", help="also store horizontally flipped twins (*.flip.npy)")
+    mo.add_argument("--feature-dtype", default="float16", choices=("float16", "bfloat16", "float32"),
+                    help="dtype of the stored encoder tokens (latent moments are always float32)")
+    ru = e.add_argument_group("execution")
+    ru.add_argument("--batch-size", type=_count, default=64, help="images per encoder forward pass")
+    ru.add_argument("--num-gpus", type=_count, default=None, help="GPU actors (default: every GPU in the cluster)")
+    ru.add_argument("--num-cpus", type=_count, default=None, help="CPUs for a local Ray (default: all cores)")
+    ru.add_argument("--precision", default="auto", choices=("auto", "bf16", "fp32"),
+                    help="GPU compute: auto = bf16 autocast on CUDA, fp32 on CPU (never fp16)")
+    ru.add_argument("--ray-address", default=None, help="Ray cluster to attach to (default: $RAY_ADDRESS, "
+                                                        "else start a local Ray)")
+
+    v = sub.add_parser("verify", help="check a shard set: manifest schema, sizes and sha256", formatter_class=_Fmt)
+    v.add_argument("manifest", help="manifest.json or the folder holding it")
+    return p
+
+
+def main(argv: Sequence[str] | None = None) -> int:
+    args = build_parser().parse_args(argv)
+    if args.cmd == "synth":
+        from .synth import synthesize
+        paths = synthesize(args.out, classes=args.classes, per_class=args.per_class, seed=args.seed)
+        print(f"wrote {len(paths)} JPEGs in {args.classes} classes to {args.out}")
+        return 0
+    if args.cmd == "verify":
+        from manifests import load_manifest
+        m = load_manifest(args.manifest, verify=True)
+        print(f"ok: {m.path}: {len(m.shardlist)} shards, {m.num_samples} samples, sha256 verified")
+        return 0
+    from .job import ExtractConfig, run_extract
+    cfg = ExtractConfig(source=args.source, out=args.out, resolution=args.resolution, vae=args.vae,
+                        encoders=[x for x in args.encoders.split(",") if x.strip()], shard_size=args.shard_size,
+                        batch_size=args.batch_size, hflip=args.hflip, feature_dtype=args.feature_dtype,
+                        limit=args.limit, num_gpus=args.num_gpus, num_cpus=args.num_cpus, precision=args.precision,
+                        verify=args.verify, name=args.name, ray_address=args.ray_address)
+    path = run_extract(cfg)
+    _summary(path)
+    return 0
+
+
+def _summary(path) -> None:
+    from manifests import load_manifest
+    m = load_manifest(path)
+    fields = ", ".join(f"{k} {v['dtype']}{v['shape']}" for k, v in m.fields.items())
+    print(f"wrote {m.path}: {m.num_samples} samples in {len(m.shardlist)} shards, {len(m.skipped)} skipped, "
+          f"{m.extra.get('stats', {}).get('bytes_per_sample', 0) / 1024:.1f} KiB/sample; fields: {fields}")
+
+
+if __name__ == "__main__":
+    sys.exit(run_cli(main))

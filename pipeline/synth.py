@@ -1,0 +1,95 @@
+"""The embedded demo dataset: an ImageNet-style ImageFolder of JPEGs with visibly distinct classes."""
+from __future__ import annotations
+
+import io
+import math
+from pathlib import Path
+
+import numpy as np
+from PIL import Image, ImageDraw
+
+from manifests import atomic_write_bytes, check
+from manifests.io import ensure_writable_dir
+
+SHAPES = ("disc", "square", "triangle", "cross", "ring", "stripes", "diamond", "checker", "star", "bars")
+# A hue per class, spread around the colour wheel so classes differ in colour as well as shape.
+SIZE_RANGE = (300, 600)  # ImageNet-like sides (px)
+
+
+def class_name(c: int) -> str:
+    """WordNet-id-like folder name, so the tree looks like ImageNet's train/<wnid>/."""
+    return f"n{c:08d}"
+
+
+def _colour(c: int, classes: int) -> tuple[int, int, int]:
+    h = c / max(classes, 1)
+    return tuple(int(255 * (0.5 + 0.5 * math.cos(2 * math.pi * (h + k / 3)))) for k in range(3))
+
+
+def _draw(c: int, classes: int, w: int, h: int, rng: np.random.Generator) -> Image.Image:
+    """One image of class c: a noisy background plus the class's shape in the class's colour."""
+    bg = rng.integers(0, 80, size=3)
+    grad = np.linspace(0, 60, w)[None, :, None] + np.linspace(0, 40, h)[:, None, None]
+    arr = np.clip(bg + grad + rng.normal(0, 12, size=(h, w, 3)), 0, 255).astype(np.uint8)
+    img = Image.fromarray(arr, "RGB")
+    d = ImageDraw.Draw(img)
+    col = _colour(c, classes)
+    s = int(min(w, h) * rng.uniform(0.25, 0.4))
+    cx, cy = int(w * rng.uniform(0.4, 0.6)), int(h * rng.uniform(0.4, 0.6))
+    box = (cx - s, cy - s, cx + s, cy + s)
+    shape = SHAPES[c % len(SHAPES)]
+    if shape == "disc":
+        d.ellipse(box, fill=col)
+    elif shape == "square":
+        d.rectangle(box, fill=col)
+    elif shape == "triangle":
+        d.polygon([(cx, cy - s), (cx - s, cy + s), (cx + s, cy + s)], fill=col)
+    elif shape == "cross":
+        d.rectangle((cx - s, cy - s // 4, cx + s, cy + s // 4), fill=col)
+        d.rectangle((cx - s // 4, cy - s, cx + s // 4, cy + s), fill=col)
+    elif shape == "ring":
+        d.ellipse(box, outline=col, width=max(s // 4, 2))
+    elif shape == "stripes":
+        for x in range(0, w, max(s // 3, 4) * 2):
+            d.rectangle((x, 0, x + max(s // 3, 4), h), fill=col)
+    elif shape == "diamond":
+        d.polygon([(cx, cy - s), (cx + s, cy), (cx, cy + s), (cx - s, cy)], fill=col)
+    elif shape == "checker":
+        q = max(s // 3, 4)
+        for y in range(0, h, q):
+            for x in range((y // q) % 2 * q, w, 2 * q):
+                d.rectangle((x, y, x + q - 1, y + q - 1), fill=col)
+    elif shape == "star":
+        pts = [(cx + (s if k % 2 == 0 else s // 2.5) * math.cos(math.pi * k / 5 - math.pi / 2),
+                cy + (s if k % 2 == 0 else s // 2.5) * math.sin(math.pi * k / 5 - math.pi / 2)) for k in range(10)]
+        d.polygon(pts, fill=col)
+    else:  # bars
+        for y in range(0, h, max(s // 3, 4) * 2):
+            d.rectangle((0, y, w, y + max(s // 3, 4)), fill=col)
+    if c >= len(SHAPES):  # more classes than shapes: a second marker keeps them apart
+        d.ellipse((8, 8, 8 + 12 * (c // len(SHAPES)), 20), fill=(255, 255, 255))
+    return img
+
+
+def synthesize(out: str | Path, classes: int = 10, per_class: int = 20, seed: int = 0) -> list[Path]:
+    """Write out/<wnid>/<wnid>_<j>.JPEG; every 9th image is grayscale ('L'), every 9th+4 is CMYK."""
+    check(classes > 0, f"--classes must be positive, got {classes}")
+    check(per_class > 0, f"--per-class must be positive, got {per_class}")
+    root = ensure_writable_dir(out, "synth output folder")
+    paths = []
+    for c in range(classes):
+        for j in range(per_class):
+            i = c * per_class + j
+            rng = np.random.default_rng([seed, c, j])
+            w, h = (int(v) for v in rng.integers(SIZE_RANGE[0], SIZE_RANGE[1] + 1, size=2))
+            img = _draw(c, classes, w, h, rng)
+            if i % 9 == 0:
+                img = img.convert("L")
+            elif i % 9 == 4:
+                img = img.convert("CMYK")
+            buf = io.BytesIO()
+            img.save(buf, format="JPEG", quality=90)
+            path = root / class_name(c) / f"{class_name(c)}_{j}.JPEG"
+            atomic_write_bytes(path, buf.getvalue())
+            paths.append(path)
+    return paths

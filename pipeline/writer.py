@@ -1,0 +1,133 @@
+"""Exactly-once shard writing: a deterministic plan, tar + sidecar per shard, manifest from the sidecars."""
+from __future__ import annotations
+
+import hashlib
+import json
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any, Mapping
+
+from manifests import (Manifest, ShardEntry, UserError, atomic_write_json, read_json, sha256_file, write_manifest,
+                       write_shard)
+from manifests.io import remove_tmp_files
+
+from .sources import Item
+
+SHARD_DIR = "shards"
+SIDECAR_VERSION = 1
+
+
+@dataclass(frozen=True)
+class ShardPlan:
+    """Shard `index` holds a fixed, contiguous slice of the sorted input list."""
+    index: int
+    items: tuple[Item, ...]
+
+    @property
+    def name(self) -> str:
+        return f"train-{self.index:06d}"
+
+
+def plan_shards(items: list[Item], shard_size: int) -> list[ShardPlan]:
+    """Slice the sorted inputs into shards before decoding, so the plan never depends on what fails."""
+    return [ShardPlan(i // shard_size, tuple(items[i:i + shard_size])) for i in range(0, len(items), shard_size)]
+
+
+def fingerprint(settings: Mapping[str, Any], items: list[Item]) -> str:
+    """Hash of everything that decides shard bytes: settings and the (key, label, source) of every input."""
+    h = hashlib.sha256(json.dumps(settings, sort_keys=True).encode())
+    for it in items:
+        h.update(f"\0{it.key}\0{it.label}\0{it.source}".encode())
+    return h.hexdigest()
+
+
+def tar_path(out: Path, plan: ShardPlan) -> Path:
+    return out / SHARD_DIR / f"{plan.name}.tar"
+
+
+def sidecar_path(out: Path, plan: ShardPlan) -> Path:
+    """`shards/train-000000.json`: keys, counts, sha256, skipped inputs and the tar member index."""
+    return out / SHARD_DIR / f"{plan.name}.json"
+
+
+def clean_tmp(out: Path) -> int:
+    """Delete half-written tmp files a killed run left behind."""
+    return remove_tmp_files(out) + remove_tmp_files(out / SHARD_DIR)
+
+
+def read_sidecar(out: Path, plan: ShardPlan) -> dict | None:
+    """The sidecar, or None if there is none or it is unreadable (then the shard is simply rebuilt)."""
+    p = sidecar_path(out, plan)
+    if not p.is_file():
+        return None
+    try:
+        side = read_json(p, "sidecar")
+    except UserError:
+        return None
+    return side if isinstance(side, dict) and side.get("version") == SIDECAR_VERSION else None
+
+
+def shard_done(out: Path, plan: ShardPlan, fp: str, *, verify: bool = False) -> bool:
+    """Finished means: sidecar for this plan, and the tar has the recorded size (and sha256 with verify)."""
+    side = read_sidecar(out, plan)
+    if side is None:
+        return False
+    if side.get("fingerprint") != fp:
+        raise UserError(f"{sidecar_path(out, plan)} comes from a different extract (other settings or inputs); "
+                        f"use a new --out or delete {out}")
+    if side["nsamples"] == 0:
+        return True
+    p = tar_path(out, plan)
+    if not p.is_file() or p.stat().st_size != side["bytes"]:
+        return False  # missing or truncated: rebuild
+    return not verify or sha256_file(p) == side["sha256"]
+
+
+def write_shard_once(out: Path, plan: ShardPlan, fp: str, samples: list[dict], skipped: list[dict],
+                     fields: dict[str, Any]) -> dict:
+    """Write the tar atomically, then its sidecar atomically: a sidecar only ever describes a whole tar."""
+    path = tar_path(out, plan)
+    side: dict[str, Any] = {"version": SIDECAR_VERSION, "shard": plan.index, "fingerprint": fp,
+                            "url": f"{SHARD_DIR}/{path.name}", "nsamples": len(samples), "skipped": skipped,
+                            "fields": fields}
+    if samples:
+        info = write_shard(path, samples)
+        side.update(keys=info.keys, sha256=info.sha256, bytes=info.bytes, index=info.index)
+    else:  # every input of this shard was bad: no tar, but the shard is finished
+        side.update(keys=[], sha256="", bytes=0, index={})
+    atomic_write_json(sidecar_path(out, plan), side)
+    return side
+
+
+def assemble_manifest(out: Path, plans: list[ShardPlan], *, name: str, classes: list[str],
+                      preprocess: dict, extra_skipped: list[dict], created_by: dict) -> Manifest:
+    """Build and write manifest.json from the sidecars, in plan order, once every shard is finished."""
+    entries, skipped, fields, total_bytes = [], list(extra_skipped), None, 0
+    seen: set[str] = set()
+    for plan in plans:
+        side = read_sidecar(out, plan)
+        if side is None:
+            raise UserError(f"shard {plan.name} is not finished ({sidecar_path(out, plan)} missing); re-run extract")
+        skipped.extend(side["skipped"])
+        if fields is None or (not fields and side["fields"]):
+            fields = side["fields"]
+        if side["nsamples"] == 0:
+            continue
+        dup = seen.intersection(side["keys"])
+        if dup:  # cannot happen with a valid plan; refuse to publish a manifest that breaks exactly-once
+            raise UserError(f"shard {plan.name} repeats keys {sorted(dup)[:3]}; delete {out} and re-run")
+        seen.update(side["keys"])
+        entries.append(ShardEntry(url=side["url"], nsamples=side["nsamples"], sha256=side["sha256"],
+                                  bytes=side["bytes"]))
+        total_bytes += side["bytes"]
+    num = sum(e.nsamples for e in entries)
+    if num == 0:
+        raise UserError(f"no good inputs: all {len(skipped)} inputs were skipped "
+                        f"(first: {skipped[0]['source']}: {skipped[0]['reason']})" if skipped else "no inputs")
+    stats = {"bytes_per_sample": round(total_bytes / num, 1), "total_bytes": total_bytes,
+             "index": "each shard's member offsets are in shards/<name>.json under 'index'"}
+    m = Manifest(root=out, name=name, shardlist=entries, kind="features", num_samples=num, fields=fields or {},
+                 classes=classes, preprocess=preprocess, skipped=skipped, created_by=created_by,
+                 extra={"stats": stats})
+    write_manifest(m)
+    return m

@@ -1,0 +1,195 @@
+"""Typed training config, the paper's presets (Table 7) and the `train` command line."""
+from __future__ import annotations
+
+import argparse
+import json
+from dataclasses import asdict, dataclass, fields
+from typing import Any, Sequence
+
+from manifests import UserError, check
+
+from .models import SiT_models
+from .transport import PATHS, PROJ_LOSSES
+
+PRECISIONS = ("fp16", "bf16", "fp32")
+
+
+@dataclass(kw_only=True)
+class TrainConfig:
+    """Everything that defines a run; saved as RUN/config.json and inside every checkpoint."""
+    manifest: str = ""
+    run_dir: str = ""
+    preset: str | None = None
+    # model
+    model: str = "SiT-XL/2"
+    encoders: list[str] | None = None  # None: every encoder field of the manifest; [] for plain SiT
+    enc_depth: int | None = None  # None: the registry's default (8; 2 for SiT-Debug/2)
+    projector_dim: int | None = None  # None: the registry's default (2048; 256 for SiT-Debug/2)
+    class_dropout_prob: float = 0.1  # REPA --cfg-prob
+    # objective
+    proj_coeff: float = 0.5
+    proj_loss: str = "cos"
+    ntxent_tau: float = 0.1
+    path: str = "linear"
+    # optimisation (REPA train.py defaults)
+    batch_size: int = 256  # global, split across ranks
+    micro_batch: int = 0  # per-rank images per forward pass; 0 = the whole per-rank batch (no accumulation)
+    steps: int = 400_000
+    lr: float = 1e-4
+    betas: tuple[float, float] = (0.9, 0.999)
+    weight_decay: float = 0.0
+    adam_eps: float = 1e-8
+    grad_clip: float = 1.0
+    ema_decay: float = 0.9999
+    precision: str = "fp16"
+    loss_scale_init: float = 2.0 ** 16  # torch GradScaler default
+    compile: bool = False
+    # data
+    seed: int = 0
+    num_workers: int = 4
+    hflip: bool = False
+    verify: bool = False
+    # run
+    ckpt_every: int = 50_000
+    log_every: int = 100
+    max_nonfinite: int = 100  # consecutive non-finite losses that stop the run
+    init_from: str | None = None
+    trace_data: bool = False  # write RUN/trace/rank{r}.jsonl with the sample keys of each step
+
+    def to_json(self) -> dict[str, Any]:
+        d = asdict(self)
+        d["betas"] = list(self.betas)
+        return d
+
+
+# Paper Table 7 ("Table 3" columns): SiT-B/2 at depth 4, SiT-L/2 with NT-Xent + DINOv2-L, SiT-XL/2 at depth 8.
+PRESETS: dict[str, dict[str, Any]] = {
+    "sit-b2-repa": dict(model="SiT-B/2", enc_depth=4, proj_loss="cos", encoders=["dinov2-vit-b"], steps=400_000,
+                        batch_size=256, proj_coeff=0.5),
+    "sit-l2-repa": dict(model="SiT-L/2", enc_depth=8, proj_loss="ntxent", encoders=["dinov2-vit-l"],
+                        steps=700_000, batch_size=256, proj_coeff=0.5),
+    "sit-xl2-repa": dict(model="SiT-XL/2", enc_depth=8, proj_loss="cos", encoders=["dinov2-vit-b"],
+                         steps=4_000_000, batch_size=256, proj_coeff=0.5),
+}
+
+
+def _encoders(text: str) -> list[str]:
+    if text.strip().lower() in ("", "none"):
+        return []
+    return [e.strip() for e in text.split(",") if e.strip()]
+
+
+def _positive(kind):
+    def parse(text: str):
+        try:
+            v = kind(text)
+        except ValueError as e:
+            raise argparse.ArgumentTypeError(f"{text!r} is not a number") from e
+        if v <= 0:
+            raise argparse.ArgumentTypeError(f"must be > 0, got {text}")
+        return v
+    return parse
+
+
+def _nonneg_int(text: str) -> int:
+    try:
+        v = int(text)
+    except ValueError as e:
+        raise argparse.ArgumentTypeError(f"{text!r} is not an integer") from e
+    if v < 0:
+        raise argparse.ArgumentTypeError(f"must be >= 0, got {text}")
+    return v
+
+
+class _Parser(argparse.ArgumentParser):
+    def error(self, message: str):  # one line, exit 2, through run_cli
+        raise UserError(f"{self.prog}: {message}")
+
+
+def build_parser() -> argparse.ArgumentParser:
+    d = TrainConfig()
+    p = _Parser(prog="python -m trainer train", formatter_class=argparse.RawDescriptionHelpFormatter,
+                description="Train SiT + REPA on precomputed VAE moments and encoder features (DESIGN §4).",
+                epilog="example:\n  python -m trainer train --manifest feats/ --run-dir runs/xl --preset sit-xl2-repa\n"
+                       "  torchrun --nproc-per-node 8 -m trainer train --manifest feats/ --run-dir runs/xl "
+                       "--preset sit-xl2-repa\nRe-running the same command resumes from the last checkpoint.\n"
+                       "Flags given explicitly override the preset; the preset overrides the defaults shown.")
+    g = p.add_argument_group("input and output")
+    g.add_argument("--manifest", required=True, help="features manifest.json (or its folder)")
+    g.add_argument("--run-dir", required=True, help="run folder: checkpoints/, export/, stats.jsonl, loss.png")
+    g.add_argument("--preset", choices=sorted(PRESETS), help="paper Table 7 setting")
+    g.add_argument("--init-from", help="start from weights: our checkpoint/export, or an official REPA .pt")
+    g.add_argument("--dry-run", action="store_true", help="print the resolved config and exit")
+    g = p.add_argument_group("model")
+    g.add_argument("--model", choices=sorted(SiT_models), help=f"(default {d.model})")
+    g.add_argument("--encoders", type=_encoders, help="comma list of encoder fields, or 'none' "
+                   "(default: every encoder field of the manifest)")
+    g.add_argument("--enc-depth", type=_positive(int), help="align after this block, 1-based (default 8)")
+    g.add_argument("--projector-dim", type=_positive(int), help="(default 2048)")
+    g.add_argument("--class-dropout-prob", type=float, help=f"label drop for CFG (default {d.class_dropout_prob})")
+    g = p.add_argument_group("objective")
+    g.add_argument("--proj-coeff", type=float, help=f"REPA weight lambda (default {d.proj_coeff})")
+    g.add_argument("--proj-loss", choices=PROJ_LOSSES, help=f"(default {d.proj_loss})")
+    g.add_argument("--ntxent-tau", type=_positive(float), help=f"NT-Xent temperature (default {d.ntxent_tau})")
+    g.add_argument("--path", choices=PATHS, help=f"interpolant (default {d.path})")
+    g = p.add_argument_group("optimisation")
+    g.add_argument("--batch-size", type=_positive(int), help=f"global batch (default {d.batch_size})")
+    g.add_argument("--micro-batch", type=_nonneg_int, help="per-GPU images per pass; smaller than the per-GPU "
+                   "batch means grad accumulation (default 0 = no accumulation)")
+    g.add_argument("--steps", type=_positive(int), help=f"(default {d.steps})")
+    g.add_argument("--lr", type=_positive(float), help=f"(default {d.lr})")
+    g.add_argument("--grad-clip", type=_positive(float), help=f"(default {d.grad_clip})")
+    g.add_argument("--ema-decay", type=float, help=f"(default {d.ema_decay})")
+    g.add_argument("--precision", choices=PRECISIONS, help=f"(default {d.precision})")
+    g.add_argument("--loss-scale-init", type=_positive(float), help=f"fp16 GradScaler init (default {d.loss_scale_init:g})")
+    g.add_argument("--compile", action="store_true", default=None, help="torch.compile the model")
+    g = p.add_argument_group("data")
+    g.add_argument("--seed", type=int, help=f"(default {d.seed})")
+    g.add_argument("--num-workers", type=_nonneg_int, help=f"loader workers per rank (default {d.num_workers})")
+    g.add_argument("--hflip", action="store_true", default=None, help="use the flipped twins (p=0.5)")
+    g.add_argument("--verify", action="store_true", default=None, help="check shard sha256 before step 0")
+    g = p.add_argument_group("run")
+    g.add_argument("--ckpt-every", type=_positive(int), help=f"(default {d.ckpt_every})")
+    g.add_argument("--log-every", type=_positive(int), help=f"stats.jsonl interval (default {d.log_every})")
+    g.add_argument("--max-nonfinite", type=_positive(int), help=f"consecutive non-finite losses that stop "
+                   f"the run (default {d.max_nonfinite})")
+    g.add_argument("--trace-data", action="store_true", default=None, help="log each step's sample keys per rank")
+    return p
+
+
+def resolve(argv: Sequence[str]) -> tuple[TrainConfig, bool]:
+    """Parse argv; defaults < preset < explicit flags. Returns (config, dry_run)."""
+    ns = vars(build_parser().parse_args(list(argv)))
+    dry = ns.pop("dry_run")
+    values: dict[str, Any] = {}
+    if ns.get("preset"):
+        values.update(PRESETS[ns["preset"]])
+    values.update({k: v for k, v in ns.items() if v is not None})
+    cfg = TrainConfig(**values)
+    validate(cfg)
+    return cfg, dry
+
+
+def validate(cfg: TrainConfig) -> None:
+    check(cfg.model in SiT_models, f"unknown model {cfg.model!r}; choose from {sorted(SiT_models)}")
+    check(cfg.batch_size > 0 and cfg.steps > 0 and cfg.ckpt_every > 0, "batch size, steps, ckpt-every must be > 0")
+    check(cfg.micro_batch >= 0, f"--micro-batch must be >= 0, got {cfg.micro_batch}")
+    check(0 <= cfg.class_dropout_prob < 1, f"--class-dropout-prob must be in [0, 1), got {cfg.class_dropout_prob}")
+    check(0 <= cfg.ema_decay < 1, f"--ema-decay must be in [0, 1), got {cfg.ema_decay}")
+    check(cfg.proj_coeff >= 0, f"--proj-coeff must be >= 0, got {cfg.proj_coeff}")
+
+
+def from_json(d: dict[str, Any]) -> TrainConfig:
+    """Inverse of TrainConfig.to_json (unknown keys ignored)."""
+    names = {f.name for f in fields(TrainConfig)}
+    d = {k: v for k, v in d.items() if k in names}
+    if "betas" in d:
+        d["betas"] = tuple(d["betas"])
+    return TrainConfig(**d)
+
+
+def dumps(cfg: TrainConfig) -> str:
+    return json.dumps(cfg.to_json(), indent=2)
+
+
+__all__ = ["TrainConfig", "PRESETS", "PRECISIONS", "build_parser", "resolve", "validate", "from_json", "dumps"]

@@ -1,0 +1,225 @@
+"""Indexed shard reader: deterministic global shuffle, disjoint rank shares, posterior sampling per step."""
+from __future__ import annotations
+
+import io
+import json
+import os
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any, Iterator
+
+import numpy as np
+import torch
+
+from manifests import Manifest, UserError, atomic_write_json, check, index_shard, sanitize_key
+from manifests.shards import CLS, npy_ext
+
+LATENT = "latent"
+INDEX_VERSION = 1
+
+
+@dataclass
+class DataSpec:
+    """What the manifest says the model must look like; checked before step 0."""
+    in_channels: int
+    input_size: int
+    num_classes: int
+    encoders: list[str]
+    z_dims: list[int]
+    tokens: int
+    scale: float
+    shift: float
+    vae: str
+    resolution: int
+    classes: list[str] = field(default_factory=list)
+
+
+def resolve_fields(m: Manifest, encoders: list[str] | None, patch_size: int, hflip: bool) -> DataSpec:
+    """Check the fields this run needs against the model geometry; every mismatch is a one-line UserError."""
+    lat = m.field(LATENT, hint="VAE moments from `pipeline extract`")
+    shape = list(lat.get("shape", []))
+    check(len(shape) == 3 and shape[0] % 2 == 0 and shape[1] == shape[2],
+          f"manifest field 'latent' has shape {shape}, expected [2*C, H, H] VAE moments (mean then std)")
+    check(lat.get("dtype") == "float32", f"manifest field 'latent' has dtype {lat.get('dtype')}, expected float32")
+    c2, h, _ = shape
+    check(h % patch_size == 0, f"manifest field 'latent' has size {h}, not divisible by the model's patch {patch_size}")
+    tokens = (h // patch_size) ** 2
+    if encoders is None:
+        encoders = sorted(m.encoder_fields())
+    z_dims = []
+    for name in encoders:
+        spec = m.field(name, hint=f"--encoders {','.join(encoders)}")
+        es = list(spec.get("shape", []))
+        check(len(es) == 2, f"manifest field '{name}' has shape {es}, expected [tokens, dim] patch tokens")
+        check(es[0] == tokens, f"manifest field '{name}' has shape {es}, model expects {tokens} tokens "
+                               f"({h}x{h} latent, patch {patch_size}); choose a model with a matching patch size")
+        z_dims.append(int(es[1]))
+    if hflip:
+        check(bool(m.preprocess.get("hflip")), f"--hflip: manifest {m.path} has no flipped twins "
+                                                f"(extract with --hflip)")
+    check(len(m.classes) > 0, f"manifest {m.path}: 'repa.classes' is empty; the trainer needs the class list")
+    check(m.num_samples > 0, f"manifest {m.path} holds no samples")
+    vae = lat.get("vae", {}) or {}
+    return DataSpec(in_channels=c2 // 2, input_size=h, num_classes=len(m.classes), encoders=list(encoders),
+                    z_dims=z_dims, tokens=tokens, scale=float(vae.get("scaling_factor", 0.18215)),
+                    shift=float(vae.get("shift", 0.0)), vae=str(vae.get("name", "sd-vae-ft-ema")),
+                    resolution=int(m.preprocess.get("resolution", h * 8)), classes=list(m.classes))
+
+
+@dataclass
+class ShardIndex:
+    """Flat arrays over all samples: shard id, key, and (offset, size) per needed member."""
+    paths: list[str]
+    shard: np.ndarray  # (N,) int32
+    keys: np.ndarray  # (N,) str
+    members: dict[str, np.ndarray]  # ext -> (N, 2) int64 [offset, size]
+
+    def __len__(self) -> int:
+        return len(self.keys)
+
+
+def _cached_index(path: Path, entry, cache_dir: Path | None) -> dict[str, dict[str, list[int]]]:
+    """Tar member offsets of one shard, computed from headers once and cached under the run folder."""
+    cache = None
+    if cache_dir is not None:
+        cache = cache_dir / f"{sanitize_key(entry.url)}.json"
+        if cache.is_file():
+            try:
+                d = json.loads(cache.read_text())
+                if d.get("version") == INDEX_VERSION and d.get("sha256") == entry.sha256 \
+                        and d.get("bytes") == path.stat().st_size:
+                    return d["index"]
+            except (OSError, ValueError):
+                pass  # a bad cache is rebuilt
+    idx = index_shard(path)
+    if cache is not None:
+        atomic_write_json(cache, {"version": INDEX_VERSION, "sha256": entry.sha256,
+                                  "bytes": path.stat().st_size, "index": idx})
+    return idx
+
+
+def build_index(m: Manifest, exts: list[str], cache_dir: Path | None = None) -> ShardIndex:
+    """Index the listed shards only; every sample must have every needed member."""
+    paths, shard_ids, keys = [], [], []
+    members: dict[str, list[list[int]]] = {e: [] for e in exts}
+    for si, entry in enumerate(m.shardlist):
+        path = m.root / entry.url
+        idx = _cached_index(path, entry, cache_dir)
+        check(len(idx) == entry.nsamples, f"shard '{entry.url}' holds {len(idx)} samples, manifest says "
+                                          f"{entry.nsamples}")
+        paths.append(str(path))
+        for key, mem in idx.items():
+            for e in exts:
+                check(e in mem, f"shard '{entry.url}': sample '{key}' has no member '.{e}'")
+                members[e].append(mem[e])
+            shard_ids.append(si)
+            keys.append(key)
+    return ShardIndex(paths=paths, shard=np.asarray(shard_ids, np.int32), keys=np.asarray(keys),
+                      members={e: np.asarray(v, np.int64).reshape(-1, 2) for e, v in members.items()})
+
+
+def epoch_permutation(seed: int, epoch: int, n: int) -> np.ndarray:
+    """The global order of one epoch: a pure function of (seed, epoch)."""
+    return np.random.default_rng([seed, epoch, 0x5EED]).permutation(n)
+
+
+class StepSampler:
+    """Yields (step, positions, sample ids) for this rank's micro-batches from `start_step` on.
+
+    Global position p = step*batch + j walks through concatenated epochs, so the data position is just the
+    step (exact resume) and an epoch end never stalls a rank. Rank r takes slots [r*B/W, (r+1)*B/W) of each
+    global batch, so ranks see disjoint shares; each share is cut into micro-batches for accumulation.
+    """
+
+    def __init__(self, n: int, batch: int, rank: int, world: int, micro: int, seed: int, start_step: int,
+                 steps: int):
+        self.n, self.batch, self.rank, self.world, self.micro, self.seed = n, batch, rank, world, micro, seed
+        self.start_step, self.steps = start_step, steps
+        self.local = batch // world
+        self._perm: tuple[int, np.ndarray] | None = None
+
+    def ids(self, positions: np.ndarray) -> np.ndarray:
+        out = np.empty(len(positions), np.int64)
+        for k, p in enumerate(positions):
+            epoch = int(p) // self.n
+            if self._perm is None or self._perm[0] != epoch:
+                self._perm = (epoch, epoch_permutation(self.seed, epoch, self.n))
+            out[k] = self._perm[1][int(p) % self.n]
+        return out
+
+    def __iter__(self) -> Iterator[tuple[int, np.ndarray, np.ndarray]]:
+        for step in range(self.start_step, self.steps):
+            first = step * self.batch + self.rank * self.local
+            for m0 in range(0, self.local, self.micro):
+                pos = np.arange(first + m0, first + min(m0 + self.micro, self.local), dtype=np.int64)
+                yield step, pos, self.ids(pos)
+
+
+class FeatureBatches(torch.utils.data.Dataset):
+    """Reads one micro-batch by tar offsets and draws z = (mean + std*eps)*scale + shift per sample."""
+
+    def __init__(self, index: ShardIndex, spec: DataSpec, seed: int, hflip: bool):
+        self.index, self.spec, self.seed, self.hflip = index, spec, seed, hflip
+        self._fds: dict[int, int] = {}
+
+    def _read(self, sid: int, ext: str) -> bytes:
+        si = int(self.index.shard[sid])
+        fd = self._fds.get(si)
+        if fd is None:  # one fd per shard and worker; pread keeps reads independent of a file position
+            fd = self._fds[si] = os.open(self.index.paths[si], os.O_RDONLY)
+        off, size = self.index.members[ext][sid]
+        data = os.pread(fd, int(size), int(off))
+        check(len(data) == size, f"shard {self.index.paths[si]}: member '{self.index.keys[sid]}.{ext}' is "
+                                 f"truncated")
+        return data
+
+    def _npy(self, sid: int, ext: str) -> np.ndarray:
+        return np.load(io.BytesIO(self._read(sid, ext)), allow_pickle=False)
+
+    def __getitem__(self, item: tuple[int, np.ndarray, np.ndarray]) -> dict[str, Any]:
+        step, positions, ids = item
+        c, enc = self.spec.in_channels, self.spec.encoders
+        lat, cls, zs, bad = [], [], [[] for _ in enc], []
+        for p, sid in zip(positions, ids):
+            sid = int(sid)
+            # Noise and flip come from (seed, global position): independent of workers, ranks and batching.
+            rng = np.random.default_rng([self.seed, int(p), 0xDA7A])
+            flip = self.hflip and bool(rng.integers(2))
+            moments = self._npy(sid, npy_ext(LATENT, flip))  # (2C, H, W)
+            mean, std = moments[:c], moments[c:2 * c]
+            eps = rng.standard_normal(mean.shape, dtype=np.float32)
+            z = (mean + std * eps) * self.spec.scale + self.spec.shift  # (C, H, W)
+            if not np.isfinite(z).all():
+                bad.append((str(self.index.keys[sid]), LATENT))
+            lat.append(z.astype(np.float32, copy=False))
+            cls.append(int(self._read(sid, CLS).decode().strip()))
+            for k, name in enumerate(enc):
+                f = self._npy(sid, npy_ext(name, flip))  # (T, D)
+                if not np.isfinite(f).all():
+                    bad.append((str(self.index.keys[sid]), name))
+                zs[k].append(f)
+        return {"step": step, "x": torch.from_numpy(np.stack(lat)), "y": torch.tensor(cls, dtype=torch.int64),
+                "zs": [torch.from_numpy(np.stack(z)) for z in zs], "keys": [str(self.index.keys[int(i)]) for i in ids],
+                "bad": bad}
+
+    def __len__(self) -> int:  # unused by the sampler-driven loader; required by Dataset users
+        return len(self.index)
+
+
+def make_loader(ds: FeatureBatches, sampler: StepSampler, num_workers: int, pin: bool):
+    """A DataLoader over micro-batches; its own generator so the global RNG is untouched (exact resume)."""
+    return torch.utils.data.DataLoader(ds, batch_size=None, sampler=sampler, num_workers=num_workers,
+                                       pin_memory=pin, persistent_workers=False,
+                                       prefetch_factor=4 if num_workers > 0 else None,
+                                       generator=torch.Generator().manual_seed(0))
+
+
+def needed_exts(spec: DataSpec, hflip: bool) -> list[str]:
+    exts = [npy_ext(LATENT), CLS] + [npy_ext(e) for e in spec.encoders]
+    if hflip:
+        exts += [npy_ext(LATENT, True)] + [npy_ext(e, True) for e in spec.encoders]
+    return exts
+
+
+__all__ = ["DataSpec", "resolve_fields", "ShardIndex", "build_index", "epoch_permutation", "StepSampler",
+           "FeatureBatches", "make_loader", "needed_exts", "UserError"]

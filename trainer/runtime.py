@@ -1,0 +1,231 @@
+"""Training setup: distributed init, input checks, model/EMA/optimiser, resume or --init-from, the loader."""
+from __future__ import annotations
+
+import contextlib
+import copy
+import json
+import os
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any, Callable, ContextManager
+
+import torch
+import torch.distributed as dist
+
+from manifests import UserError, check, load_manifest
+from manifests.io import atomic_write_bytes, atomic_write_json, ensure_writable_dir
+
+from . import checkpoint
+from .config import TrainConfig
+from .data import (DataSpec, FeatureBatches, StepSampler, build_index, make_loader, needed_exts, resolve_fields)
+from .models import SiT, SiT_models
+from .plot import read_stats
+
+# Keys of config.json that must match to resume a run (the rest, e.g. steps or workers, may change).
+RESUME_KEYS = ("model", "model_kwargs", "path", "encoders")
+RESUME_TRAIN_KEYS = ("batch_size", "seed", "proj_loss", "proj_coeff", "hflip", "precision")
+
+
+@dataclass
+class Run:
+    """Everything the loop needs."""
+    cfg: TrainConfig
+    run_dir: Path
+    run_cfg: dict[str, Any]
+    rank: int
+    world: int
+    device: torch.device
+    model: SiT
+    ema: SiT
+    net: torch.nn.Module  # DDP and/or compiled wrapper of `model`
+    opt: torch.optim.Optimizer
+    scaler: torch.amp.GradScaler
+    amp: Callable[[], ContextManager]
+    loader: Any
+    start_step: int
+    local_batch: int
+    n_micro: int
+    stats_path: Path
+    resume_state: dict[str, Any] = field(default_factory=dict)
+
+    def no_sync(self, skip: bool) -> ContextManager:
+        """Skip the DDP all-reduce on all but the last micro-batch of a step."""
+        if skip and isinstance(self.net_ddp, torch.nn.parallel.DistributedDataParallel):
+            return self.net_ddp.no_sync()
+        return contextlib.nullcontext()
+
+    @property
+    def net_ddp(self) -> torch.nn.Module:
+        return getattr(self.net, "_orig_mod", self.net)
+
+    @torch.no_grad()
+    def update_ema(self) -> None:
+        """ema <- decay*ema + (1-decay)*model on every step (REPA update_ema)."""
+        e = [p for p in self.ema.parameters() if p.dtype.is_floating_point]
+        m = [p for p in self.model.parameters() if p.dtype.is_floating_point]
+        torch._foreach_lerp_(e, m, 1.0 - self.cfg.ema_decay)
+
+    def close(self) -> None:
+        if self.world > 1 and dist.is_initialized():
+            dist.destroy_process_group()
+
+
+def sync_flag(r: Run, flag: bool) -> bool:
+    """True on every rank when any rank has it set (e.g. SIGTERM reached only some)."""
+    if r.world == 1:
+        return flag
+    t = torch.tensor([1.0 if flag else 0.0], device=r.device)
+    dist.all_reduce(t, op=dist.ReduceOp.MAX)
+    return bool(t.item())
+
+
+def init_distributed() -> tuple[int, int, torch.device]:
+    world = int(os.environ.get("WORLD_SIZE", "1"))
+    rank = int(os.environ.get("RANK", "0"))
+    local = int(os.environ.get("LOCAL_RANK", "0"))
+    if torch.cuda.is_available():
+        device = torch.device("cuda", local)
+        torch.cuda.set_device(device)
+    else:
+        device = torch.device("cpu")
+    if world > 1 and not dist.is_initialized():
+        dist.init_process_group("nccl" if device.type == "cuda" else "gloo")
+    return rank, world, device
+
+
+def model_kwargs(cfg: TrainConfig, spec: DataSpec) -> dict[str, Any]:
+    kw = {"input_size": spec.input_size, "in_channels": spec.in_channels, "num_classes": spec.num_classes,
+          "encoder_depth": cfg.enc_depth, "z_dims": spec.z_dims, "projector_dim": cfg.projector_dim,
+          "class_dropout_prob": cfg.class_dropout_prob}
+    return {k: v for k, v in kw.items() if v is not None}  # None: the registry entry's default
+
+
+def build_model(cfg: TrainConfig, kwargs: dict[str, Any], device: torch.device | str = "cpu") -> SiT:
+    try:
+        with torch.device(device):
+            return SiT_models[cfg.model](**kwargs)
+    except ValueError as e:  # e.g. --enc-depth beyond the model depth
+        raise UserError(f"--model {cfg.model}: {e}") from e
+
+
+def run_config(cfg: TrainConfig, spec: DataSpec, manifest_path: Path) -> dict[str, Any]:
+    """config.json: what sampling and resuming need (interfaces.md), with the full train config."""
+    return {"model": cfg.model, "model_kwargs": model_kwargs(cfg, spec), "path": cfg.path,
+            "encoders": spec.encoders, "vae": spec.vae, "latent_scale": spec.scale, "latent_shift": spec.shift,
+            "resolution": spec.resolution, "classes": spec.classes, "manifest": str(manifest_path.resolve()),
+            "train": cfg.to_json()}
+
+
+def check_compatible(saved: dict[str, Any], now: dict[str, Any], run_dir: Path) -> None:
+    diffs = [k for k in RESUME_KEYS if saved.get(k) != now.get(k)]
+    diffs += [f"train.{k}" for k in RESUME_TRAIN_KEYS if saved.get("train", {}).get(k) != now["train"].get(k)]
+    if diffs:
+        k = diffs[0]
+        get = (lambda d: d.get("train", {}).get(k[6:])) if k.startswith("train.") else (lambda d: d.get(k))
+        raise UserError(f"run folder {run_dir} holds a run with a different '{k}' ({get(saved)!r}, now "
+                        f"{get(now)!r}); re-run with its settings or use a new --run-dir")
+
+
+def load_init(model: SiT, path: str, cfg: TrainConfig) -> None:
+    """--init-from: weights from our checkpoint/export or an official REPA file, checked shape by shape."""
+    check(Path(path).exists(), f"--init-from: file not found: {path}")
+    from .official import load_sit_weights  # owned by the sampler stage
+    sd, _meta = load_sit_weights(path, encoder_depth=cfg.enc_depth)
+    own = model.state_dict()
+    missing = [k for k in own if k not in sd]
+    extra = [k for k in sd if k not in own]
+    check(not missing and not extra, f"--init-from {path}: keys differ from {cfg.model} "
+                                     f"(missing {missing[:3]}, unexpected {extra[:3]})")
+    for k, v in own.items():
+        check(tuple(sd[k].shape) == tuple(v.shape), f"--init-from {path}: '{k}' has shape {list(sd[k].shape)}, "
+                                                    f"{cfg.model} expects {list(v.shape)} (a different model size?)")
+    model.load_state_dict(sd, strict=True)
+
+
+def trim_stats(path: Path, upto: int | None) -> None:
+    """On resume keep only stats rows up to the checkpoint step (later ones belong to the lost run)."""
+    if not path.exists():
+        return
+    rows = [] if upto is None else [r for r in read_stats(path) if r.get("step", 0) <= upto]
+    atomic_write_bytes(path, "".join(json.dumps(r) + "\n" for r in rows).encode())
+
+
+def setup(cfg: TrainConfig, dry_run: bool = False) -> Run | None:
+    """Validate every input before step 0, then build (or resume) the run."""
+    m = load_manifest(cfg.manifest, kind="features")
+    patch = int(cfg.model.rsplit("/", 1)[1])
+    spec = resolve_fields(m, cfg.encoders, patch, cfg.hflip)
+    run_cfg = run_config(cfg, spec, m.path)
+    if cfg.encoders is None:
+        cfg.encoders = list(spec.encoders)
+        run_cfg["train"]["encoders"] = cfg.encoders
+    meta = build_model(cfg, run_cfg["model_kwargs"], "meta")  # cheap geometry check (enc depth vs depth)
+    cfg.enc_depth, cfg.projector_dim = meta.encoder_depth, meta.projector_dim  # resolve registry defaults
+    run_cfg["model_kwargs"].update(encoder_depth=cfg.enc_depth, projector_dim=cfg.projector_dim)
+    run_cfg["train"].update(enc_depth=cfg.enc_depth, projector_dim=cfg.projector_dim)
+    if dry_run:
+        print(json.dumps(run_cfg, indent=2))
+        return None
+    rank, world, device = init_distributed()
+    check(cfg.batch_size % world == 0, f"--batch-size {cfg.batch_size} is not divisible by {world} ranks")
+    local_batch = cfg.batch_size // world
+    micro = cfg.micro_batch or local_batch
+    check(micro <= local_batch and local_batch % micro == 0,
+          f"--micro-batch {cfg.micro_batch} must divide the per-rank batch {local_batch}")
+    run_dir = ensure_writable_dir(cfg.run_dir, "run folder (--run-dir)")
+    if cfg.verify:
+        from manifests import verify_shards
+        verify_shards(m, progress=rank == 0)
+    index = build_index(m, needed_exts(spec, cfg.hflip), cache_dir=run_dir / "index")
+
+    torch.manual_seed(cfg.seed)  # the same initial weights on every rank
+    model = build_model(cfg, run_cfg["model_kwargs"], device).train()
+    ema = copy.deepcopy(model).requires_grad_(False).eval()
+    opt = torch.optim.AdamW(model.parameters(), lr=cfg.lr, betas=tuple(cfg.betas), weight_decay=cfg.weight_decay,
+                            eps=cfg.adam_eps, fused=device.type == "cuda")
+    scaler = torch.amp.GradScaler(device.type, init_scale=cfg.loss_scale_init, enabled=cfg.precision == "fp16")
+    start, resume_state, stats_path = 0, {}, run_dir / "stats.jsonl"
+    found = checkpoint.latest(run_dir)
+    if found is not None:
+        ck, path = found
+        check_compatible(ck["config"], run_cfg, run_dir)
+        model.load_state_dict(ck["model"])
+        ema.load_state_dict(ck["ema"])
+        opt.load_state_dict(ck["opt"])
+        scaler.load_state_dict(ck["scaler"])
+        start = int(ck["step"])
+        resume_state = {"skipped": int(ck.get("skipped", 0)), "last_ckpt": str(path)}
+        rngs = ck["rng"]
+        if rank < len(rngs):
+            checkpoint.set_rng_state(rngs[rank], device)
+        else:  # more ranks than before: fresh streams for the new ones
+            torch.manual_seed(cfg.seed + 1_000_003 * (rank + 1) + start)
+        if rank == 0:
+            print(f"resuming from {path} (step {start})", flush=True)
+            trim_stats(stats_path, start)
+    else:
+        if cfg.init_from:
+            load_init(model, cfg.init_from, cfg)
+            ema.load_state_dict(model.state_dict())
+        torch.manual_seed(cfg.seed + 1_000_003 * (rank + 1))  # per-rank noise/time/label-drop streams
+        if rank == 0:
+            trim_stats(stats_path, None)
+            atomic_write_json(run_dir / "config.json", run_cfg)
+    net: torch.nn.Module = model
+    if world > 1:
+        net = torch.nn.parallel.DistributedDataParallel(model, device_ids=[device.index] if device.type == "cuda"
+                                                        else None)
+    if cfg.compile:
+        net = torch.compile(net)
+    amp_dtype = {"fp16": torch.float16, "bf16": torch.bfloat16}.get(cfg.precision)
+    amp = ((lambda: torch.autocast(device.type, dtype=amp_dtype)) if amp_dtype is not None
+           else contextlib.nullcontext)
+    ds = FeatureBatches(index, spec, cfg.seed, cfg.hflip)
+    sampler = StepSampler(len(index), cfg.batch_size, rank, world, micro, cfg.seed, start, cfg.steps)
+    loader = make_loader(ds, sampler, cfg.num_workers, pin=device.type == "cuda")
+    if world > 1:
+        dist.barrier()
+    return Run(cfg=cfg, run_dir=run_dir, run_cfg=run_cfg, rank=rank, world=world, device=device, model=model,
+               ema=ema, net=net, opt=opt, scaler=scaler, amp=amp, loader=loader, start_step=start,
+               local_batch=local_batch, n_micro=local_batch // micro, stats_path=stats_path,
+               resume_state=resume_state)

@@ -1,0 +1,453 @@
+"""`python -m trainer sample`: checkpoint -> SDE/ODE samples -> VAE decode -> PNG shards + samples manifest.
+
+Sample i's label and noise come from a generator seeded by (seed, i), so the images do not depend on the
+batch size or the number of ranks. The index range is cut into shards; torchrun ranks take shards
+round-robin; a finished shard (tar + sidecar) is kept on a re-run, so after kills every index exists once.
+"""
+from __future__ import annotations
+
+import argparse
+import io
+import json
+import math
+import os
+import sys
+import time
+import zipfile
+from dataclasses import asdict, dataclass
+from datetime import timedelta
+from pathlib import Path
+from typing import Any, Sequence
+
+import numpy as np
+import torch
+
+from manifests import (SD_VAE_SCALE, SD_VAE_SHIFT, Manifest, ShardEntry, UserError, atomic_open, atomic_write_json,
+                       iter_shard, read_json, sha256_file, write_manifest, write_shard)
+from manifests.io import ensure_writable_dir, remove_tmp_files
+
+from .official import check_state_dict, load_sit_weights
+from .samplers import PATHS, nfe, sample_ode, sample_sde
+
+DEFAULT_STEPS = {"sde": 250, "ode": 50}  # REPA generate.py: SDE 250 (paper), ODE 50
+GRID_SIZE = 64  # grid.png shows the first 64 samples (8x8)
+SHARD_RE = "samples-{:06d}"
+SIDECAR_VERSION = 1
+# Test hook (fault injection): "K:SECONDS" sleeps after shard K's tar is in place and before its sidecar,
+# so a test can SIGKILL the job at the worst moment (the shard must then be redone, not trusted).
+PAUSE_ENV = "REPA_TEST_SAMPLE_PAUSE"
+
+
+@dataclass(kw_only=True)
+class SampleConfig:
+    """Everything that decides the images (batch size and world size do not)."""
+    ckpt: str
+    out: str
+    num_samples: int = 50_000
+    mode: str = "sde"
+    steps: int | None = None  # None: 250 for sde, 50 for ode
+    heun: bool = False
+    cfg_scale: float = 1.0
+    guidance_low: float = 0.0
+    guidance_high: float = 1.0
+    seed: int = 0
+    balanced: bool = False
+    batch_size: int = 64
+    shard_size: int = 1000
+    npz: bool = False
+    vae: str | None = None  # None: the VAE named in the checkpoint config, else sd-vae-ft-ema
+    precision: str = "tf32"
+    device: str | None = None
+    # Model flags for official checkpoints (ours carry config.json).
+    model: str | None = None
+    encoder_depth: int | None = None
+    projector_embed_dims: str | None = None
+    resolution: int | None = None
+    num_classes: int | None = None
+    path: str | None = None
+
+
+class _Parser(argparse.ArgumentParser):
+    def error(self, message: str):  # one line and exit 2 through run_cli, not argparse's usage dump
+        raise UserError(f"{message} (see python -m trainer sample --help)")
+
+
+def _count(text: str) -> int:
+    try:
+        v = int(text)
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"expected a positive integer, got {text!r}") from None
+    if v <= 0:
+        raise argparse.ArgumentTypeError(f"must be a positive integer, got {v}")
+    return v
+
+
+def _nonneg(text: str) -> int:
+    v = int(text)
+    if v < 0:
+        raise argparse.ArgumentTypeError(f"must be >= 0, got {v}")
+    return v
+
+
+def build_parser() -> argparse.ArgumentParser:
+    p = _Parser(prog="python -m trainer sample", formatter_class=argparse.ArgumentDefaultsHelpFormatter,
+                description="Generate images from a SiT checkpoint into PNG shards and a samples manifest.",
+                epilog="example (paper, FID 1.42 setting):\n  torchrun --nproc-per-node 8 -m trainer sample "
+                       "--ckpt RUN --out samples --num-samples 50000 --mode sde --steps 250 --cfg-scale 1.8 "
+                       "--guidance-high 0.7 --precision bf16 --npz\n"
+                       "official file: --ckpt SiT-XL-2-256.pt --model SiT-XL/2 --encoder-depth 8 "
+                       "--projector-embed-dims 768")
+    io_ = p.add_argument_group("input/output")
+    io_.add_argument("--ckpt", required=True, help="our .pt / export .safetensors / run folder / official REPA file")
+    io_.add_argument("--out", required=True, help="output folder (shards/, manifest.json, grid.png)")
+    io_.add_argument("--npz", action="store_true", help="also write samples.npz (arr_0, N×H×W×3 uint8) for ADM")
+    io_.add_argument("--shard-size", type=_count, default=1000, help="samples per tar shard (the resume unit)")
+    s = p.add_argument_group("sampling")
+    s.add_argument("--num-samples", type=_count, default=50_000)
+    s.add_argument("--mode", choices=("sde", "ode"), default="sde")
+    s.add_argument("--steps", type=_count, default=None, help="default: 250 (sde) or 50 (ode)")
+    s.add_argument("--heun", action="store_true", help="Heun instead of Euler (ode only)")
+    s.add_argument("--cfg-scale", type=float, default=1.0, help="1 = no guidance; the paper uses 1.8")
+    s.add_argument("--guidance-low", type=float, default=0.0)
+    s.add_argument("--guidance-high", type=float, default=1.0, help="the paper uses 0.7")
+    s.add_argument("--seed", type=_nonneg, default=0)
+    s.add_argument("--balanced", action="store_true", help="an equal number of samples per class")
+    r = p.add_argument_group("runtime")
+    r.add_argument("--batch-size", type=_count, default=64, help="per rank; does not change the images")
+    r.add_argument("--precision", choices=("fp32", "tf32", "bf16"), default="tf32")
+    r.add_argument("--device", default=None, help="default: cuda:LOCAL_RANK if available, else cpu")
+    r.add_argument("--vae", default=None, help="NAME[=PATH]; default: the checkpoint's VAE, else sd-vae-ft-ema")
+    m = p.add_argument_group("model (official checkpoints; ours carry config.json)")
+    m.add_argument("--model", default=None, help="e.g. SiT-XL/2 (default for official files)")
+    m.add_argument("--encoder-depth", type=_count, default=None, help="default 8 for official files")
+    m.add_argument("--projector-embed-dims", default=None, help="comma list, default 768 for official files")
+    m.add_argument("--resolution", type=_count, default=None, help="default 256 for official files")
+    m.add_argument("--num-classes", type=_count, default=None, help="default 1000 for official files")
+    m.add_argument("--path", choices=PATHS, default=None, help="interpolant; default from the checkpoint")
+    return p
+
+
+def parse(argv: Sequence[str]) -> SampleConfig:
+    cfg = SampleConfig(**vars(build_parser().parse_args(list(argv))))
+    if cfg.steps is None:
+        cfg.steps = DEFAULT_STEPS[cfg.mode]
+    if cfg.heun and cfg.mode != "ode":
+        raise UserError("--heun applies to --mode ode only")
+    if cfg.cfg_scale < 1.0:
+        raise UserError(f"--cfg-scale must be >= 1 (1 = no guidance), got {cfg.cfg_scale}")
+    if not 0.0 <= cfg.guidance_low <= cfg.guidance_high <= 1.0:
+        raise UserError(f"need 0 <= --guidance-low <= --guidance-high <= 1, got {cfg.guidance_low}, "
+                        f"{cfg.guidance_high}")
+    return cfg
+
+
+# ---- model ----------------------------------------------------------------------------------------------------
+
+@dataclass
+class Loaded:
+    model: torch.nn.Module
+    meta: dict[str, Any]
+    info: dict[str, Any]  # model name, path, vae, latent scale/shift, resolution, classes
+
+
+def load_model(cfg: SampleConfig) -> Loaded:
+    """Build the SiT the checkpoint describes (or the flags, for official files) and load it strictly."""
+    from .models import SiT_models
+    sd, meta = load_sit_weights(cfg.ckpt, encoder_depth=cfg.encoder_depth)
+    conf, args = meta.get("config"), meta.get("args") or {}
+    if conf is not None:  # ours: config.json decides; contradicting flags are a mistake
+        name, kwargs = conf["model"], dict(conf["model_kwargs"])
+        for flag, have in (("model", name), ("encoder_depth", kwargs.get("encoder_depth")),
+                           ("num_classes", kwargs.get("num_classes")), ("path", conf.get("path"))):
+            given = getattr(cfg, flag)
+            if given is not None and given != have:
+                raise UserError(f"--{flag.replace('_', '-')} {given} contradicts the checkpoint's config "
+                                f"({have}); drop the flag for our checkpoints")
+        info = dict(model=name, path=conf.get("path", "linear"), vae=conf.get("vae", "sd-vae-ft-ema"),
+                    scale=float(conf.get("latent_scale", SD_VAE_SCALE)),
+                    shift=float(conf.get("latent_shift", SD_VAE_SHIFT)),
+                    resolution=int(conf.get("resolution", kwargs.get("input_size", 32) * 8)),
+                    classes=list(conf.get("classes", [])))
+        what = f"{name} from its config.json"
+    else:  # official: flags, then the Namespace args, then the reference defaults (REPA generate.py)
+        name = cfg.model or args.get("model") or "SiT-XL/2"
+        res = cfg.resolution or int(args.get("resolution") or 256)
+        dims = cfg.projector_embed_dims or "768"
+        try:
+            z_dims = [int(d) for d in dims.split(",") if d.strip()]
+        except ValueError:
+            raise UserError(f"--projector-embed-dims must be comma-separated integers, got {dims!r}") from None
+        kwargs = dict(input_size=res // 8, num_classes=cfg.num_classes or int(args.get("num_classes") or 1000),
+                      encoder_depth=cfg.encoder_depth or int(args.get("encoder_depth") or 8), z_dims=z_dims,
+                      class_dropout_prob=0.1)
+        info = dict(model=name, path=cfg.path or args.get("path_type") or "linear", vae="sd-vae-ft-ema",
+                    scale=SD_VAE_SCALE, shift=SD_VAE_SHIFT, resolution=res, classes=[])
+        what = f"{name} built from the flags (--model {name} --encoder-depth {kwargs['encoder_depth']} " \
+               f"--projector-embed-dims {dims} --resolution {res} --num-classes {kwargs['num_classes']})"
+    if name not in SiT_models:
+        raise UserError(f"unknown model '{name}' (--model); choose one of: {', '.join(sorted(SiT_models))}")
+    try:
+        model = SiT_models[name](**kwargs)
+    except (TypeError, ValueError) as e:
+        raise UserError(f"cannot build {name}: {e}") from e
+    check_state_dict(model, sd, path=meta["path"], what=what)
+    model.load_state_dict(sd, strict=True)
+    if cfg.path is not None:
+        info["path"] = cfg.path
+    # The projectors only feed the training loss: drop them so sampling doesn't pay for them (~4% of XL/2).
+    model.projectors = torch.nn.ModuleList()
+    return Loaded(model=model.eval().requires_grad_(False), meta=meta, info=info)
+
+
+class Velocity:
+    """The sampler's view of the model: fp32 in, first output out, bf16 autocast if asked."""
+
+    def __init__(self, model: torch.nn.Module, device: torch.device, precision: str):
+        self.model, self.device, self.num_classes = model, device, model.num_classes
+        self.bf16 = precision == "bf16"
+
+    def __call__(self, x: torch.Tensor, t: torch.Tensor, y: torch.Tensor):
+        with torch.autocast(self.device.type, dtype=torch.bfloat16, enabled=self.bf16):
+            v = self.model(x, t, y=y)[0]
+        return v.float(), ()
+
+
+def set_precision(precision: str) -> None:
+    """tf32 (the reference's default) allows TF32 matmuls/convs; fp32 forbids them; bf16 autocasts the SiT."""
+    tf32 = precision != "fp32"
+    torch.set_float32_matmul_precision("high" if tf32 else "highest")
+    torch.backends.cudnn.allow_tf32 = tf32
+
+
+# ---- seeds and the plan ---------------------------------------------------------------------------------------
+
+def sample_generator(seed: int, index: int) -> torch.Generator:
+    """A CPU generator seeded from (seed, index) through SeedSequence, so nearby indices are uncorrelated."""
+    a, b = np.random.SeedSequence([seed, index]).generate_state(2, np.uint32)
+    return torch.Generator().manual_seed((int(a) << 32) | int(b))
+
+
+def balanced_labels(seed: int, num_samples: int, num_classes: int) -> np.ndarray:
+    """A seeded shuffle of 0..C-1 repeated: class counts differ by at most one."""
+    perm = np.random.default_rng([seed, 0xBA1]).permutation(num_samples)
+    return (perm % num_classes).astype(np.int64)
+
+
+def draw_inputs(cfg: SampleConfig, indices: range, shape: tuple[int, ...], num_classes: int,
+                balanced: np.ndarray | None) -> tuple[torch.Tensor, torch.Tensor, list[torch.Generator]]:
+    """(noise (N, C, H, W), labels (N,), generators): each from sample i's own generator."""
+    gens = [sample_generator(cfg.seed, i) for i in indices]
+    labels = [int(torch.randint(num_classes, (1,), generator=g)) for g in gens]  # drawn always: same noise stream
+    if balanced is not None:
+        labels = [int(balanced[i]) for i in indices]
+    noise = torch.stack([torch.randn(shape, generator=g) for g in gens])  # (N, C, H, W)
+    return noise, torch.tensor(labels, dtype=torch.long), gens
+
+
+def shard_ranges(num_samples: int, shard_size: int) -> list[range]:
+    return [range(a, min(a + shard_size, num_samples)) for a in range(0, num_samples, shard_size)]
+
+
+def shard_done(out: Path, k: int, fingerprint: dict[str, Any]) -> bool:
+    """A shard counts only with its sidecar, the same settings, and the recorded size on disk."""
+    side, tar = out / "shards" / f"{SHARD_RE.format(k)}.json", out / "shards" / f"{SHARD_RE.format(k)}.tar"
+    if not side.is_file():
+        return False
+    rec = read_json(side, "shard sidecar")
+    if rec.get("settings") != fingerprint:
+        raise UserError(f"{out} already holds samples made with other settings ({side.name}: "
+                        f"{_first_diff(rec.get('settings') or {}, fingerprint)}); use another --out or delete it")
+    return tar.is_file() and tar.stat().st_size == rec.get("bytes")
+
+
+def _first_diff(old: dict[str, Any], new: dict[str, Any]) -> str:
+    for k in sorted(set(old) | set(new)):
+        if old.get(k) != new.get(k):
+            return f"{k} was {old.get(k)!r}, now {new.get(k)!r}"
+    return "unknown difference"
+
+
+# ---- decoding and writing -------------------------------------------------------------------------------------
+
+@torch.no_grad()
+def decode(vae, z: torch.Tensor, scale: float, shift: float) -> np.ndarray:
+    """Latents (N, C, h, w) float64 -> uint8 (N, H, W, 3), truncating as REPA generate.py does."""
+    x = vae.decode(((z.float() - shift) / scale).to(next(vae.parameters()).dtype)).sample.float()
+    x = (x + 1) / 2.0
+    return torch.clamp(255.0 * x, 0, 255).permute(0, 2, 3, 1).to("cpu", dtype=torch.uint8).numpy()
+
+
+def png_bytes(img: np.ndarray) -> bytes:
+    from PIL import Image
+    buf = io.BytesIO()
+    Image.fromarray(img).save(buf, format="PNG")
+    return buf.getvalue()
+
+
+def run_shard(cfg: SampleConfig, k: int, idx: range, lm: Loaded, vae, device: torch.device,
+              balanced: np.ndarray | None, bar) -> None:
+    model, info = lm.model, lm.info
+    shape = (model.in_channels, model.input_size, model.input_size)
+    fn = Velocity(model, device, cfg.precision)
+    samples = []
+    for a in range(idx.start, idx.stop, cfg.batch_size):
+        sub = range(a, min(a + cfg.batch_size, idx.stop))
+        noise, y, gens = draw_inputs(cfg, sub, shape, model.num_classes, balanced)
+        kw = dict(cfg_scale=cfg.cfg_scale, guidance_low=cfg.guidance_low, guidance_high=cfg.guidance_high,
+                  path=info["path"], null_class=model.num_classes)
+        if cfg.mode == "sde":
+            z = sample_sde(fn, noise.to(device), y.to(device), steps=cfg.steps, generator=gens, **kw)
+        else:
+            z = sample_ode(fn, noise.to(device), y.to(device), steps=cfg.steps, heun=cfg.heun, **kw)
+        imgs = decode(vae, z, info["scale"], info["shift"])  # (N, H, W, 3) uint8
+        samples += [{"__key__": f"sample_{i:07d}", "png": png_bytes(im), "cls": int(c)}
+                    for i, im, c in zip(sub, imgs, y.tolist())]
+        bar.update(len(sub))
+    shards = Path(cfg.out) / "shards"
+    info_ = write_shard(shards / f"{SHARD_RE.format(k)}.tar", samples)
+    pause = os.environ.get(PAUSE_ENV, "")
+    if pause and int(pause.split(":")[0]) == k:
+        print(f"[test hook] pausing after shard {k}'s tar", file=sys.stderr, flush=True)
+        time.sleep(float(pause.split(":")[1]))
+    atomic_write_json(shards / f"{SHARD_RE.format(k)}.json",
+                      {"version": SIDECAR_VERSION, "keys": info_.keys, "sha256": info_.sha256,
+                       "bytes": info_.bytes, "settings": fingerprint_of(cfg, lm)})
+
+
+def fingerprint_of(cfg: SampleConfig, lm: Loaded) -> dict[str, Any]:
+    """The settings a finished shard was made with; a re-run must match them to reuse it."""
+    keep = ("num_samples", "mode", "steps", "heun", "cfg_scale", "guidance_low", "guidance_high", "seed",
+            "balanced", "shard_size", "precision")
+    return {**{k: getattr(cfg, k) for k in keep}, "ckpt_sha256": lm.meta["sha256"], "model": lm.info["model"],
+            "path": lm.info["path"], "vae": lm.info["vae"]}
+
+
+def write_npz(path: Path, shard_paths: list[Path], num: int, hw: tuple[int, int]) -> None:
+    """samples.npz with arr_0 (N, H, W, 3) uint8, streamed one shard at a time (never all images twice)."""
+    with atomic_open(path, "wb") as f, zipfile.ZipFile(f, "w", zipfile.ZIP_STORED, allowZip64=True) as zf:
+        with zf.open("arr_0.npy", "w", force_zip64=True) as out:
+            header = {"descr": np.lib.format.dtype_to_descr(np.dtype(np.uint8)), "fortran_order": False,
+                      "shape": (num, hw[0], hw[1], 3)}
+            np.lib.format.write_array_header_2_0(out, header)
+            written = 0
+            for sp in shard_paths:
+                rows = np.stack([s["png"] for s in iter_shard(sp)])  # (n, H, W, 3) one shard only
+                out.write(np.ascontiguousarray(rows, dtype=np.uint8).tobytes())
+                written += len(rows)
+    if written != num:
+        raise UserError(f"{path}: wrote {written} images, expected {num}")
+
+
+def write_grid(path: Path, shard_paths: list[Path], n: int = GRID_SIZE) -> None:
+    from PIL import Image
+    imgs: list[np.ndarray] = []
+    for sp in shard_paths:
+        for s in iter_shard(sp):
+            imgs.append(s["png"])
+            if len(imgs) == n:
+                break
+        if len(imgs) == n:
+            break
+    cols = math.ceil(math.sqrt(len(imgs)))
+    rows = math.ceil(len(imgs) / cols)
+    h, w, _ = imgs[0].shape
+    grid = np.zeros((rows * h, cols * w, 3), np.uint8)
+    for j, im in enumerate(imgs):
+        grid[(j // cols) * h:(j // cols + 1) * h, (j % cols) * w:(j % cols + 1) * w] = im
+    with atomic_open(path, "wb") as f:
+        Image.fromarray(grid).save(f, format="PNG")
+
+
+# ---- the job --------------------------------------------------------------------------------------------------
+
+def _dist() -> tuple[int, int, int]:
+    """(rank, world, local_rank); under torchrun a gloo group is enough: ranks only need barriers."""
+    world = int(os.environ.get("WORLD_SIZE", "1"))
+    if world > 1 and not torch.distributed.is_initialized():
+        torch.distributed.init_process_group("gloo", timeout=timedelta(hours=24))
+    return int(os.environ.get("RANK", "0")), world, int(os.environ.get("LOCAL_RANK", "0"))
+
+
+def _barrier(world: int) -> None:
+    if world > 1:
+        torch.distributed.barrier()
+
+
+def main(argv: Sequence[str] | None = None) -> int:
+    from tqdm import tqdm
+
+    from pipeline.encoders import load_vae
+    argv = list(sys.argv[1:] if argv is None else argv)
+    cfg = parse(argv)
+    rank, world, local = _dist()
+    out = ensure_writable_dir(cfg.out)
+    set_precision(cfg.precision)
+    torch.set_grad_enabled(False)
+    device = torch.device(cfg.device or (f"cuda:{local}" if torch.cuda.is_available() else "cpu"))
+    if device.type == "cuda":
+        torch.cuda.set_device(device)
+    lm = load_model(cfg)
+    lm.meta["sha256"] = sha256_file(lm.meta["path"])
+    lm.info["vae"] = cfg.vae or lm.info["vae"]
+    lm.model.to(device)
+    vae = load_vae(lm.info["vae"], device=device)
+    balanced = balanced_labels(cfg.seed, cfg.num_samples, lm.model.num_classes) if cfg.balanced else None
+    fp = fingerprint_of(cfg, lm)
+    shards = shard_ranges(cfg.num_samples, cfg.shard_size)
+    if rank == 0 and (out / "shards").is_dir():
+        remove_tmp_files(out / "shards")  # half-written leftovers of a killed run
+    _barrier(world)
+    pending = [k for k in range(len(shards)) if not shard_done(out, k, fp)]
+    _barrier(world)  # every rank has the same plan before anyone writes
+    mine = pending[rank::world]
+    todo = sum(len(shards[k]) for k in mine)
+    calls = nfe(cfg.mode, cfg.steps, cfg.heun)
+    bar = tqdm(total=todo, unit="sample", disable=rank != 0, dynamic_ncols=True,
+               desc=f"{cfg.mode} {calls} NFE cfg {cfg.cfg_scale} (rank 0/{world})")
+    for k in mine:
+        run_shard(cfg, k, shards[k], lm, vae, device, balanced, bar)
+    bar.close()
+    _barrier(world)
+    if rank == 0:
+        finish(cfg, lm, out, shards, fp, command=" ".join(["python -m trainer sample", *argv]))
+    return 0
+
+
+def finish(cfg: SampleConfig, lm: Loaded, out: Path, shards: list[range], fp: dict[str, Any], command: str) -> None:
+    """After every shard exists: grid.png, samples.npz (optional), then the manifest, last."""
+    missing = [k for k in range(len(shards)) if not shard_done(out, k, fp)]
+    if missing:
+        raise UserError(f"{len(missing)} shard(s) missing after sampling (first {SHARD_RE.format(missing[0])}); "
+                        f"did a rank fail? re-run the same command to finish")
+    paths = [out / "shards" / f"{SHARD_RE.format(k)}.tar" for k in range(len(shards))]
+    res = lm.info["resolution"]
+    write_grid(out / "grid.png", paths)
+    if cfg.npz:
+        write_npz(out / "samples.npz", paths, cfg.num_samples, (res, res))
+    entries = []
+    for k, sp in enumerate(paths):
+        rec = read_json(sp.with_suffix(".json"), "shard sidecar")
+        entries.append(ShardEntry(url=f"shards/{sp.name}", nsamples=len(rec["keys"]), sha256=rec["sha256"],
+                                  bytes=rec["bytes"]))
+    sampler = {k: v for k, v in asdict(cfg).items() if k not in ("ckpt", "out", "device")}
+    sampler.update(path=lm.info["path"], vae=lm.info["vae"], nfe=nfe(cfg.mode, cfg.steps, cfg.heun),
+                   latent_scale=lm.info["scale"], latent_shift=lm.info["shift"], model=lm.info["model"])
+    m = Manifest(root=out, name=f"samples-{lm.info['model'].replace('/', '-')}-{cfg.mode}-cfg{cfg.cfg_scale}",
+                 shardlist=entries, kind="samples", num_samples=cfg.num_samples,
+                 fields={"png": {"dtype": "uint8", "shape": [res, res, 3], "codec": "png"},
+                         "cls": {"dtype": "int64", "shape": [], "codec": "int"}},
+                 classes=lm.info["classes"], preprocess={"resolution": res},
+                 created_by={"version": _version(), "command": command},
+                 extra={"sampler": sampler,
+                        "checkpoint": {"path": str(Path(lm.meta["path"]).resolve()), "sha256": lm.meta["sha256"],
+                                       "step": lm.meta.get("step"), "format": lm.meta.get("format")}})
+    write_manifest(m)
+    print(json.dumps({"manifest": str(m.path), "num_samples": cfg.num_samples, "nfe": sampler["nfe"]}))
+
+
+def _version() -> str:
+    from importlib.metadata import PackageNotFoundError, version
+    try:
+        return version("repa")
+    except PackageNotFoundError:
+        return "dev"

@@ -1,0 +1,85 @@
+"""Interpolant paths, time sampling and the REPA training loss (DESIGN §4)."""
+from __future__ import annotations
+
+import contextlib
+import math
+from dataclasses import dataclass
+from typing import Callable, ContextManager
+
+import torch
+import torch.nn.functional as F
+
+PATHS = ("linear", "cosine")
+PROJ_LOSSES = ("cos", "ntxent")
+
+
+def alpha_sigma(t: torch.Tensor, path: str = "linear") -> tuple[torch.Tensor, torch.Tensor, torch.Tensor,
+                                                                 torch.Tensor]:
+    """x_t = alpha*x + sigma*eps; returns (alpha, sigma, d alpha/dt, d sigma/dt); t=1 is pure noise."""
+    if path == "linear":
+        return 1 - t, t, -torch.ones_like(t), torch.ones_like(t)
+    if path == "cosine":  # VP interpolant of the paper's Appendix A
+        half_pi = math.pi / 2
+        return (torch.cos(half_pi * t), torch.sin(half_pi * t), -half_pi * torch.sin(half_pi * t),
+                half_pi * torch.cos(half_pi * t))
+    raise ValueError(f"unknown path {path!r}; expected one of {PATHS}")
+
+
+def sample_time(n: int, device: torch.device | str, generator: torch.Generator | None = None) -> torch.Tensor:
+    """t ~ U(0, 1) per sample (REPA 'uniform' weighting)."""
+    return torch.rand(n, device=device, generator=generator)  # (N,)
+
+
+def interpolate(x: torch.Tensor, eps: torch.Tensor, t: torch.Tensor, path: str) -> tuple[torch.Tensor, torch.Tensor]:
+    """Return (x_t, velocity target d/dt x_t) for clean x, noise eps and times t (N,)."""
+    a, s, da, ds = (v.view(-1, *([1] * (x.dim() - 1))) for v in alpha_sigma(t, path))
+    return a * x + s * eps, da * x + ds * eps  # (N, C, H, W) each
+
+
+def cos_proj_loss(zs_hat: list[torch.Tensor], zs: list[torch.Tensor]) -> torch.Tensor:
+    """Mean over encoders, samples and tokens of -cos(z, z_hat), in fp32 (fp16 here overflowed in REPA)."""
+    terms = [-(F.normalize(h.float(), dim=-1) * F.normalize(z.float(), dim=-1)).sum(-1).mean()
+             for h, z in zip(zs_hat, zs)]  # each a mean over (N, T)
+    return torch.stack(terms).mean()
+
+
+def ntxent_proj_loss(zs_hat: list[torch.Tensor], zs: list[torch.Tensor], tau: float) -> torch.Tensor:
+    """NT-Xent per token position: the positive for (n, i) is z[n, i]; the negatives are z[m, i], m != n.
+
+    For each token position i, logits[n, m] = cos(h[n, i], z[m, i]) / tau over the local batch, and the loss is
+    cross entropy with target n, averaged over samples, positions and encoders. Same-image tokens at other
+    positions are not negatives: neighbouring patches of one image are too alike to be pushed apart.
+    """
+    terms = []
+    for h, z in zip(zs_hat, zs):
+        h = F.normalize(h.float(), dim=-1).transpose(0, 1)  # (T, N, D)
+        z = F.normalize(z.float(), dim=-1).transpose(0, 1)  # (T, N, D)
+        logits = h @ z.transpose(1, 2) / tau  # (T, N, N)
+        target = torch.arange(h.shape[1], device=h.device).expand(h.shape[0], -1)  # (T, N)
+        terms.append(F.cross_entropy(logits.reshape(-1, h.shape[1]), target.reshape(-1)))
+    return torch.stack(terms).mean()
+
+
+@dataclass
+class LossOut:
+    total: torch.Tensor
+    denoise: torch.Tensor
+    proj: torch.Tensor
+
+
+def repa_loss(model, x: torch.Tensor, y: torch.Tensor, zs: list[torch.Tensor], *, path: str = "linear",
+              proj_coeff: float = 0.5, proj_loss: str = "cos", ntxent_tau: float = 0.1,
+              amp: Callable[[], ContextManager] = contextlib.nullcontext) -> LossOut:
+    """Denoising MSE on the velocity plus proj_coeff * alignment of the projector outputs with `zs`."""
+    n = x.shape[0]
+    t = sample_time(n, x.device)  # (N,)
+    eps = torch.randn_like(x)  # (N, C, H, W)
+    x_t, v = interpolate(x, eps, t, path)
+    with amp():  # autocast covers the model only; the losses below are fp32
+        v_hat, zs_hat = model(x_t, t, y)
+    denoise = ((v_hat.float() - v) ** 2).mean()
+    if zs:
+        proj = cos_proj_loss(zs_hat, zs) if proj_loss == "cos" else ntxent_proj_loss(zs_hat, zs, ntxent_tau)
+    else:
+        proj = torch.zeros((), device=x.device)
+    return LossOut(denoise + proj_coeff * proj, denoise, proj)
