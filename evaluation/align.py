@@ -75,7 +75,7 @@ def knn_graph(feats, k: int = DEFAULT_K, *, normalize: bool = True, chunk: int =
         rows = torch.arange(block.shape[0], device=block.device)
         block[rows, rows + s] = -math.inf  # a point is not its own neighbour
         v, i = torch.topk(block, k, dim=1)  # (c, k)
-        idx[s:s + chunk], val[s:s + chunk] = i, v.double()
+        idx[s:s + chunk], val[s:s + chunk] = i.cpu(), v.double().cpu()
     return KnnGraph(idx=idx, val=val)
 
 

@@ -45,8 +45,9 @@ def build_parser() -> argparse.ArgumentParser:
     a.add_argument("--layers", default=None, help="1-based blocks, 'A-B' or 'A,B,C' (default: all)")
     a.add_argument("--t", type=float, default=0.5, help="noise level of the inputs (t=1 is pure noise)")
     a.add_argument("--k", type=int, default=DEFAULT_K, help="mutual k-NN size of CKNNA")
-    a.add_argument("--label", choices=("real", "null"), default="real",
-                   help="class fed to the model: the image's label or the null (unconditional) class")
+    a.add_argument("--label", choices=("null", "real"), default="null",
+                   help="class fed to the model: the null (unconditional) class, or the image's label, which "
+                        "leaks into every block through adaLN and makes the probe read the label, not the image")
     a.add_argument("--cknna-eps", type=float, default=CKNNA_EPS,
                    help="added to the CKNNA denominator; 1e-6 reproduces platonic-rep's metrics.py")
     a.add_argument("--seed", type=int, default=0, help="subset choice, noise and probe initialisation")
@@ -59,6 +60,8 @@ def build_parser() -> argparse.ArgumentParser:
     m.add_argument("--model", default=None, help="SiT registry name (default: config.json, else SiT-XL/2)")
     m.add_argument("--encoder-depth", type=int, default=None, help="block whose output feeds the projectors")
     m.add_argument("--projector-embed-dims", default=None, help="comma list of encoder dims, e.g. 768")
+    m.add_argument("--weights", choices=("ema", "model"), default="ema",
+                   help="EMA weights (as sampling uses), or a training checkpoint's raw weights")
     m.add_argument("--path", choices=("linear", "cosine"), default=None,
                    help="interpolant used to noise the inputs (default: config.json, else linear)")
     o = p.add_argument_group("output and runtime")
@@ -113,7 +116,8 @@ def _finite(v: float | None) -> float | None:
     return None if v is None or not math.isfinite(v) else float(v)
 
 
-def run_cknna(pooled: dict[int, np.ndarray], enc: np.ndarray, k: int, eps: float, device: torch.device) -> dict[int, float]:
+def run_cknna(pooled: dict[int, np.ndarray], enc: np.ndarray, k: int, eps: float,
+              device: torch.device) -> dict[int, float]:
     """CKNNA of every layer against the encoder; the encoder's k-NN graph and self-HSIC are computed once."""
     g_enc = knn_graph(torch.from_numpy(enc).to(device), k)
     self_enc = graph_self_hsic(g_enc)
@@ -176,7 +180,8 @@ def main(argv: Sequence[str] | None = None) -> int:
     except ValueError as e:
         raise UserError(f"--projector-embed-dims {args.projector_embed_dims!r} is not a comma list of ints") from e
     lm = load_model(args.ckpt, ModelSpec(model=args.model, encoder_depth=args.encoder_depth,
-                                          projector_embed_dims=dims, path=args.path), device)
+                                          projector_embed_dims=dims, path=args.path,
+                                          weights=args.weights), device)
     layers = parse_layers(args.layers, lm.depth)
     data = read_align_data(m, encoder, args.num_images, args.seed, pca_images=args.pca_images if args.pca else 0)
     n = len(data.keys)
@@ -210,7 +215,8 @@ def main(argv: Sequence[str] | None = None) -> int:
     if args.pca:
         files += write_pca(out, tokens, data.enc_tokens, encoder)
     report = {
-        "checkpoint": {"path": str(args.ckpt), "model": lm.name, "step": lm.step, "path_type": lm.path},
+        "checkpoint": {"path": str(args.ckpt), "model": lm.name, "step": lm.step, "path_type": lm.path,
+                       "weights": args.weights},
         "manifest": str(m.path), "encoder": encoder, "num_images": n, "t": args.t, "k": args.k,
         "label": args.label, "seed": args.seed, "cknna_eps": args.cknna_eps,
         "features": "global average over tokens of each block's output; L2-normalised inside CKNNA",

@@ -23,6 +23,7 @@ class ModelSpec:
     encoder_depth: int | None = None
     projector_embed_dims: list[int] | None = None
     path: str | None = None
+    weights: str = "ema"  # "model": the raw weights of a training checkpoint instead of its EMA
 
 
 @dataclass
@@ -45,14 +46,54 @@ def _infer_kwargs(sd: dict[str, torch.Tensor], spec: ModelSpec) -> dict[str, Any
     except KeyError as e:
         raise UserError(f"checkpoint has no {e.args[0]!r}: not a SiT state dict") from e
     grid = int(round(tokens ** 0.5))
+    depth = len({k.split(".")[1] for k in sd if k.startswith("blocks.")})
+    # The projectors' block only places zs, which this analysis ignores, so an unknown depth is harmless.
+    enc_depth = spec.encoder_depth or min(OFFICIAL_ENCODER_DEPTH, max(depth, 1))
     projs = sorted({int(m.group(1)) for k in sd if (m := re.match(r"projectors\.(\d+)\.4\.weight$", k))})
     z_dims = spec.projector_embed_dims or [int(sd[f"projectors.{i}.4.weight"].shape[0]) for i in projs]
     kw: dict[str, Any] = dict(input_size=grid * patch, in_channels=in_ch, num_classes=rows - 1,
                               class_dropout_prob=OFFICIAL_CLASS_DROPOUT, z_dims=z_dims,
-                              encoder_depth=spec.encoder_depth or OFFICIAL_ENCODER_DEPTH)
+                              encoder_depth=enc_depth)
     if projs:
         kw["projector_dim"] = int(sd["projectors.0.0.weight"].shape[0])
     return kw
+
+
+def _build(name: str, kwargs: dict[str, Any], ckpt: str, device: str) -> torch.nn.Module:
+    from trainer.models import SiT_models
+    try:
+        with torch.device(device):
+            return SiT_models[name](**kwargs)
+    except (TypeError, ValueError) as e:
+        raise UserError(f"cannot build {name} for checkpoint {ckpt}: {e} (check --model/--encoder-depth)") from e
+
+
+def _detect_model(sd: dict[str, torch.Tensor], kwargs: dict[str, Any]) -> str:
+    """The registry entry whose parameter shapes match a config-less state dict (SiT-XL/2 first), else SiT-XL/2."""
+    from trainer.models import SiT_models
+    for name in [OFFICIAL_MODEL] + sorted(n for n in SiT_models if n != OFFICIAL_MODEL):
+        try:
+            with torch.device("meta"):
+                want = SiT_models[name](**kwargs).state_dict()
+        except (TypeError, ValueError):
+            continue
+        if want.keys() == sd.keys() and all(tuple(want[k].shape) == tuple(sd[k].shape) for k in want):
+            return name
+    return OFFICIAL_MODEL
+
+
+def _raw_weights(meta: dict[str, Any], encoder_depth: int | None) -> dict[str, torch.Tensor]:
+    """The non-EMA `model` state dict of a training checkpoint (ours or official)."""
+    from trainer.official import rename_legacy, safe_torch_load
+    path = meta["path"]
+    check(meta.get("format") in ("ours-train", "official-train"),
+          f"--weights model needs a training checkpoint with a 'model' entry; {path} is {meta.get('format')}")
+    obj = safe_torch_load(path)
+    sd = obj.get("model")
+    check(isinstance(sd, dict) and bool(sd), f"checkpoint {path} has no 'model' state dict")
+    if meta.get("args") and encoder_depth is None:
+        encoder_depth = meta["args"].get("encoder_depth")
+    return rename_legacy(dict(sd), encoder_depth, path)
 
 
 def load_model(ckpt: str, spec: ModelSpec, device: torch.device) -> LoadedModel:
@@ -60,6 +101,8 @@ def load_model(ckpt: str, spec: ModelSpec, device: torch.device) -> LoadedModel:
     from trainer.models import SiT_models
     from trainer.official import check_state_dict, load_sit_weights
     sd, meta = load_sit_weights(ckpt, encoder_depth=spec.encoder_depth)
+    if spec.weights == "model":
+        sd = _raw_weights(meta, spec.encoder_depth)
     cfg = dict(meta.get("config") or {})
     args = dict(meta.get("args") or {})  # an official training dict's argparse options
     if cfg.get("model") and spec.model in (None, cfg["model"]):
@@ -72,14 +115,12 @@ def load_model(ckpt: str, spec: ModelSpec, device: torch.device) -> LoadedModel:
     else:
         if spec.encoder_depth is None and args.get("encoder_depth") is not None:
             spec = ModelSpec(**{**spec.__dict__, "encoder_depth": int(args["encoder_depth"])})
-        name, kwargs = spec.model or args.get("model") or OFFICIAL_MODEL, _infer_kwargs(sd, spec)
+        kwargs = _infer_kwargs(sd, spec)
+        name = spec.model or args.get("model") or _detect_model(sd, kwargs)
         path = spec.path or args.get("path_type") or "linear"
     check(name in SiT_models, f"--model {name!r} is unknown; choose one of {', '.join(sorted(SiT_models))}")
-    try:
-        model = SiT_models[name](**kwargs)
-    except (TypeError, ValueError) as e:
-        raise UserError(f"cannot build {name} for checkpoint {ckpt}: {e} (check --model/--encoder-depth)") from e
-    check_state_dict(model, sd, path=ckpt, what=name)
+    check_state_dict(_build(name, kwargs, ckpt, "meta"), sd, path=ckpt, what=name)  # shapes first: no big init
+    model = _build(name, kwargs, ckpt, "cpu")
     model.load_state_dict(sd, strict=True)
     model.eval().to(device)
     check(path in ("linear", "cosine"), f"checkpoint {ckpt} names an unknown path {path!r} (use --path)")
@@ -94,7 +135,8 @@ class _StopForward(Exception):
 @torch.no_grad()
 def hidden_states(lm: LoadedModel, moments: np.ndarray, labels: np.ndarray, *, layers: list[int], t: float,
                   scale: float, shift: float, batch_size: int, seed: int, device: torch.device,
-                  null_label: bool = False, keep_tokens: int = 0) -> tuple[dict[int, np.ndarray], dict[int, np.ndarray]]:
+                  null_label: bool = False, keep_tokens: int = 0,
+                  ) -> tuple[dict[int, np.ndarray], dict[int, np.ndarray]]:
     """Pooled (N, D) hidden states after each 1-based block in `layers`, and full tokens of the first images.
 
     Inputs: z = (mean + std·ε')·scale + shift from the stored moments, x_t = α(t)·z + σ(t)·ε on the model's
@@ -109,17 +151,18 @@ def hidden_states(lm: LoadedModel, moments: np.ndarray, labels: np.ndarray, *, l
     check(moments.shape[2] == model.input_size,
           f"manifest field 'latent' is {moments.shape[2]}x{moments.shape[3]}, model expects input_size "
           f"{model.input_size} (a different resolution?)")
-    if len(labels):
+    if not null_label and len(labels):
         check(0 <= int(labels.min()) and int(labels.max()) < model.num_classes,
-              f"manifest labels span [{int(labels.min())}, {int(labels.max())}], model has {model.num_classes} classes")
+              f"manifest labels span [{int(labels.min())}, {int(labels.max())}] but the model has "
+              f"{model.num_classes} classes (use --label null)")
     if null_label:
         check(model.y_embedder.embedding_table.num_embeddings > model.num_classes,
-              "--label null needs a model trained with label dropout (no null class in this checkpoint)")
+              "this checkpoint has no null class (trained without label dropout): pass --label real")
     alpha, sigma, _, _ = alpha_sigma(torch.tensor(float(t), dtype=torch.float64), lm.path)
     pooled: dict[int, list[torch.Tensor]] = {i: [] for i in layers}
     tokens: dict[int, list[torch.Tensor]] = {i: [] for i in layers}
     last = max(layers)
-    seen = [0]  # images of the current batch already stored as full tokens
+    seen = [0]  # index of the current batch's first image: full tokens are kept for images < keep_tokens
 
     def hook_for(layer: int):
         def hook(_module, _inp, out):

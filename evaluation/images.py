@@ -5,6 +5,7 @@ order, decoding PNG/JPEG in a thread pool (PIL releases the GIL while it decodes
 """
 from __future__ import annotations
 
+import contextlib
 import hashlib
 import io
 import zipfile
@@ -54,7 +55,7 @@ class ImageSet:
     def batches(self, batch_size: int, num_workers: int = 4) -> Iterator[np.ndarray]:
         """uint8 (B, H, W, 3) batches in file order."""
         if self.kind == "npz":
-            yield from _npz_batches(self.path, self.count, batch_size)
+            yield from _prefetch(_npz_batches(self.path, self.count, batch_size), depth=4)
             return
         assert self.decode is not None
         chunks = (self.items[i:i + batch_size] for i in range(0, self.count, batch_size))
@@ -70,6 +71,38 @@ class ImageSet:
             finally:
                 for f in pending:
                     f.cancel()
+
+
+def _prefetch(gen: Iterator[np.ndarray], depth: int) -> Iterator[np.ndarray]:
+    """Run `gen` in a background thread, `depth` items ahead (the zip read overlaps the forward pass)."""
+    import queue
+    import threading
+    q: queue.Queue = queue.Queue(maxsize=depth)
+    stop = threading.Event()
+    done = object()
+
+    def fill():
+        try:
+            for item in gen:
+                if stop.is_set():
+                    return
+                q.put(item)
+            q.put(done)
+        except BaseException as e:  # noqa: BLE001 - handed to the consumer, raised there
+            q.put(e)
+    t = threading.Thread(target=fill, name="npz-reader", daemon=True)
+    t.start()
+    try:
+        while (item := q.get()) is not done:
+            if isinstance(item, BaseException):
+                raise item
+            yield item
+    finally:
+        stop.set()
+        while t.is_alive():  # unblock a producer waiting on a full queue
+            with contextlib.suppress(queue.Empty):
+                q.get_nowait()
+            t.join(0.01)
 
 
 # ---- decoding ---------------------------------------------------------------------------------------------
@@ -154,7 +187,7 @@ def _npz_batches(path: Path, count: int, batch_size: int) -> Iterator[np.ndarray
         per = int(np.prod(shape[1:]))
         for i in range(0, count, batch_size):
             n = min(batch_size, count - i)
-            buf = f.read(n * per)
+            buf = bytearray(f.read(n * per))  # writable: torch refuses to wrap read-only memory
             if len(buf) != n * per:
                 raise UserError(f"{path}: 'arr_0' ends early at image {i} (truncated file?)")
             yield np.frombuffer(buf, np.uint8).reshape(n, *shape[1:])  # (B, H, W, 3)

@@ -123,18 +123,16 @@ def _check_out(path: Path, what: str) -> None:
         raise UserError(f"{what} {path} is a folder, expected a file name")
 
 
-def _reference_stats(path: Path, images, model, cfg: EvalConfig) -> tuple[dict[str, np.ndarray] | None, str]:
-    """Stored statistics of a reference .npz if they apply to these weights, with the reason."""
+def _load_reference_stats(path: Path) -> tuple[dict[str, np.ndarray], str | None]:
+    """A reference .npz's stored statistics (validated before any work) and the weights tag, if any."""
     from .images import load_npz_arrays
     from .inception import POOL_DIM, SPATIAL_DIM
     arrays = load_npz_arrays(path, [*STAT_SHAPES, WEIGHTS_TAG])
     stats = {k: v for k, v in arrays.items() if k in STAT_SHAPES}
-    if not stats:
-        return None, "computed (the .npz stores no statistics)"
     for a, b in (("mu", "sigma"), ("mu_s", "sigma_s")):
         if (a in stats) != (b in stats):
-            raise UserError(f"reference {path} has '{a if a in stats else b}' without "
-                            f"'{b if a in stats else a}'; both or neither are required")
+            have, lack = (a, b) if a in stats else (b, a)
+            raise UserError(f"reference {path} has '{have}' without '{lack}'; both or neither are required")
     dims = {"d": POOL_DIM, "s": SPATIAL_DIM}
     for k, v in stats.items():
         want = tuple(dims[c] for c in STAT_SHAPES[k])
@@ -142,13 +140,21 @@ def _reference_stats(path: Path, images, model, cfg: EvalConfig) -> tuple[dict[s
             raise UserError(f"reference {path}: '{k}' has shape {list(v.shape)} dtype {v.dtype}, expected finite "
                             f"floats of shape {list(want)}")
     tag = str(arrays[WEIGHTS_TAG]) if WEIGHTS_TAG in arrays else None
+    return {k: v.astype(np.float64) for k, v in stats.items()}, tag
+
+
+def _use_stored_stats(stats: dict[str, np.ndarray], tag: str | None, model, cfg: EvalConfig
+                      ) -> tuple[dict[str, np.ndarray] | None, str]:
+    """Stored statistics if they apply to these weights, with the reason either way."""
+    if not stats:
+        return None, "computed (the .npz stores no statistics)"
     if cfg.recompute_reference_stats:
         return None, "computed (--recompute-reference-stats)"
     if tag is None and not model.comparable:
         return None, "computed (stored statistics come from the TF Inception, not these random weights)"
     if tag is not None and tag != model.cache_id:
         return None, f"computed (stored statistics were made with other weights: {tag[:16]})"
-    return {k: v.astype(np.float64) for k, v in stats.items()}, "npz"
+    return stats, "npz"
 
 
 def _open_inputs(cfg: EvalConfig):
@@ -199,6 +205,7 @@ def main(argv: Sequence[str] | None = None) -> int:
     if cfg.write_reference:
         _check_out(Path(cfg.write_reference).expanduser(), "--write-reference")
     samples, ref = _open_inputs(cfg)
+    ref_stats, ref_tag = _load_reference_stats(ref.path) if ref.kind == "npz" else ({}, None)
     device = _device(cfg.device)
 
     from .features import compute_activations
@@ -210,12 +217,10 @@ def main(argv: Sequence[str] | None = None) -> int:
     kw = dict(batch_size=cfg.batch_size, num_workers=cfg.num_workers, cache_dir=cache_dir, progress=cfg.progress)
 
     ref_acts = compute_activations(ref, model, desc="reference", **kw)
-    stored, stats_source = (None, "computed")
-    if ref.kind == "npz":
-        stored, stats_source = _reference_stats(ref.path, ref, model, cfg)
-        if stored is not None:
-            for k, v in stored.items():
-                setattr(ref_acts, k, v)
+    stored, stats_source = _use_stored_stats(ref_stats, ref_tag, model, cfg)
+    if stored is not None:
+        for k, v in stored.items():
+            setattr(ref_acts, k, v)
     if cfg.write_reference:
         _write_reference(Path(cfg.write_reference).expanduser(), ref, ref_acts, model, cfg)
     if samples is None:
@@ -223,8 +228,9 @@ def main(argv: Sequence[str] | None = None) -> int:
 
     smp_acts = compute_activations(samples, model, desc="samples", **kw)
     t0 = time.perf_counter()
-    metrics = {"fid": _fid(smp_acts, ref_acts, stored is None, "pool", "mu", "sigma"),
-               "sfid": _fid(smp_acts, ref_acts, stored is None, "spatial", "mu_s", "sigma_s"),
+    stored = stored or {}
+    metrics = {"fid": _fid(smp_acts, ref_acts, "mu" not in stored, "pool", "mu", "sigma"),
+               "sfid": _fid(smp_acts, ref_acts, "mu_s" not in stored, "spatial", "mu_s", "sigma_s"),
                "is": inception_score(smp_acts.logits, split_size=cfg.is_split)}
     t_fid = time.perf_counter() - t0
     t0 = time.perf_counter()

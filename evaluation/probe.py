@@ -81,7 +81,8 @@ def linear_probe(train_x, train_y, test_x, test_y, num_classes: int, cfg: ProbeC
     xte = torch.as_tensor(np.asarray(test_x), dtype=torch.float32).to(dev)
     yte = torch.as_tensor(np.asarray(test_y), dtype=torch.int64).to(dev)
     if xtr.ndim != 2 or len(xtr) != len(ytr) or len(xte) != len(yte):
-        raise ValueError(f"probe inputs mismatch: train {tuple(xtr.shape)}/{len(ytr)}, test {tuple(xte.shape)}/{len(yte)}")
+        raise ValueError(f"probe inputs mismatch: train {tuple(xtr.shape)}/{len(ytr)}, "
+                         f"test {tuple(xte.shape)}/{len(yte)}")
     if len(xtr) < 2:
         raise ValueError(f"the probe needs at least 2 training samples, got {len(xtr)}")
     gen = torch.Generator().manual_seed(cfg.seed)

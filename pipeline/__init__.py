@@ -1,0 +1,1 @@
+"""Pipeline stage: ImageNet (ImageFolder or WebDataset) -> VAE moments + encoder tokens in WebDataset shards, on Ray."""

@@ -57,7 +57,7 @@ def build_parser() -> argparse.ArgumentParser:
     mo.add_argument("--encoders", default="dinov2-vit-b",
                     help=f"comma list of NAME or NAME=PATH; names: {', '.join(sorted(ENCODERS))}")
     mo.add_argument("--hflip", action="store_true", help="also store horizontally flipped twins (*.flip.npy)")
-    mo.add_argument("--feature-dtype", default="float16", choices=("float16", "bfloat16", "float32"),
+    mo.add_argument("--feature-dtype", default="float16", choices=("float16", "float32"),
                     help="dtype of the stored encoder tokens (latent moments are always float32)")
     ru = e.add_argument_group("execution")
     ru.add_argument("--batch-size", type=_count, default=64, help="images per encoder forward pass")

@@ -18,7 +18,7 @@ from .worker import EncodeConfig, ShardEncoder, cpu_threads_default, decode_shar
 from .writer import assemble_manifest, clean_tmp, fingerprint, plan_shards, shard_done
 
 RESOLUTIONS = (256, 512)
-FEATURE_DTYPES = ("float16", "bfloat16", "float32")
+FEATURE_DTYPES = ("float16", "float32")  # .npy has no bfloat16
 
 
 @dataclass(kw_only=True)
@@ -84,14 +84,13 @@ def run_extract(cfg: ExtractConfig) -> Path:
           file=sys.stderr)
     if pending:
         _run_ray(cfg, out, fp, pending, total=len(items))
-    from . import __name__ as pkg
     m = assemble_manifest(out, plans, name=cfg.name or f"{Path(cfg.source).resolve().name}{cfg.resolution}-features",
                           classes=listing.classes,
                           preprocess={"resolution": cfg.resolution, "crop": "adm-center", "hflip": cfg.hflip,
                                       "source": listing.kind, "limit": cfg.limit},
                           extra_skipped=listing.skipped,
-                          created_by={"version": _version(), "command": " ".join([f"python -m {pkg}"] + sys.argv[1:]),
-                                      "config": asdict(cfg)})
+                          created_by={"version": _version(), "config": asdict(cfg),
+                                      "command": " ".join(["python -m pipeline extract", *sys.argv[2:]])})
     if cfg.verify:
         load_manifest(out, verify=True)
     return m.path
@@ -141,8 +140,10 @@ def _run_ray(cfg: ExtractConfig, out: Path, fp: str, pending, total: int) -> Non
     rows = [{"shard": p.index, "resolution": cfg.resolution, "items": json.dumps([it.to_dict() for it in p.items])}
             for p in pending]
     ds = ray.data.from_items(rows, override_num_blocks=len(rows))  # one block per shard: parallel decode tasks
-    # A remote-args fn keeps Ray from fusing decode into the actor: decode stays in CPU tasks that overlap encode.
-    ds = ds.map(decode_shard, ray_remote_args_fn=_decode_task_args)
+    # Reserve memory for one shard of crops (+ a copy). The distinct remote args also keep Ray from fusing decode
+    # into the actor, so decoding stays in CPU tasks that run while the actor encodes earlier shards.
+    decode_mem = 2 * cfg.shard_size * cfg.resolution ** 2 * 3 + (256 << 20)  # + the worker itself
+    ds = ds.map(decode_shard, num_cpus=1, memory=decode_mem)
     ds = ds.map_batches(ShardEncoder, fn_constructor_kwargs={"cfg": enc_cfg.to_dict()}, batch_size=1,
                         batch_format="numpy", compute=ray.data.ActorPoolStrategy(size=actors),
                         num_gpus=1 if n_gpu else 0, num_cpus=1 if n_gpu else threads)
@@ -166,10 +167,6 @@ def _run_ray(cfg: ExtractConfig, out: Path, fp: str, pending, total: int) -> Non
     dt = max(time.time() - t0, 1e-9)
     print(f"encoded {n_new} images in {dt:.1f}s ({n_new / dt:.1f} img/s on {actors} actor(s)), "
           f"skipped {n_skip}", file=sys.stderr)
-
-
-def _decode_task_args() -> dict:
-    return {"num_cpus": 1}
 
 
 def _find_user_error(e: BaseException) -> UserError | None:

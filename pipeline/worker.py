@@ -60,7 +60,8 @@ class ShardEncoder:
     def __init__(self, cfg: dict):
         import torch
 
-        from .encoders import load_encoder, load_vae, vae_meta
+        from .encoders import load_encoder, load_vae, vae_meta, vae_moments
+        self.vae_moments = vae_moments
         self.cfg = EncodeConfig(**cfg)
         self.torch = torch
         self.device = torch.device("cuda" if torch.cuda.is_available() else "cpu")
@@ -92,11 +93,11 @@ class ShardEncoder:
         for i in range(0, len(crops), bs):  # fixed sub-batches from the shard start: same numerics every run
             x = torch.from_numpy(crops[i:i + bs]).to(self.device, non_blocking=True)  # (b, R, R, 3) uint8
             with torch.inference_mode(), torch.autocast("cuda", dtype=torch.bfloat16, enabled=self.autocast):
-                from .encoders import vae_moments
-                out["latent"].append(vae_moments(self.vae, x).float().cpu().numpy())
+                out["latent"].append(self.vae_moments(self.vae, x).float().cpu().numpy())
                 for enc in self.encoders:
-                    tok = enc(x).float().cpu().numpy()  # (b, T, D)
-                    out[enc.name].append(tok.astype(self.cfg.feature_dtype))
+                    # Cast on the device (round-to-nearest-even, as numpy would) to halve the copy to the host.
+                    tok = enc(x).to(getattr(torch, self.cfg.feature_dtype)).cpu().numpy()  # (b, T, D)
+                    out[enc.name].append(tok)
         return {k: np.concatenate(v) for k, v in out.items()}
 
     def __call__(self, batch: dict[str, np.ndarray]) -> dict[str, list]:

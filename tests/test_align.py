@@ -76,18 +76,40 @@ def test_matches_explicit_loops(n, k, noise, seed):
     assert cknna_dense(a, b, k) == pytest.approx(want, abs=1e-10)
 
 
-def test_hand_computed_case():
-    """Five points on a circle vs a reordering of them: every quantity worked out in the loops above.
+def _unit_circle(degrees: list[float]) -> torch.Tensor:
+    t = torch.tensor([math.radians(x) for x in degrees], dtype=torch.float64)
+    return torch.stack([t.cos(), t.sin()], 1)
 
-    A's 1-NN graph pairs each angle with its neighbours; B swaps two points so some mutual neighbours vanish.
+
+def test_hand_computed_case():
+    """n=4, k=1, worked out on paper.
+
+    A at 0°, 10°, 90°, 100°: 1-NN 0→1, 1→0, 2→3, 3→2, every masked kernel value a = cos10°.
+    B at 0°, 30°, 50°, 75°: 1-NN 0→1, 1→2, 2→1, 3→2 (L01 = cos30°, L12 = cos20°, L32 = cos25°).
+    Mutual mask: (0,1) and (3,2) only. With n=4: HSIC = [tr + ΣK·ΣL/6 − 1ᵀKL1] / 4.
+      cross: tr = 0 (no transposed partners), 1ᵀKL1 = 0, so HSIC = 2a(L01+L32)/6/4 = a(L01+L32)/12.
+      A self: tr = 4a², ΣΣ = 16a², 1ᵀKK1 = 4a²  ->  (4a² + 16a²/6 − 4a²)/4 = 2a²/3.
+      B self: tr = 2L12², S = L01+2L12+L32, 1ᵀLL1 = L12·S  ->  (2L12² + S²/6 − L12·S)/4.
     """
-    ang = torch.tensor([0.0, 0.3, 0.7, 1.6, 2.9, 4.0], dtype=torch.float64)
-    a = torch.stack([ang.cos(), ang.sin()], 1)
-    b = a[[0, 1, 2, 3, 5, 4]]  # points 4 and 5 trade places in B
+    a = math.cos(math.radians(10))
+    l01, l12, l32 = (math.cos(math.radians(x)) for x in (30, 20, 25))
+    s = l01 + 2 * l12 + l32
+    want = (a * (l01 + l32) / 12) / math.sqrt(2 * a * a / 3 * (2 * l12 ** 2 + s * s / 6 - l12 * s) / 4)
+    assert want == pytest.approx(0.484717788870, abs=1e-11)
+    A, B = _unit_circle([0, 10, 90, 100]), _unit_circle([0, 30, 50, 75])
+    assert cknna(A, B, k=1) == pytest.approx(want, abs=1e-12)
+    assert cknna_dense(A, B, k=1) == pytest.approx(want, abs=1e-12)
+    assert _loop_cknna(A, B, 1) == pytest.approx(want, abs=1e-12)
+    # identical spaces: the mutual mask is each space's own k-NN mask, so the ratio is exactly 1
+    assert cknna(A, A * 5, k=2) == pytest.approx(1.0, abs=1e-12)
+
+
+def test_swapped_points_match_loops():
+    """Six points on a circle vs the same with two points traded: partial neighbour agreement, k = 1..3."""
+    a = _unit_circle([0, 17, 40, 92, 166, 229])
+    b = a[[0, 1, 2, 3, 5, 4]]
     for k in (1, 2, 3):
         assert cknna(a, b, k) == pytest.approx(_loop_cknna(a, b, k), abs=1e-12)
-    # identical spaces: the mutual mask is each space's own k-NN mask, so the ratio is exactly 1
-    assert cknna(a, a, 2) == pytest.approx(1.0, abs=1e-12)
 
 
 def test_unbiased_hsic_is_the_u_statistic():

@@ -2,7 +2,6 @@
 from __future__ import annotations
 
 import json
-from pathlib import Path
 
 import numpy as np
 import pytest
@@ -79,6 +78,17 @@ def _run(argv: list[str], capsys) -> tuple[int, str]:
     return rc, capsys.readouterr().err
 
 
+@pytest.mark.slow
+def test_on_pipeline_features(setup, tiny_features, capsys, tmp_path):
+    """The real `pipeline extract` output (tiny presets): second encoder field, all images, PCA maps."""
+    rc, err = _run(["--ckpt", str(setup["export"]), "--manifest", str(tiny_features), "--encoder", "tiny-siglip",
+                    "--out", str(tmp_path), "--pca", "--pca-images", "2", "--epochs", "2", "--device", "cpu"], capsys)
+    assert rc == 0, err
+    rep = json.loads((tmp_path / "alignment.json").read_text())
+    assert rep["encoder"] == "tiny-siglip" and rep["num_images"] == load_manifest(tiny_features).num_samples
+    assert all(-1 <= r["cknna"] <= 1 for r in rep["layers"]) and (tmp_path / "pca/layer-04.png").is_file()
+
+
 def test_hooks_match_manual_forward(setup):
     """Pooled hook outputs equal a hand-run of the blocks on the same noisy input, and are batch-size free."""
     from evaluation.align_data import read_align_data
@@ -107,16 +117,57 @@ def test_hooks_match_manual_forward(setup):
     assert np.allclose(tokens[3][0], x[0].numpy(), atol=1e-5)
 
 
+def test_null_label_hides_the_class(setup):
+    """With the null class the hidden states do not depend on the label; with real labels they do (adaLN leak)."""
+    from evaluation.align_data import read_align_data
+    from evaluation.align_model import LoadedModel, hidden_states
+    data = read_align_data(load_manifest(setup["feat"]), "tiny-dinov2", 8, seed=0)
+    lm = LoadedModel(model=setup["model"], name="SiT-Debug/2", path="linear", depth=4, step=None)
+    kw = dict(layers=[4], t=0.5, scale=data.scale, shift=data.shift, seed=0, device=torch.device("cpu"),
+              batch_size=8)
+    other = (data.labels + 1) % 4
+    null_a, _ = hidden_states(lm, data.moments, data.labels, null_label=True, **kw)
+    null_b, _ = hidden_states(lm, data.moments, other, null_label=True, **kw)
+    real_a, _ = hidden_states(lm, data.moments, data.labels, **kw)
+    real_b, _ = hidden_states(lm, data.moments, other, **kw)
+    assert np.array_equal(null_a[4], null_b[4])
+    assert not np.allclose(real_a[4], real_b[4], atol=1e-4)
+
+
 def test_official_bare_state_dict(setup, capsys, tmp_path):
-    """A bare state dict needs the model flags; the wrong model is a one-line error naming the flag."""
+    """A bare state dict (official last.pt) has no config: the model is detected from its shapes, or named."""
     argv = ["--ckpt", str(setup["bare"]), "--manifest", str(setup["feat"]), "--out", str(tmp_path / "o"),
-            "--skip-probe", "--layers", "2,4", "--num-images", "20"]
-    rc, err = _run(argv + ["--model", "SiT-Debug/2", "--encoder-depth", "2", "--device", "cpu"], capsys)
+            "--skip-probe", "--layers", "2,4", "--num-images", "20", "--device", "cpu"]
+    rc, err = _run(argv, capsys)
     assert rc == 0, err
     rep = json.loads((tmp_path / "o/alignment.json").read_text())
+    assert rep["checkpoint"]["model"] == "SiT-Debug/2" and rep["checkpoint"]["path_type"] == "linear"
     assert [r["layer"] for r in rep["layers"]] == [2, 4] and "probe_top1" not in rep["layers"][0]
-    rc, err = _run(argv + ["--device", "cpu"], capsys)  # defaults to SiT-XL/2
-    assert rc == 2 and "does not fit SiT-XL/2" in err and "--model" in err
+    rc, err = _run(argv + ["--model", "SiT-Debug/2", "--encoder-depth", "2"], capsys)
+    assert rc == 0, err
+    rc, err = _run(argv + ["--model", "SiT-B/2"], capsys)
+    assert rc == 2 and "does not fit SiT-B/2" in err and "--model" in err, err
+
+
+def test_weights_choice(setup, capsys, tmp_path):
+    """A training checkpoint holds raw and EMA weights; --weights picks one, an export has only EMA."""
+    cfg = {"model": "SiT-Debug/2", "model_kwargs": MODEL_KWARGS, "path": "linear"}
+    ckpt = tmp_path / "0000005.pt"
+    torch.save({"model": _tiny_model(1).state_dict(), "ema": setup["model"].state_dict(), "config": cfg,
+                "step": 5}, ckpt)
+    argv = ["--manifest", str(setup["feat"]), "--skip-probe", "--num-images", "20", "--device", "cpu"]
+    res = {}
+    for w in ("ema", "model"):
+        rc, err = _run(argv + ["--ckpt", str(ckpt), "--weights", w, "--out", str(tmp_path / w)], capsys)
+        assert rc == 0, err
+        res[w] = [r["cknna"] for r in json.loads((tmp_path / w / "alignment.json").read_text())["layers"]]
+    rc, err = _run(argv + ["--ckpt", str(setup["export"]), "--out", str(tmp_path / "e")], capsys)
+    assert rc == 0, err
+    exported = [r["cknna"] for r in json.loads((tmp_path / "e/alignment.json").read_text())["layers"]]
+    assert res["ema"] == exported and res["model"] != res["ema"]
+    rc, err = _run(argv + ["--ckpt", str(setup["export"]), "--weights", "model", "--out", str(tmp_path / "x")],
+                   capsys)
+    assert rc == 2 and "--weights model" in err
 
 
 def test_user_errors(setup, capsys, tmp_path):

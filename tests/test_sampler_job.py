@@ -3,9 +3,9 @@ from __future__ import annotations
 
 import argparse
 import errno
-import io
 import os
 import signal
+import socket
 import subprocess
 import sys
 import tarfile
@@ -75,7 +75,7 @@ def ckpts(tmp_path_factory) -> dict[str, Path]:
             "official": root / "official.pt", "bare": root / "last.pt", "legacy": root / "legacy.pt", "sd": sd}
 
 
-def sample(ckpt, out, *extra: str, capsys=None) -> int:
+def sample(ckpt, out, *extra: str) -> int:
     return run_cli(job.main, ["--ckpt", str(ckpt), "--out", str(out), *FAST, *extra])
 
 
@@ -92,11 +92,21 @@ def images(out: Path) -> dict[int, tuple[np.ndarray, int]]:
     return got
 
 
-def same_images(a: dict, b: dict) -> None:
+def same_images(a: dict, b: dict, exact: bool = True) -> None:
+    """Same labels; images byte-equal, or (exact=False) equal up to float rounding of batched matmuls.
+
+    Labels and noise are bit-identical for any batch cut (per-sample generators), but a float32 GEMM's
+    rounding depends on the number of rows (3.6e-7 on SiT-Debug here), so a pixel can land one uint8 level
+    off after truncation. We allow that on < 1% of values and never more than 2 levels.
+    """
     assert a.keys() == b.keys()
     for i in a:
         assert a[i][1] == b[i][1], f"label of {i}"
-        assert np.array_equal(a[i][0], b[i][0]), f"image {i}"
+        if exact:
+            assert np.array_equal(a[i][0], b[i][0]), f"image {i}"
+        else:
+            d = np.abs(a[i][0].astype(int) - b[i][0].astype(int))
+            assert d.max() <= 2 and (d > 0).mean() < 0.01, (i, d.max(), (d > 0).mean())
 
 
 @pytest.fixture(scope="module")
@@ -128,18 +138,30 @@ def test_outputs_and_manifest(reference):
     assert all(0 <= c < 4 for _, c in imgs.values())
 
 
-def test_batch_size_and_layouts_do_not_change_images(ckpts, reference, tmp_path):
-    """Batch 3 instead of 8, the export instead of the .pt, an official dict, a bare and a legacy file."""
-    for name, ckpt, extra in [("b3", ckpts["train"], []), ("export", ckpts["export"], []),
+def test_layouts_give_the_same_images(ckpts, reference, tmp_path):
+    """The export, an official dict, a bare state dict and a legacy file give byte-identical images."""
+    for name, ckpt, extra in [("export", ckpts["export"], []),
                               ("official", ckpts["official"], ["--vae", "tiny-vae", "--projector-embed-dims", "64"]),
                               ("bare", ckpts["bare"], ["--vae", "tiny-vae", "--model", "SiT-Debug/2",
                                                        "--encoder-depth", "2", "--projector-embed-dims", "64",
                                                        "--resolution", "64", "--num-classes", "4"]),
                               ("legacy", ckpts["legacy"], ["--vae", "tiny-vae", "--projector-embed-dims", "64"])]:
         out = tmp_path / name
-        assert sample(ckpt, out, "--num-samples", "8", "--batch-size", "3", "--cfg-scale", "2",
+        assert sample(ckpt, out, "--num-samples", "8", "--batch-size", "8", "--cfg-scale", "2",
                       "--guidance-high", "0.7", *extra) == 0, name
         same_images(images(out), reference["images"])
+
+
+def test_batch_size_does_not_change_images(ckpts, reference, tmp_path):
+    """Batch 3 instead of 8: the same labels and noise, hence the same images (up to GEMM rounding)."""
+    out = tmp_path / "b3"
+    assert sample(ckpts["train"], out, "--num-samples", "8", "--batch-size", "3", "--cfg-scale", "2",
+                  "--guidance-high", "0.7") == 0
+    same_images(images(out), reference["images"], exact=False)
+    cfg = job.parse(["--ckpt", "x", "--out", "y", "--seed", "5"])
+    n8, y8, _ = job.draw_inputs(cfg, range(0, 8), (4, 8, 8), 4, None)
+    parts = [job.draw_inputs(cfg, range(a, b), (4, 8, 8), 4, None) for a, b in ((0, 3), (3, 6), (6, 8))]
+    assert torch.equal(n8, torch.cat([p[0] for p in parts])) and torch.equal(y8, torch.cat([p[1] for p in parts]))
 
 
 def test_official_loader(ckpts):
@@ -171,7 +193,7 @@ def test_foreign_pickle_refused(ckpts, tmp_path, capsys):
     err = capsys.readouterr().err.strip().splitlines()
     assert err[-1].startswith("error: ") and "posix.system" in err[-1] and "not allowed" in err[-1], err
     assert not (Path.cwd() / "PWNED").exists() and not (tmp_path / "PWNED").exists()
-    other = tmp_path / "counter.pt"  # a harmless but unlisted class is refused too: the allowlist is exact
+    other = tmp_path / "path.pt"  # a harmless but unlisted class is refused too: the allowlist is exact
     torch.save({"ema": ckpts["sd"], "args": Path("x")}, other)
     assert sample(other, tmp_path / "o") == 2
     assert "pathlib" in capsys.readouterr().err
@@ -199,6 +221,14 @@ def test_bad_inputs(ckpts, tmp_path, capsys):
     (tmp_path / "file").write_text("x")
     _user_error(capsys, sample(ckpts["train"], tmp_path / "file" / "sub"), "not writable", "file")
     _user_error(capsys, sample(ckpts["train"], out, "--model", "SiT-B/2"), "contradicts")
+    _user_error(capsys, sample(ckpts["official"], out, "--model", "SiT-Foo/2"), "unknown model", "SiT-Foo/2")
+    _user_error(capsys, sample(ckpts["train"], out, "--vae", "nope"), "unknown VAE", "nope")
+    cfg = {**run_config(), "model": "SiT-S/2"}  # weights of one size, config of another
+    torch.save({"ema": ckpts["sd"], "step": 1, "config": cfg}, tmp_path / "size.pt")
+    _user_error(capsys, sample(tmp_path / "size.pt", out), "does not fit SiT-S/2", "size.pt")
+    nan = {k: (v.clone().fill_(float("nan")) if k == "final_layer.linear.bias" else v) for k, v in ckpts["sd"].items()}
+    torch.save({"ema": nan, "step": 1, "config": run_config()}, tmp_path / "nan.pt")
+    _user_error(capsys, sample(tmp_path / "nan.pt", out, "--num-samples", "2"), "non-finite", "0..1")
     (tmp_path / "junk.pt").write_bytes(b"not a checkpoint")
     _user_error(capsys, sample(tmp_path / "junk.pt", out), "junk.pt")
     assert not out.exists() or not (out / "manifest.json").exists()
@@ -221,6 +251,10 @@ def test_balanced(ckpts, tmp_path):
     assert sample(ckpts["train"], out, "--num-samples", "12", "--balanced", "--steps", "1", "--mode", "ode") == 0
     labels = [c for _, c in images(out).values()]
     assert np.bincount(labels, minlength=4).tolist() == [3, 3, 3, 3]
+    out = tmp_path / "bf16"  # bf16 autocast runs (on CPU too) and gives the same labels
+    assert sample(ckpts["train"], out, "--num-samples", "12", "--balanced", "--steps", "1", "--mode", "ode",
+                  "--precision", "bf16") == 0
+    assert [c for _, c in images(out).values()] == labels
 
 
 def _fail_write(*args, **kwargs):
@@ -258,33 +292,44 @@ def _cmd(ckpt: Path, out: Path, *extra: str) -> list[str]:
 def test_two_processes(ckpts, reference, tmp_path):
     """torchrun with 2 CPU ranks (gloo): disjoint, complete indices and the same images as one process."""
     out = tmp_path / "ddp"
-    p = run_module("torch.distributed.run", "--nproc-per-node", "2", "--master-port", str(29500 + os.getpid() % 1000),
-                   "-m", *_cmd(ckpts["train"], out), timeout=300)
+    with socket.socket() as sock:  # a free port, so parallel test runs don't collide
+        sock.bind(("127.0.0.1", 0))
+        port = sock.getsockname()[1]
+    p = run_module("torch.distributed.run", "--nproc-per-node", "2", "--master-addr", "127.0.0.1",
+                   "--master-port", str(port), "-m", *_cmd(ckpts["train"], out), timeout=300)
     assert p.returncode == 0, p.stderr[-3000:]
-    same_images(images(out), reference["images"])
+    same_images(images(out), reference["images"], exact=False)  # each rank's batches hold 4, not 8
     # Both ranks worked: shard 0 (rank 0) and shard 1 (rank 1) exist, each listed once.
     assert [s.url for s in load_manifest(out).shardlist] == ["shards/samples-000000.tar", "shards/samples-000001.tar"]
 
 
 @pytest.mark.slow
 def test_sigkill_then_rerun(ckpts, reference, tmp_path):
-    """SIGKILL after shard 0's tar is in place but before its sidecar; the re-run redoes it: each index once."""
+    """SIGKILL after shard 1's tar is in place but before its sidecar (shard 0 is finished).
+
+    The re-run keeps shard 0 untouched, redoes shard 1 byte for byte, and every index exists exactly once.
+    """
     out = tmp_path / "killed"
-    env = {**os.environ, "OMP_NUM_THREADS": "1", job.PAUSE_ENV: "0:60"}
-    proc = subprocess.Popen([sys.executable, "-m", *_cmd(ckpts["train"], out, "--shard-size", "2")], cwd=REPO,
-                            env=env, stdout=subprocess.DEVNULL, stderr=subprocess.PIPE)
-    tar = out / "shards" / "samples-000000.tar"
-    deadline = time.time() + 120
-    while not tar.exists() and time.time() < deadline and proc.poll() is None:
+    cmd = _cmd(ckpts["train"], out, "--shard-size", "2")
+    env = {**os.environ, "OMP_NUM_THREADS": "1", job.PAUSE_ENV: "1:120"}
+    proc = subprocess.Popen([sys.executable, "-m", *cmd], cwd=REPO, env=env, stdout=subprocess.DEVNULL,
+                            stderr=subprocess.PIPE)
+    shards = out / "shards"
+    deadline = time.time() + 180
+    while not (shards / "samples-000001.tar").exists() and time.time() < deadline and proc.poll() is None:
         time.sleep(0.05)
-    assert tar.exists(), proc.stderr.read().decode()[-2000:] if proc.poll() is not None else "timeout"
+    alive = proc.poll() is None
     proc.send_signal(signal.SIGKILL)
     proc.wait()
+    err = proc.stderr.read().decode()
     proc.stderr.close()
-    assert not (out / "manifest.json").exists() and not (out / "shards" / "samples-000000.json").exists()
-    before = tar.read_bytes()
-    assert run_cli(job.main, _cmd(ckpts["train"], out, "--shard-size", "2")[2:]) == 0
-    got = images(out)  # every index exactly once
-    same_images(got, reference["images"])
-    assert tar.read_bytes() == before  # the redone shard is byte-identical (deterministic)
+    assert alive and (shards / "samples-000001.tar").exists(), err[-3000:]
+    assert (shards / "samples-000000.json").exists() and not (shards / "samples-000001.json").exists()
+    assert not (out / "manifest.json").exists()
+    kept = (shards / "samples-000000.tar").stat().st_mtime_ns
+    before = (shards / "samples-000001.tar").read_bytes()
+    assert run_cli(job.main, cmd[2:]) == 0
+    same_images(images(out), reference["images"], exact=False)  # every index exactly once, same images
+    assert (shards / "samples-000000.tar").stat().st_mtime_ns == kept  # the finished shard was kept
+    assert (shards / "samples-000001.tar").read_bytes() == before  # the redone shard is byte-identical
     assert not list(out.rglob(".tmp-*"))

@@ -9,6 +9,7 @@ from pathlib import Path
 from typing import Any, Iterator
 
 import numpy as np
+import numpy.lib.format as npformat
 import torch
 
 from manifests import Manifest, UserError, atomic_write_json, check, index_shard, sanitize_key
@@ -32,6 +33,7 @@ class DataSpec:
     vae: str
     resolution: int
     classes: list[str] = field(default_factory=list)
+    enc_dtypes: list[str] = field(default_factory=list)  # stored dtype per encoder field (float16 by default)
 
 
 def resolve_fields(m: Manifest, encoders: list[str] | None, patch_size: int, hflip: bool) -> DataSpec:
@@ -46,14 +48,17 @@ def resolve_fields(m: Manifest, encoders: list[str] | None, patch_size: int, hfl
     tokens = (h // patch_size) ** 2
     if encoders is None:
         encoders = sorted(m.encoder_fields())
-    z_dims = []
+    z_dims, dtypes = [], []
     for name in encoders:
         spec = m.field(name, hint=f"--encoders {','.join(encoders)}")
         es = list(spec.get("shape", []))
         check(len(es) == 2, f"manifest field '{name}' has shape {es}, expected [tokens, dim] patch tokens")
         check(es[0] == tokens, f"manifest field '{name}' has shape {es}, model expects {tokens} tokens "
                                f"({h}x{h} latent, patch {patch_size}); choose a model with a matching patch size")
+        check(spec.get("dtype") in ("float16", "float32", "bfloat16") and spec["dtype"] != "bfloat16",
+              f"manifest field '{name}' has dtype {spec.get('dtype')}, expected float16 or float32")
         z_dims.append(int(es[1]))
+        dtypes.append(str(spec["dtype"]))
     if hflip:
         check(bool(m.preprocess.get("hflip")), f"--hflip: manifest {m.path} has no flipped twins "
                                                 f"(extract with --hflip)")
@@ -63,7 +68,27 @@ def resolve_fields(m: Manifest, encoders: list[str] | None, patch_size: int, hfl
     return DataSpec(in_channels=c2 // 2, input_size=h, num_classes=len(m.classes), encoders=list(encoders),
                     z_dims=z_dims, tokens=tokens, scale=float(vae.get("scaling_factor", 0.18215)),
                     shift=float(vae.get("shift", 0.0)), vae=str(vae.get("name", "sd-vae-ft-ema")),
-                    resolution=int(m.preprocess.get("resolution", h * 8)), classes=list(m.classes))
+                    resolution=int(m.preprocess.get("resolution", h * 8)), classes=list(m.classes),
+                    enc_dtypes=dtypes)
+
+
+_TORCH_DTYPES = {np.dtype("float16"): torch.float16, np.dtype("float32"): torch.float32}
+_EXP_MASK = {np.dtype("float16"): (np.uint16, 0x7C00), np.dtype("float32"): (np.uint32, 0x7F800000)}
+
+
+def _empty(shape: tuple[int, ...], dtype: torch.dtype) -> torch.Tensor:
+    return torch.empty(shape, dtype=dtype)
+
+
+def _shared_empty(shape: tuple[int, ...], dtype: torch.dtype) -> torch.Tensor:
+    return torch.empty(shape, dtype=dtype).share_memory_()
+
+
+def finite_rows(arr: np.ndarray) -> np.ndarray:
+    """Per leading row: True when every value is finite (exponent bits not all ones; fast for fp16 too)."""
+    uint, mask = _EXP_MASK[arr.dtype]
+    bits = arr.reshape(arr.shape[0], -1).view(uint)
+    return ~((bits & uint(mask)) == uint(mask)).any(axis=1)
 
 
 @dataclass
@@ -160,46 +185,91 @@ class FeatureBatches(torch.utils.data.Dataset):
 
     def __init__(self, index: ShardIndex, spec: DataSpec, seed: int, hflip: bool):
         self.index, self.spec, self.seed, self.hflip = index, spec, seed, hflip
+        self.enc_dtypes = [np.dtype(d) for d in spec.enc_dtypes]
         self._fds: dict[int, int] = {}
+        self._headers: dict[str, bytes] = {}
 
-    def _read(self, sid: int, ext: str) -> bytes:
+    def _fd(self, sid: int) -> int:
         si = int(self.index.shard[sid])
         fd = self._fds.get(si)
         if fd is None:  # one fd per shard and worker; pread keeps reads independent of a file position
             fd = self._fds[si] = os.open(self.index.paths[si], os.O_RDONLY)
+        return fd
+
+    def _where(self, sid: int, ext: str) -> str:
+        return f"shard {self.index.paths[int(self.index.shard[sid])]}: member '{self.index.keys[sid]}.{ext}'"
+
+    def _read(self, sid: int, ext: str) -> bytes:
         off, size = self.index.members[ext][sid]
-        data = os.pread(fd, int(size), int(off))
-        check(len(data) == size, f"shard {self.index.paths[si]}: member '{self.index.keys[sid]}.{ext}' is "
-                                 f"truncated")
+        data = os.pread(self._fd(sid), int(size), int(off))
+        if len(data) != size:
+            raise UserError(f"{self._where(sid, ext)} is truncated")
         return data
 
-    def _npy(self, sid: int, ext: str) -> np.ndarray:
-        return np.load(io.BytesIO(self._read(sid, ext)), allow_pickle=False)
+    def _read_npy_into(self, sid: int, ext: str, out: np.ndarray) -> None:
+        """Read a member's .npy header and array bytes in one syscall, the bytes straight into `out`.
+
+        Every sample of a field has the same header, so it is parsed once per field and then compared.
+        """
+        off, size = (int(v) for v in self.index.members[ext][sid])
+        fd = self._fd(sid)
+        known = self._headers.get(ext)
+        if known is None or size != len(known) + out.nbytes:
+            known = self._parse_header(fd, sid, ext, off, size, out)
+        head = bytearray(len(known))
+        got = os.preadv(fd, [head, memoryview(out).cast("B")], off)
+        if got != size or head != known:
+            self._parse_header(fd, sid, ext, off, size, out)  # names the culprit
+            raise UserError(f"{self._where(sid, ext)} is truncated or malformed")
+
+    def _parse_header(self, fd: int, sid: int, ext: str, off: int, size: int, out: np.ndarray) -> bytes:
+        head = io.BytesIO(os.pread(fd, min(size, 4096), off))
+        try:
+            version = npformat.read_magic(head)
+            read_header = npformat.read_array_header_1_0 if version == (1, 0) else npformat.read_array_header_2_0
+            shape, fortran, dtype = read_header(head)
+        except ValueError as e:
+            raise UserError(f"{self._where(sid, ext)} is not a plain .npy array ({e})") from e
+        if tuple(shape) != out.shape or dtype != out.dtype or fortran:
+            raise UserError(f"{self._where(sid, ext)} has shape {list(shape)} {dtype}, the manifest says "
+                            f"{list(out.shape)} {out.dtype}")
+        if size != head.tell() + out.nbytes:
+            raise UserError(f"{self._where(sid, ext)} has {size} bytes, expected {head.tell() + out.nbytes}")
+        self._headers[ext] = head.getvalue()[:head.tell()]
+        return self._headers[ext]
 
     def __getitem__(self, item: tuple[int, np.ndarray, np.ndarray]) -> dict[str, Any]:
         step, positions, ids = item
-        c, enc = self.spec.in_channels, self.spec.encoders
-        lat, cls, zs, bad = [], [], [[] for _ in enc], []
-        for p, sid in zip(positions, ids):
+        sp, n = self.spec, len(ids)
+        c, h = sp.in_channels, sp.input_size
+        # In a loader worker, allocate in shared memory so handing the batch over costs no copy.
+        alloc = _empty if torch.utils.data.get_worker_info() is None else _shared_empty
+        x = alloc((n, c, h, h), torch.float32)
+        zs = [alloc((n, sp.tokens, d), _TORCH_DTYPES[self.enc_dtypes[k]]) for k, d in enumerate(sp.z_dims)]
+        xn, zn = x.numpy(), [z.numpy() for z in zs]
+        moments = np.empty((2 * c, h, h), np.float32)
+        cls = []
+        for j, (p, sid) in enumerate(zip(positions, ids)):
             sid = int(sid)
             # Noise and flip come from (seed, global position): independent of workers, ranks and batching.
             rng = np.random.default_rng([self.seed, int(p), 0xDA7A])
             flip = self.hflip and bool(rng.integers(2))
-            moments = self._npy(sid, npy_ext(LATENT, flip))  # (2C, H, W)
-            mean, std = moments[:c], moments[c:2 * c]
-            eps = rng.standard_normal(mean.shape, dtype=np.float32)
-            z = (mean + std * eps) * self.spec.scale + self.spec.shift  # (C, H, W)
-            if not np.isfinite(z).all():
-                bad.append((str(self.index.keys[sid]), LATENT))
-            lat.append(z.astype(np.float32, copy=False))
+            self._read_npy_into(sid, npy_ext(LATENT, flip), moments)  # (2C, H, W): mean then std
+            eps = rng.standard_normal((c, h, h), dtype=np.float32)
+            np.multiply(moments[c:], eps, out=eps)
+            np.add(moments[:c], eps, out=eps)
+            np.multiply(eps, sp.scale, out=xn[j])
+            if sp.shift:
+                xn[j] += sp.shift  # z = (mean + std*eps)*scale + shift: (C, H, W)
             cls.append(int(self._read(sid, CLS).decode().strip()))
-            for k, name in enumerate(enc):
-                f = self._npy(sid, npy_ext(name, flip))  # (T, D)
-                if not np.isfinite(f).all():
-                    bad.append((str(self.index.keys[sid]), name))
-                zs[k].append(f)
-        return {"step": step, "x": torch.from_numpy(np.stack(lat)), "y": torch.tensor(cls, dtype=torch.int64),
-                "zs": [torch.from_numpy(np.stack(z)) for z in zs], "keys": [str(self.index.keys[int(i)]) for i in ids],
+            for k, name in enumerate(sp.encoders):
+                self._read_npy_into(sid, npy_ext(name, flip), zn[k][j])  # (T, D)
+        keys = [str(self.index.keys[int(i)]) for i in ids]
+        bad = []  # a corrupt sample is reported by the loop with the step and its key
+        for name, arr in [(LATENT, xn)] + list(zip(sp.encoders, zn)):
+            rows = ~finite_rows(arr)
+            bad += [(keys[j], name) for j in np.flatnonzero(rows)]
+        return {"step": step, "x": x, "y": torch.tensor(cls, dtype=torch.int64), "zs": zs, "keys": keys,
                 "bad": bad}
 
     def __len__(self) -> int:  # unused by the sampler-driven loader; required by Dataset users

@@ -28,10 +28,12 @@ def safe_torch_load(path: str | Path) -> Any:
         with torch.serialization.safe_globals(OFFICIAL_SAFE_GLOBALS):
             return torch.load(path, map_location="cpu", weights_only=True)
     except pickle.UnpicklingError as e:
-        m = re.search(r"Unsupported global: GLOBAL (\S+)", str(e))
-        what = f"class {m.group(1)}" if m else "an object"
-        raise UserError(f"checkpoint {path} contains a pickled {what} that is not allowed (only tensors, plain "
-                        f"containers and argparse.Namespace are unpickled); refusing to load it") from e
+        if "Weights only load failed" not in str(e):
+            raise UserError(f"checkpoint {path} is not a readable torch file (truncated or not a checkpoint?)") from e
+        m = re.search(r"GLOBAL ([\w.]+)", str(e))
+        what = m.group(1) if m else "object"
+        raise UserError(f"checkpoint {path} contains a pickled {what} that is not allowed (only tensors, "
+                        f"plain containers and argparse.Namespace are unpickled); refusing to load it") from e
     except FileNotFoundError as e:
         raise UserError(f"checkpoint not found: {path}") from e
     except IsADirectoryError as e:

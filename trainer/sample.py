@@ -30,8 +30,9 @@ from .official import check_state_dict, load_sit_weights
 from .samplers import PATHS, nfe, sample_ode, sample_sde
 
 DEFAULT_STEPS = {"sde": 250, "ode": 50}  # REPA generate.py: SDE 250 (paper), ODE 50
+DECODE_CHUNK = 32  # images per VAE decode call
 GRID_SIZE = 64  # grid.png shows the first 64 samples (8x8)
-SHARD_RE = "samples-{:06d}"
+SHARD_NAME = "samples-{:06d}"
 SIDECAR_VERSION = 1
 # Test hook (fault injection): "K:SECONDS" sleeps after shard K's tar is in place and before its sidecar,
 # so a test can SIGKILL the job at the worst moment (the shard must then be redone, not trusted).
@@ -89,32 +90,37 @@ def _nonneg(text: str) -> int:
     return v
 
 
+class _Formatter(argparse.ArgumentDefaultsHelpFormatter, argparse.RawDescriptionHelpFormatter):
+    """Defaults shown, epilog examples kept as written."""
+
+
 def build_parser() -> argparse.ArgumentParser:
-    p = _Parser(prog="python -m trainer sample", formatter_class=argparse.ArgumentDefaultsHelpFormatter,
+    p = _Parser(prog="python -m trainer sample", formatter_class=_Formatter,
                 description="Generate images from a SiT checkpoint into PNG shards and a samples manifest.",
-                epilog="example (paper, FID 1.42 setting):\n  torchrun --nproc-per-node 8 -m trainer sample "
+                epilog="example (the paper's FID 1.42 setting):\n  torchrun --nproc-per-node 8 -m trainer sample "
                        "--ckpt RUN --out samples --num-samples 50000 --mode sde --steps 250 --cfg-scale 1.8 "
-                       "--guidance-high 0.7 --precision bf16 --npz\n"
-                       "official file: --ckpt SiT-XL-2-256.pt --model SiT-XL/2 --encoder-depth 8 "
-                       "--projector-embed-dims 768")
+                       "--guidance-high 0.7 --npz\n"
+                       "an official REPA file:\n  python -m trainer sample --out samples --ckpt SiT-XL-2-256.pt "
+                       "--model SiT-XL/2 --encoder-depth 8 --projector-embed-dims 768")
     io_ = p.add_argument_group("input/output")
     io_.add_argument("--ckpt", required=True, help="our .pt / export .safetensors / run folder / official REPA file")
     io_.add_argument("--out", required=True, help="output folder (shards/, manifest.json, grid.png)")
     io_.add_argument("--npz", action="store_true", help="also write samples.npz (arr_0, N×H×W×3 uint8) for ADM")
     io_.add_argument("--shard-size", type=_count, default=1000, help="samples per tar shard (the resume unit)")
     s = p.add_argument_group("sampling")
-    s.add_argument("--num-samples", type=_count, default=50_000)
-    s.add_argument("--mode", choices=("sde", "ode"), default="sde")
+    s.add_argument("--num-samples", type=_count, default=50_000, help="images to generate (indices 0..N-1)")
+    s.add_argument("--mode", choices=("sde", "ode"), default="sde", help="Euler–Maruyama SDE or Euler/Heun ODE")
     s.add_argument("--steps", type=_count, default=None, help="default: 250 (sde) or 50 (ode)")
     s.add_argument("--heun", action="store_true", help="Heun instead of Euler (ode only)")
     s.add_argument("--cfg-scale", type=float, default=1.0, help="1 = no guidance; the paper uses 1.8")
-    s.add_argument("--guidance-low", type=float, default=0.0)
+    s.add_argument("--guidance-low", type=float, default=0.0, help="CFG applies only for low <= t <= high")
     s.add_argument("--guidance-high", type=float, default=1.0, help="the paper uses 0.7")
-    s.add_argument("--seed", type=_nonneg, default=0)
+    s.add_argument("--seed", type=_nonneg, default=0, help="sample i's label and noise come from (seed, i)")
     s.add_argument("--balanced", action="store_true", help="an equal number of samples per class")
     r = p.add_argument_group("runtime")
     r.add_argument("--batch-size", type=_count, default=64, help="per rank; does not change the images")
-    r.add_argument("--precision", choices=("fp32", "tf32", "bf16"), default="tf32")
+    r.add_argument("--precision", choices=("fp32", "tf32", "bf16"), default="tf32",
+                   help="SiT matmuls; the state stays float64 (tf32 is the reference's setting)")
     r.add_argument("--device", default=None, help="default: cuda:LOCAL_RANK if available, else cpu")
     r.add_argument("--vae", default=None, help="NAME[=PATH]; default: the checkpoint's VAE, else sd-vae-ft-ema")
     m = p.add_argument_group("model (official checkpoints; ours carry config.json)")
@@ -157,9 +163,13 @@ def load_model(cfg: SampleConfig) -> Loaded:
     conf, args = meta.get("config"), meta.get("args") or {}
     if conf is not None:  # ours: config.json decides; contradicting flags are a mistake
         name, kwargs = conf["model"], dict(conf["model_kwargs"])
+        dims = ",".join(str(d) for d in kwargs.get("z_dims", []))
         for flag, have in (("model", name), ("encoder_depth", kwargs.get("encoder_depth")),
-                           ("num_classes", kwargs.get("num_classes")), ("path", conf.get("path"))):
+                           ("num_classes", kwargs.get("num_classes")), ("path", conf.get("path")),
+                           ("resolution", conf.get("resolution")), ("projector_embed_dims", dims)):
             given = getattr(cfg, flag)
+            if flag == "projector_embed_dims" and given is not None:
+                given = ",".join(d.strip() for d in given.split(","))
             if given is not None and given != have:
                 raise UserError(f"--{flag.replace('_', '-')} {given} contradicts the checkpoint's config "
                                 f"({have}); drop the flag for our checkpoints")
@@ -250,7 +260,7 @@ def shard_ranges(num_samples: int, shard_size: int) -> list[range]:
 
 def shard_done(out: Path, k: int, fingerprint: dict[str, Any]) -> bool:
     """A shard counts only with its sidecar, the same settings, and the recorded size on disk."""
-    side, tar = out / "shards" / f"{SHARD_RE.format(k)}.json", out / "shards" / f"{SHARD_RE.format(k)}.tar"
+    side, tar = out / "shards" / f"{SHARD_NAME.format(k)}.json", out / "shards" / f"{SHARD_NAME.format(k)}.tar"
     if not side.is_file():
         return False
     rec = read_json(side, "shard sidecar")
@@ -272,9 +282,12 @@ def _first_diff(old: dict[str, Any], new: dict[str, Any]) -> str:
 @torch.no_grad()
 def decode(vae, z: torch.Tensor, scale: float, shift: float) -> np.ndarray:
     """Latents (N, C, h, w) float64 -> uint8 (N, H, W, 3), truncating as REPA generate.py does."""
-    x = vae.decode(((z.float() - shift) / scale).to(next(vae.parameters()).dtype)).sample.float()
-    x = (x + 1) / 2.0
-    return torch.clamp(255.0 * x, 0, 255).permute(0, 2, 3, 1).to("cpu", dtype=torch.uint8).numpy()
+    out = []
+    for part in z.split(DECODE_CHUNK):  # bounds the decoder's activation memory at any --batch-size
+        x = vae.decode(((part.float() - shift) / scale).to(next(vae.parameters()).dtype)).sample.float()
+        x = (x + 1) / 2.0
+        out.append(torch.clamp(255.0 * x, 0, 255).permute(0, 2, 3, 1).to("cpu", dtype=torch.uint8))
+    return torch.cat(out).numpy()
 
 
 def png_bytes(img: np.ndarray) -> bytes:
@@ -299,17 +312,20 @@ def run_shard(cfg: SampleConfig, k: int, idx: range, lm: Loaded, vae, device: to
             z = sample_sde(fn, noise.to(device), y.to(device), steps=cfg.steps, generator=gens, **kw)
         else:
             z = sample_ode(fn, noise.to(device), y.to(device), steps=cfg.steps, heun=cfg.heun, **kw)
+        if not bool(torch.isfinite(z).all()):  # one sync per batch; NaN would silently become black images
+            raise UserError(f"sampling produced non-finite latents for samples {sub.start}..{sub.stop - 1} "
+                            f"(corrupt checkpoint or overflow; try --precision fp32)")
         imgs = decode(vae, z, info["scale"], info["shift"])  # (N, H, W, 3) uint8
         samples += [{"__key__": f"sample_{i:07d}", "png": png_bytes(im), "cls": int(c)}
                     for i, im, c in zip(sub, imgs, y.tolist())]
         bar.update(len(sub))
     shards = Path(cfg.out) / "shards"
-    info_ = write_shard(shards / f"{SHARD_RE.format(k)}.tar", samples)
+    info_ = write_shard(shards / f"{SHARD_NAME.format(k)}.tar", samples)
     pause = os.environ.get(PAUSE_ENV, "")
     if pause and int(pause.split(":")[0]) == k:
         print(f"[test hook] pausing after shard {k}'s tar", file=sys.stderr, flush=True)
         time.sleep(float(pause.split(":")[1]))
-    atomic_write_json(shards / f"{SHARD_RE.format(k)}.json",
+    atomic_write_json(shards / f"{SHARD_NAME.format(k)}.json",
                       {"version": SIDECAR_VERSION, "keys": info_.keys, "sha256": info_.sha256,
                        "bytes": info_.bytes, "settings": fingerprint_of(cfg, lm)})
 
@@ -374,12 +390,21 @@ def _barrier(world: int) -> None:
 
 
 def main(argv: Sequence[str] | None = None) -> int:
-    from tqdm import tqdm
-
-    from pipeline.encoders import load_vae
     argv = list(sys.argv[1:] if argv is None else argv)
     cfg = parse(argv)
     rank, world, local = _dist()
+    try:
+        run(cfg, argv, rank, world, local)
+    finally:
+        if world > 1 and torch.distributed.is_initialized():
+            torch.distributed.destroy_process_group()
+    return 0
+
+
+def run(cfg: SampleConfig, argv: list[str], rank: int, world: int, local: int) -> None:
+    from tqdm import tqdm
+
+    from pipeline.encoders import load_vae
     out = ensure_writable_dir(cfg.out)
     set_precision(cfg.precision)
     torch.set_grad_enabled(False)
@@ -402,24 +427,22 @@ def main(argv: Sequence[str] | None = None) -> int:
     mine = pending[rank::world]
     todo = sum(len(shards[k]) for k in mine)
     calls = nfe(cfg.mode, cfg.steps, cfg.heun)
-    bar = tqdm(total=todo, unit="sample", disable=rank != 0, dynamic_ncols=True,
-               desc=f"{cfg.mode} {calls} NFE cfg {cfg.cfg_scale} (rank 0/{world})")
-    for k in mine:
-        run_shard(cfg, k, shards[k], lm, vae, device, balanced, bar)
-    bar.close()
+    with tqdm(total=todo, unit="sample", disable=rank != 0, dynamic_ncols=True,
+              desc=f"{cfg.mode} {calls} NFE cfg {cfg.cfg_scale} (rank 0/{world})") as bar:  # closed before errors print
+        for k in mine:
+            run_shard(cfg, k, shards[k], lm, vae, device, balanced, bar)
     _barrier(world)
     if rank == 0:
         finish(cfg, lm, out, shards, fp, command=" ".join(["python -m trainer sample", *argv]))
-    return 0
 
 
 def finish(cfg: SampleConfig, lm: Loaded, out: Path, shards: list[range], fp: dict[str, Any], command: str) -> None:
     """After every shard exists: grid.png, samples.npz (optional), then the manifest, last."""
     missing = [k for k in range(len(shards)) if not shard_done(out, k, fp)]
     if missing:
-        raise UserError(f"{len(missing)} shard(s) missing after sampling (first {SHARD_RE.format(missing[0])}); "
+        raise UserError(f"{len(missing)} shard(s) missing after sampling (first {SHARD_NAME.format(missing[0])}); "
                         f"did a rank fail? re-run the same command to finish")
-    paths = [out / "shards" / f"{SHARD_RE.format(k)}.tar" for k in range(len(shards))]
+    paths = [out / "shards" / f"{SHARD_NAME.format(k)}.tar" for k in range(len(shards))]
     res = lm.info["resolution"]
     write_grid(out / "grid.png", paths)
     if cfg.npz:

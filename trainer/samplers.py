@@ -23,7 +23,7 @@ def diffusion_coeff(t: float) -> float:
 
 
 def score_from_velocity(v: torch.Tensor, x: torch.Tensor, t: float, path: str = "linear") -> torch.Tensor:
-    """Score ∇log p_t(x) from the velocity: with x = αx₀ + σε and v = α'x₀ + σ'ε, eliminate x₀ and use s = −ε/σ."""
+    """Score ∇log p_t(x) from the velocity: x = αx₀ + σε, v = α'x₀ + σ'ε; eliminate x₀, then s = −ε/σ."""
     from .transport import alpha_sigma  # the same α, σ as the training loss
     coeffs = alpha_sigma(torch.tensor([t], dtype=torch.float64), path)
     alpha, sigma, d_alpha, d_sigma = (float(torch.as_tensor(a).reshape(-1)[0]) for a in coeffs)
@@ -65,7 +65,8 @@ def velocity(model: Callable, x: torch.Tensor, t: float, y: torch.Tensor, *, cfg
     v = (out[0] if isinstance(out, (tuple, list)) else out).to(torch.float64)
     if use_cfg:
         cond, uncond = v[:n], v[n:]
-        # u + s·(c − u) on all channels (the DiT reference guided only 3 of 4; REPA fixed it).
+        # u + s·(c − u) on all channels (the DiT reference guided only 3 of 4). REPA's SDE guides the drift
+        # v − ½w·s(v) instead; that map is affine in v for a shared x, so guiding v first is the same thing.
         v = uncond + cfg_scale * (cond - uncond)
     return v
 
@@ -79,8 +80,11 @@ def _randn_like(x: torch.Tensor, generator: Generators) -> torch.Tensor:
                            device=generator.device).to(x.device, torch.float64)
     if len(generator) != x.shape[0]:
         raise ValueError(f"got {len(generator)} generators for a batch of {x.shape[0]}")
-    eps = [torch.randn(x.shape[1:], dtype=torch.float32, generator=g, device=g.device) for g in generator]
-    return torch.stack(eps).to(x.device, torch.float64)  # (N, C, H, W)
+    eps = torch.stack([torch.randn(x.shape[1:], dtype=torch.float32, generator=g, device=g.device)
+                       for g in generator])  # (N, C, H, W)
+    if x.is_cuda and not eps.is_cuda:  # pinned + non_blocking: the copy doesn't stall the GPU queue each step
+        eps = eps.pin_memory().to(x.device, non_blocking=True)
+    return eps.to(x.device, torch.float64)
 
 
 def sde_time_grid(steps: int) -> torch.Tensor:

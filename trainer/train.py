@@ -61,15 +61,31 @@ def params_digest(model: torch.nn.Module) -> str:
 def train(r: Run) -> int:
     cfg, step = r.cfg, r.start_step
     state = {"skipped": r.resume_state.get("skipped", 0), "last_ckpt": r.resume_state.get("last_ckpt", "none")}
-    streak, last_saved = 0, step
-    acc = torch.zeros(4, device=r.device, dtype=torch.float64)  # loss, denoise, proj sums; steps since report
-    steps_since, images, data_wait, skipped_since, t_report = 0, 0, 0.0, 0, time.perf_counter()
-    grad_norm, loader = float("nan"), iter(r.loader)
     trace = None
     if cfg.trace_data:  # debugging aid: which samples each rank saw at each step, and its final weights
         (r.run_dir / "trace").mkdir(exist_ok=True)
         trace = open(r.run_dir / "trace" / f"rank{r.rank}.jsonl", "a")
     pbar = tqdm(total=cfg.steps, initial=step, unit="step", disable=r.rank != 0, dynamic_ncols=True, desc="train")
+    try:
+        step = _loop(r, cfg, step, state, pbar, trace)
+    finally:
+        pbar.close()
+        if trace is not None:
+            trace.close()
+    if trace is not None:
+        with open(r.run_dir / "trace" / f"rank{r.rank}.jsonl", "a") as f:
+            f.write(json.dumps({"step": step, "params_sha256": params_digest(r.model)}) + "\n")
+    if _Term.requested and step < cfg.steps and r.rank == 0:
+        print(f"SIGTERM: saved checkpoint at step {step}; re-run the same command to resume", file=sys.stderr)
+    return 0
+
+
+def _loop(r: Run, cfg, step: int, state: dict, pbar, trace) -> int:
+    """Report, checkpoint, stop?, step -- until done; returns the final step."""
+    streak, last_saved, due = 0, step, False
+    acc = torch.zeros(4, device=r.device, dtype=torch.float64)  # loss, denoise, proj sums; steps since report
+    steps_since, images, data_wait, skipped_since, t_report = 0, 0, 0.0, 0, time.perf_counter()
+    grad_norm, loader = float("nan"), iter(r.loader)
     while True:
         stop = sync_flag(r, _Term.requested)
         # 1. Report status.
@@ -91,9 +107,11 @@ def train(r: Run) -> int:
             acc.zero_()
             steps_since, images, data_wait, skipped_since, t_report = 0, 0, 0.0, 0, time.perf_counter()
         # 2. Save a checkpoint; 3. done?
-        if step != last_saved and (step % cfg.ckpt_every == 0 or step >= cfg.steps or stop):
+        due = due or (step != last_saved and step % cfg.ckpt_every == 0)
+        # A periodic checkpoint waits while steps are being skipped, so the last one saved stays a good one.
+        if step != last_saved and ((due and streak == 0) or step >= cfg.steps or stop):
             save(r, step, state)
-            last_saved = step
+            last_saved, due = step, False
         if step >= cfg.steps or stop:
             break
         # 4. One optimiser step over this rank's micro-batches (grad accumulation when more than one).
@@ -146,13 +164,7 @@ def train(r: Run) -> int:
         if streak >= cfg.max_nonfinite:
             raise UserError(f"step {step}: loss/gradients non-finite for {streak} consecutive steps (since step "
                             f"{step - streak + 1}); stopping. Last good checkpoint: {state['last_ckpt']}")
-    pbar.close()
-    if trace is not None:
-        trace.write(json.dumps({"step": step, "params_sha256": params_digest(r.model)}) + "\n")
-        trace.close()
-    if _Term.requested and step < cfg.steps and r.rank == 0:
-        print(f"SIGTERM: saved checkpoint at step {step}; re-run the same command to resume", file=sys.stderr)
-    return 0
+    return step
 
 
 def main(argv: Sequence[str] | None = None) -> int:

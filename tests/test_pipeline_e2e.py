@@ -1,0 +1,245 @@
+"""End to end with real processes: kill-and-resume with SIGKILL, truncated shards, a real Ray cluster job."""
+from __future__ import annotations
+
+import json
+import os
+import random
+import shutil
+import signal
+import socket
+import subprocess
+import sys
+import tempfile
+import time
+import urllib.error
+import urllib.request
+from pathlib import Path
+
+import numpy as np
+import pytest
+
+from helpers import REPO, assert_user_error, run_module
+from manifests import iter_shard, load_manifest
+
+# The exact arguments of conftest's `tiny_features`: its uninterrupted run is the reference for byte identity.
+TINY_ARGS = ["--vae", "tiny-vae", "--encoders", "tiny-dinov2,tiny-siglip", "--shard-size", "8", "--batch-size", "8"]
+
+
+def _env(ray_tmp: Path) -> dict:
+    return {**os.environ, "OMP_NUM_THREADS": "1", "PYTHONUNBUFFERED": "1", "RAY_USAGE_STATS_ENABLED": "0",
+            "RAY_TMPDIR": str(ray_tmp), "PYTHONPATH": str(REPO)}
+
+
+def _kill_group(pgid: int) -> None:
+    """Stop what is left of a process group that this test started (Ray helpers of a killed driver)."""
+    try:
+        os.killpg(pgid, signal.SIGKILL)
+    except (ProcessLookupError, PermissionError):
+        pass
+
+
+def _tars(out: Path) -> dict[str, bytes]:
+    return {p.name: p.read_bytes() for p in sorted((out / "shards").glob("*.tar"))}
+
+
+def _tmp_files(out: Path) -> list[Path]:
+    return [p for p in out.rglob("*") if p.name.startswith(".tmp-")]
+
+
+@pytest.mark.slow
+def test_sigkill_at_random_moments_then_resume_is_byte_identical(synth_dir, tiny_features, tmp_path):
+    """SIGKILL `extract` at 3 random moments, re-running after each: shards equal an uninterrupted run."""
+    out, ray_tmp = tmp_path / "out", Path(tempfile.mkdtemp(prefix="rk", dir="/tmp"))
+    seed = int(os.environ.get("REPA_KILL_SEED", time.time_ns() % 10_000))
+    rng = random.Random(seed)
+    cmd = [sys.executable, "-m", "pipeline", "extract", "--source", str(synth_dir), "--out", str(out), *TINY_ARGS]
+    reference = _tars(tiny_features)
+    assert len(reference) == 3
+    kills = []
+    try:
+        for k in range(3):
+            # A random moment while shard k is due: after k shards exist, wait U(0, 2.5) s more, then SIGKILL.
+            p = subprocess.Popen(cmd, env=_env(ray_tmp), cwd=REPO, stdout=subprocess.DEVNULL,
+                                 stderr=subprocess.DEVNULL, start_new_session=True)
+            while p.poll() is None and len(list((out / "shards").glob("*.json"))) < k:
+                time.sleep(0.05)
+            time.sleep(rng.uniform(0.0, 2.5))
+            done_before = p.poll() is not None
+            p.send_signal(signal.SIGKILL)
+            p.wait()
+            _kill_group(p.pid)
+            kills.append((k, done_before, len(list((out / "shards").glob("*.json")))))
+            assert not (out / "manifest.json").exists() or done_before, f"seed {seed}: manifest before the end"
+        # A finished shard truncated on disk before the last run: the re-run must notice and rebuild it.
+        victim = out / "shards" / "train-000000.tar"
+        if victim.exists():
+            victim.write_bytes(victim.read_bytes()[:5000])
+        p = run_module("pipeline", "extract", "--source", str(synth_dir), "--out", str(out), *TINY_ARGS,
+                       "--verify", env={"RAY_TMPDIR": str(ray_tmp)}, timeout=300)
+        assert p.returncode == 0, f"seed {seed}, kills {kills}:\n{p.stderr[-3000:]}"
+        assert _tars(out) == reference, f"seed {seed}, kills {kills}: shards differ from the uninterrupted run"
+        assert not _tmp_files(out), _tmp_files(out)
+        m = load_manifest(out, verify=True)
+        keys = [s["__key__"] for sh in m.shard_paths() for s in iter_shard(sh, decode=False)]
+        assert len(keys) == len(set(keys)) == m.num_samples == 24
+        assert run_module("pipeline", "verify", str(out)).returncode == 0
+    finally:
+        shutil.rmtree(ray_tmp, ignore_errors=True)
+
+
+def test_rerun_of_finished_output_does_no_work(tiny_features, synth_dir, tmp_path):
+    """All shards finished: a re-run only re-assembles the manifest (no Ray), to the same shard list."""
+    out = tmp_path / "copy"
+    shutil.copytree(tiny_features, out)
+    (out / "shards" / ".tmp-train-000009.tar.123.abcd").write_bytes(b"half")  # a killed writer's leftover
+    before = json.loads((out / "manifest.json").read_text())
+    p = run_module("pipeline", "extract", "--source", str(synth_dir), "--out", str(out), *TINY_ARGS, timeout=120)
+    assert p.returncode == 0, p.stderr
+    assert "3 finished, 0 to do" in p.stderr and "removed 1 half-written" in p.stderr
+    assert json.loads((out / "manifest.json").read_text())["shardlist"] == before["shardlist"]
+    assert not _tmp_files(out)
+    # Different settings in the same folder are refused rather than mixed.
+    p = run_module("pipeline", "extract", "--source", str(synth_dir), "--out", str(out), "--vae", "tiny-vae",
+                   "--encoders", "tiny-dinov2", "--shard-size", "8", "--batch-size", "8", timeout=120)
+    assert_user_error(p, "different extract")
+    # A shard truncated on disk is named by `verify` (size check first, then sha256 of a same-size corruption).
+    victim = out / "shards" / "train-000001.tar"
+    data = victim.read_bytes()
+    victim.write_bytes(data[:5000])
+    assert_user_error(run_module("pipeline", "verify", str(out)), "train-000001.tar")
+    victim.write_bytes(data[:-1] + b"x")
+    assert_user_error(run_module("pipeline", "verify", str(out)), "train-000001.tar", "sha256")
+
+
+def test_tiny_features_decode_back(tiny_features):
+    """Every sample decodes with the manifest's shapes and dtypes; latents hold mean then a positive std."""
+    m = load_manifest(tiny_features, kind="features", verify=True)
+    assert m.fields["latent"]["shape"] == [8, 32, 32] and m.fields["latent"]["vae"]["pretrained"] is False
+    assert m.fields["tiny-dinov2"]["shape"] == [256, 64] and m.fields["tiny-dinov2"]["dtype"] == "float16"
+    assert m.classes == [f"n{c:08d}" for c in range(4)] and m.extra["stats"]["bytes_per_sample"] > 0
+    n = 0
+    for shard in m.shard_paths():
+        for s in iter_shard(shard):
+            for f, spec in m.fields.items():
+                a = s[f"{f}.npy"]
+                assert list(a.shape) == spec["shape"] and a.dtype == np.dtype(spec["dtype"]), (s["__key__"], f)
+            assert (s["latent.npy"][4:] > 0).all() and np.isfinite(s["latent.npy"]).all()
+            assert s["cls"] == int(s["__key__"].split("_")[0][1:]) and len(s["json"]["size"]) == 2
+            n += 1
+    assert n == m.num_samples == 24
+
+
+# ------------------------------------------------------------------------------------- a real Ray cluster
+def _free_ports(n: int) -> list[int]:
+    socks, ports = [], []
+    for _ in range(n):
+        s = socket.socket()
+        s.bind(("127.0.0.1", 0))
+        socks.append(s)
+        ports.append(s.getsockname()[1])
+    for s in socks:
+        s.close()
+    return ports
+
+
+def _plant_bad_files(src: Path) -> dict[str, str]:
+    """Bad inputs next to good ones; returns key -> expected reason fragment."""
+    cls = sorted(d for d in src.iterdir() if d.is_dir())
+    good = next(cls[0].iterdir()).read_bytes()
+    (cls[0] / "zero_bytes.JPEG").write_bytes(b"")
+    (cls[1] / "truncated.JPEG").write_bytes(good[: len(good) // 3])
+    (cls[2] / "notes.JPEG").write_text("this is not an image\n")
+    (cls[3] / "x_dangling.JPEG").symlink_to(src / "does-not-exist.JPEG")  # unreadable (root can read 0o000 files)
+    return {"zero_bytes": "zero-byte", "truncated": "truncated", "notes": "not an image", "x_dangling": "unreadable"}
+
+
+def _pids_using(marker: str) -> list[int]:
+    pids = []
+    for d in Path("/proc").iterdir():
+        if d.name.isdigit():
+            try:
+                if marker in (d / "cmdline").read_bytes().decode(errors="replace"):
+                    pids.append(int(d.name))
+            except OSError:
+                pass
+    return pids
+
+
+@pytest.mark.slow
+def test_ray_cluster_job_submit(synth_dir, tiny_features, tmp_path):
+    """`ray start --head` on free ports, `ray job submit --working-dir .` runs extract --hflip; bad inputs skipped."""
+    ray_bin = Path(sys.executable).with_name("ray")
+    temp = Path(tempfile.mkdtemp(prefix="rc", dir="/tmp"))  # short: unix socket paths are limited to ~107 chars
+    src, out = tmp_path / "src", tmp_path / "out"
+    shutil.copytree(synth_dir, src)
+    bad = _plant_bad_files(src)
+    gcs, dash, client, agent = _free_ports(4)
+    env = {**_env(temp), "RAY_AUTH_MODE": "token"}  # Ray's default for new clusters; the CLI then sends the token
+    env.pop("RAY_ADDRESS", None)
+    head = subprocess.Popen([str(ray_bin), "start", "--head", "--block", f"--port={gcs}", f"--dashboard-port={dash}",
+                             "--dashboard-host=127.0.0.1", f"--ray-client-server-port={client}",
+                             f"--dashboard-agent-listen-port={agent}", f"--temp-dir={temp}", "--num-cpus=2",
+                             "--num-gpus=0", "--include-dashboard=true", "--disable-usage-stats"],
+                            env=env, cwd=tmp_path, stdout=subprocess.PIPE, stderr=subprocess.STDOUT,
+                            start_new_session=True)
+    try:
+        url = f"http://127.0.0.1:{dash}"
+        deadline = time.time() + 90
+        while True:
+            assert head.poll() is None, head.stdout.read().decode()[-3000:]
+            try:
+                urllib.request.urlopen(f"{url}/api/version", timeout=2)
+                break
+            except urllib.error.HTTPError:  # 401 without the token: the server is up
+                break
+            except OSError:
+                assert time.time() < deadline, "Ray dashboard did not come up"
+                time.sleep(0.5)
+        excludes = json.dumps({"excludes": [".git", ".venv", "demo", "*.egg-info", ".pytest_cache"]})
+        sub = subprocess.run([str(ray_bin), "job", "submit", "--address", url, "--working-dir", ".",
+                              "--runtime-env-json", excludes, "--", sys.executable, "-m", "pipeline", "extract",
+                              "--source", str(src), "--out", str(out), *TINY_ARGS, "--hflip"],
+                             env=env, cwd=REPO, capture_output=True, text=True, timeout=300)
+        assert sub.returncode == 0, (sub.stdout + sub.stderr)[-4000:]
+        assert "succeeded" in (sub.stdout + sub.stderr).lower()
+    finally:
+        head.send_signal(signal.SIGTERM)  # stop the head by its PID; --block tears down its children
+        try:
+            head.wait(timeout=30)
+        except subprocess.TimeoutExpired:
+            head.kill()
+            head.wait()
+        _kill_group(head.pid)
+        for pid in _pids_using(str(temp)):  # stragglers of this cluster only (they carry its temp dir)
+            try:
+                os.kill(pid, signal.SIGKILL)
+            except ProcessLookupError:
+                pass
+        shutil.rmtree(temp, ignore_errors=True)
+    m = load_manifest(out, kind="features", verify=True)
+    assert m.num_samples == 24 and not _tmp_files(out)
+    reasons = {s["key"]: s["reason"] for s in m.skipped}
+    assert set(reasons) == set(bad), reasons
+    for key, why in bad.items():
+        assert why in reasons[key], (key, reasons[key])
+    # Same images and models as the local run: the same arrays (up to batch-composition rounding, as the bad
+    # files shift which images share a shard).
+    local = {s["__key__"]: s for sh in load_manifest(tiny_features).shard_paths() for s in iter_shard(sh)}
+    assert m.preprocess["hflip"] is True
+    for sh in m.shard_paths():
+        for s in iter_shard(sh):
+            assert s["cls"] == local[s["__key__"]]["cls"]
+            for f, spec in m.fields.items():
+                flip = s[f"{f}.flip.npy"]  # the flipped twin: same shape, different values
+                assert list(flip.shape) == spec["shape"] and not np.array_equal(flip, s[f"{f}.npy"])
+                np.testing.assert_allclose(s[f"{f}.npy"].astype(np.float32),
+                                           local[s["__key__"]][f"{f}.npy"].astype(np.float32), rtol=2e-3, atol=2e-3)
+    # The flipped latent is the VAE moments of the mirrored ADM crop of the source image.
+    import torch
+    from PIL import Image
+    from pipeline.encoders import load_vae, vae_moments
+    from pipeline.transforms import adm_center_crop
+    first = next(iter_shard(m.shard_paths()[0]))
+    crop = np.asarray(adm_center_crop(Image.open(src / first["json"]["source"]), 256))[:, ::-1].copy()
+    want = vae_moments(load_vae("tiny-vae"), torch.from_numpy(crop)[None])[0].numpy()
+    np.testing.assert_allclose(first["latent.flip.npy"], want, rtol=1e-3, atol=1e-3)

@@ -1,0 +1,297 @@
+"""Trainer runs: exact resume after SIGKILL, SIGTERM, DDP, precision, numeric faults, bad inputs, learning."""
+from __future__ import annotations
+
+import json
+import math
+import os
+import signal
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import numpy as np
+import pytest
+import torch
+
+from helpers import REPO, assert_user_error, make_features_manifest, run_module
+from manifests import load_manifest, run_cli, write_manifest, write_shard
+from manifests.shards import iter_shard
+
+from trainer.__main__ import main as trainer_main
+from trainer.data import epoch_permutation
+
+ENV = {**os.environ, "OMP_NUM_THREADS": "1", "PYTHONUNBUFFERED": "1"}
+
+
+def args(manifest, run, *extra: str, steps: int = 6, batch: int = 4) -> list[str]:
+    return ["train", "--manifest", str(manifest), "--run-dir", str(run), "--model", "SiT-Debug/2",
+            "--batch-size", str(batch), "--steps", str(steps), "--ckpt-every", "2", "--log-every", "1",
+            "--precision", "fp32", "--num-workers", "0", *extra]
+
+
+def run_inproc(argv: list[str], capsys) -> tuple[int, str]:
+    rc = run_cli(trainer_main, argv)
+    return rc, capsys.readouterr().err
+
+
+def stats(run) -> list[dict]:
+    return [json.loads(x) for x in (Path(run) / "stats.jsonl").read_text().splitlines()]
+
+
+def ckpt(run, step) -> dict:
+    return torch.load(Path(run) / "checkpoints" / f"{step:07d}.pt", weights_only=True)
+
+
+@pytest.fixture(scope="module")
+def feats(tmp_path_factory) -> Path:
+    root = tmp_path_factory.mktemp("trainfeat")
+    make_features_manifest(root, num=16, classes=4, shard_size=8, hflip=True)
+    return root
+
+
+def popen(argv: list[str], env=None) -> subprocess.Popen:
+    return subprocess.Popen([sys.executable, "-m", "trainer", *argv], cwd=REPO, env={**ENV, **(env or {})},
+                            stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
+
+
+def wait_for(pred, timeout: float, what: str, proc: subprocess.Popen | None = None) -> None:
+    end = time.time() + timeout
+    while time.time() < end:
+        if pred():
+            return
+        if proc is not None and proc.poll() is not None:
+            raise AssertionError(f"process ended before {what}: {proc.communicate()}")
+        time.sleep(0.05)
+    raise AssertionError(f"timed out waiting for {what}")
+
+
+@pytest.mark.slow
+def test_sigkill_mid_checkpoint_write_then_rerun_is_bit_identical(feats, tmp_path):
+    """Kill -9 between the tmp write and the rename of checkpoint 6: 4 stays loadable, the re-run matches."""
+    a_run, b_run = tmp_path / "a", tmp_path / "b"
+    common = ["--num-workers", "1", "--hflip"]
+    a = popen(args(feats, a_run, *common, steps=8))
+    b = popen(args(feats, b_run, *common, steps=8), env={"REPA_TEST_SLOW_CKPT": "6:120"})
+    tmp_seen = lambda: any(p.name.startswith(".tmp-0000006.pt") for p in (b_run / "checkpoints").glob("*"))  # noqa: E731
+    wait_for(lambda: (b_run / "checkpoints").is_dir() and tmp_seen(), 120, "checkpoint 6 tmp file", b)
+    b.send_signal(signal.SIGKILL)
+    b.wait()
+    assert not (b_run / "checkpoints" / "0000006.pt").exists()
+    assert ckpt(b_run, 4)["step"] == 4  # the previous checkpoint is intact and loads with weights_only=True
+    out_a = a.communicate(timeout=120)
+    assert a.returncode == 0, out_a
+    p = subprocess.run([sys.executable, "-m", "trainer", *args(feats, b_run, *common, steps=8)], cwd=REPO, env=ENV,
+                       capture_output=True, text=True, timeout=120)
+    assert p.returncode == 0, p.stderr
+    assert "resuming from" in p.stdout and "0000004.pt" in p.stdout
+    assert not any(x.name.startswith(".tmp-") for x in (b_run / "checkpoints").iterdir())
+    ca, cb = ckpt(a_run, 8), ckpt(b_run, 8)
+    for part in ("model", "ema"):
+        assert all(torch.equal(ca[part][k], cb[part][k]) for k in ca[part]), part
+    assert all(torch.equal(ca["opt"]["state"][i]["exp_avg_sq"], cb["opt"]["state"][i]["exp_avg_sq"])
+               for i in ca["opt"]["state"])
+    assert [r["step"] for r in stats(b_run)] == list(range(1, 9))  # the lost run's rows were trimmed
+    assert [r["loss"] for r in stats(a_run)] == [r["loss"] for r in stats(b_run)]
+    from safetensors.torch import load_file
+    ema = load_file(b_run / "export" / "ema-0000008.safetensors")
+    assert all(torch.equal(ema[k], ca["ema"][k]) for k in ema)
+    cfg = json.loads((b_run / "export" / "config.json").read_text())
+    assert cfg["model"] == "SiT-Debug/2" and cfg["model_kwargs"]["z_dims"] == [64]
+    from trainer.models import SiT_models
+    SiT_models[cfg["model"]](**cfg["model_kwargs"]).load_state_dict(ema, strict=True)
+    assert (b_run / "loss.png").read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
+
+
+@pytest.mark.slow
+def test_sigterm_saves_at_step_boundary_and_exits_zero(feats, tmp_path):
+    run = tmp_path / "run"
+    p = popen(args(feats, run, steps=100000) + ["--ckpt-every", "100000"])
+    wait_for(lambda: (run / "stats.jsonl").exists() and len(stats(run)) >= 2, 120, "two steps", p)
+    p.send_signal(signal.SIGTERM)
+    out, err = p.communicate(timeout=60)
+    assert p.returncode == 0, err
+    saved = sorted((run / "checkpoints").glob("*.pt"))
+    assert len(saved) == 1 and "SIGTERM" in err
+    step = ckpt(run, int(saved[0].stem))["step"]
+    assert 2 <= step < 100000 and stats(run)[-1]["step"] == step
+
+
+@pytest.mark.slow
+def test_ddp_two_ranks_disjoint_data_same_weights(feats, tmp_path):
+    from trainer.data import StepSampler
+    run = tmp_path / "ddp"
+    cmd = [sys.executable, "-m", "torch.distributed.run", "--nproc-per-node", "2", "--master-port", "29531",
+           "-m", "trainer", *args(feats, run, "--trace-data", steps=3)]
+    p = subprocess.run(cmd, cwd=REPO, env=ENV, capture_output=True, text=True, timeout=300)
+    assert p.returncode == 0, p.stderr[-3000:]
+    tr = [[json.loads(x) for x in (run / "trace" / f"rank{r}.jsonl").read_text().splitlines()] for r in (0, 1)]
+    keys = lambda rows, step: [k for row in rows if row.get("step") == step and "keys" in row  # noqa: E731
+                               for k in row["keys"]]
+    one = [ids for _, _, ids in StepSampler(16, 4, 0, 1, 4, 0, 0, 3)]  # the single-process global batches
+    for step in range(3):
+        k0, k1 = keys(tr[0], step), keys(tr[1], step)
+        assert len(k0) == len(k1) == 2 and not set(k0) & set(k1)  # disjoint halves ...
+        assert k0 + k1 == [f"img{i:05d}" for i in one[step]]  # ... of the same global batch
+    assert tr[0][-1]["params_sha256"] == tr[1][-1]["params_sha256"]  # identical weights on both ranks
+    cd = ckpt(run, 3)
+    assert len(cd["rng"]) == 2 and not torch.equal(cd["rng"][0]["cpu"], cd["rng"][1]["cpu"])
+    assert stats(run)[-1]["img_per_s"] > 0 and len(stats(run)) == 3
+
+
+def test_fp16_and_bf16_agree_with_fp32(feats, tmp_path, capsys):
+    """CPU autocast in fp16 (with GradScaler) and bf16 against fp32, same data and noise, a few steps."""
+    losses = {}
+    for prec in ("fp32", "fp16", "bf16"):
+        run = tmp_path / prec
+        rc, err = run_inproc(args(feats, run, steps=2, batch=2) + ["--precision", prec], capsys)
+        assert rc == 0, err
+        losses[prec] = [r["loss"] for r in stats(run)]
+        assert stats(run)[-1]["skipped"] == 0
+    assert stats(tmp_path / "fp16")[0]["loss_scale"] == 2.0 ** 16
+    np.testing.assert_allclose(losses["fp16"], losses["fp32"], rtol=2e-3)
+    np.testing.assert_allclose(losses["bf16"], losses["fp32"], rtol=2e-2)
+    # Gradients agree too (Adam's sign-like first steps make raw weight diffs meaningless near zero grads).
+    gn = {p: [r["grad_norm"] for r in stats(tmp_path / p)] for p in losses}
+    np.testing.assert_allclose(gn["fp16"], gn["fp32"], rtol=1e-2)
+
+
+def test_fp16_overflow_is_skipped_logged_and_counted(feats, tmp_path, capsys):
+    run = tmp_path / "run"
+    rc, err = run_inproc(args(feats, run, steps=3, batch=2) + ["--precision", "fp16", "--loss-scale-init",
+                                                                 str(2.0 ** 40)], capsys)
+    assert rc == 0, err
+    rows = stats(run)
+    assert rows[0]["skipped"] == 1 and rows[0]["loss_scale"] == 2.0 ** 39 and math.isfinite(rows[0]["loss"])
+    assert rows[-1]["skipped"] >= 1
+    assert "step 1: fp16 overflow, loss scale 1.09951e+12 -> 5.49756e+11; update skipped" in err
+    assert ckpt(run, 3)["skipped"] == rows[-1]["skipped"]  # the count survives a resume
+
+
+def _corrupt_latent(root: Path, key: str) -> None:
+    """Put a NaN into one sample's latent moments and re-list the shard (a valid but corrupt data set)."""
+    m = load_manifest(root)
+    for i, entry in enumerate(m.shardlist):
+        samples = list(iter_shard(root / entry.url, decode=False))
+        if key not in [s["__key__"] for s in samples]:
+            continue
+        for s in samples:
+            if s["__key__"] == key:
+                from manifests import decode_npy, encode_npy
+                arr = decode_npy(s["latent.npy"])
+                arr[0, 0, 0] = np.nan
+                s["latent.npy"] = encode_npy(arr)
+        info = write_shard(root / entry.url, samples)
+        entry.sha256, entry.bytes = info.sha256, info.bytes
+    write_manifest(m)
+
+
+def test_nan_latent_stops_with_step_and_key_keeping_checkpoint(tmp_path, capsys):
+    root = tmp_path / "feat"
+    make_features_manifest(root, num=16, classes=4, shard_size=8)
+    bad = int(epoch_permutation(0, 0, 16)[3 * 4 + 1])  # seen at step 3 with batch 4 (ids follow shard order)
+    _corrupt_latent(root, f"img{bad:05d}")
+    run = tmp_path / "run"
+    rc, err = run_inproc(args(root, run, steps=6), capsys)
+    assert rc == 2
+    lines = [x for x in err.splitlines() if x.startswith("error:")]
+    assert len(lines) == 1 and "step 3" in lines[0] and f"img{bad:05d}" in lines[0] and "latent" in lines[0]
+    assert "0000002.pt" in lines[0] and ckpt(run, 2)["step"] == 2
+    assert not (run / "checkpoints" / "0000004.pt").exists()
+    # Re-running with a different batch size in the same folder is refused, naming the setting.
+    rc, err = run_inproc(args(root, run, steps=6, batch=2), capsys)
+    assert rc == 2 and "train.batch_size" in err
+
+
+def test_persistent_nonfinite_loss_stops_the_run(feats, tmp_path, capsys):
+    run = tmp_path / "run"
+    # lr 1e30: the first update blows the weights up, every later loss is non-finite.
+    rc, err = run_inproc(args(feats, run, steps=20) + ["--lr", "1e30", "--max-nonfinite", "3", "--ckpt-every",
+                                                        "1"], capsys)
+    assert rc == 2
+    line = err.strip().splitlines()[-1]
+    assert line.startswith("error: step 4: loss/gradients non-finite for 3 consecutive steps (since step 2)"), line
+    # Checkpoints wait while steps are skipped: 1 is the last one, and it is kept.
+    assert "0000001.pt" in line and ckpt(run, 1)["step"] == 1
+    assert sorted(p.name for p in (run / "checkpoints").iterdir()) == ["0000001.pt"]
+
+
+def test_init_from_and_dry_run(feats, tmp_path, capsys):
+    from trainer.models import SiT
+    run = tmp_path / "run"
+    rc, err = run_inproc(args(feats, run, steps=2), capsys)
+    assert rc == 0, err
+    export = run / "export" / "ema-0000002.safetensors"
+    rc, err = run_inproc(args(feats, tmp_path / "ft", steps=1) + ["--init-from", str(export)], capsys)
+    assert rc == 0, err
+    ft = ckpt(tmp_path / "ft", 1)
+    assert ft["step"] == 1 and not (tmp_path / "ft" / "checkpoints" / "0000002.pt").exists()
+    # A checkpoint from a different model size: a narrower SiT of the same depth.
+    other = SiT(hidden_size=32, depth=4, num_heads=4, projector_dim=256, encoder_depth=2, num_classes=4, z_dims=[64])
+    torch.save(other.state_dict(), tmp_path / "last.pt")
+    rc, err = run_inproc(args(feats, tmp_path / "ft2", steps=1) + ["--init-from", str(tmp_path / "last.pt")], capsys)
+    assert rc == 2 and len(err.strip().splitlines()) == 1 and "last.pt" in err, err
+    rc = run_cli(trainer_main, args(feats, tmp_path / "dry") + ["--preset", "sit-xl2-repa", "--encoders",
+                                                                  "tiny-dinov2", "--enc-depth", "3", "--dry-run"])
+    out = json.loads(capsys.readouterr().out)
+    assert rc == 0 and out["model"] == "SiT-Debug/2" and out["train"]["steps"] == 6  # flags beat the preset
+    assert out["model_kwargs"]["encoder_depth"] == 3 and out["train"]["proj_coeff"] == 0.5
+    assert not (tmp_path / "dry").exists()  # a dry run writes nothing
+    rc = run_cli(trainer_main, ["train", "--manifest", str(feats), "--run-dir", str(tmp_path / "d2"),
+                                "--preset", "sit-l2-repa", "--encoders", "tiny-dinov2", "--dry-run"])
+    out = json.loads(capsys.readouterr().out)
+    assert rc == 0 and out["model"] == "SiT-L/2" and out["train"]["proj_loss"] == "ntxent"
+    assert out["model_kwargs"]["encoder_depth"] == 8 and out["train"]["steps"] == 700_000
+
+
+def _bad_inputs(feats: Path, tmp: Path) -> list[tuple[list[str], str]]:
+    wrong = tmp / "wrong"
+    wrong.mkdir()
+    raw = json.loads((feats / "manifest.json").read_text())
+    raw["repa"]["schema"] = 99
+    (wrong / "manifest.json").write_text(json.dumps(raw))
+    (tmp / "afile").write_text("x")
+    return [
+        (args(tmp / "nope", tmp / "r1"), "manifest not found"),
+        (args(wrong, tmp / "r2"), "schema version 99"),
+        (args(feats, tmp / "r3", "--encoders", "tiny-siglip"), "no field 'tiny-siglip'"),
+        (args(feats, tmp / "r4") + ["--model", "SiT-B/4"], "model expects 64 tokens"),
+        (args(feats, tmp / "r5") + ["--model", "SiT-Huge/2"], "invalid choice: 'SiT-Huge/2'"),
+        (args(feats, tmp / "r6", batch=0), "--batch-size: must be > 0"),
+        (args(feats, tmp / "r7", steps=-3), "--steps: must be > 0"),
+        (args(feats, tmp / "r8", "--micro-batch", "3"), "--micro-batch 3 must divide the per-rank batch 4"),
+        (args(feats, tmp / "afile" / "run"), "run folder (--run-dir) is not writable"),
+        (args(feats, tmp / "r9", "--init-from", str(tmp / "missing.pt")), "missing.pt"),
+        (args(feats, tmp / "r10", "--enc-depth", "9"), "encoder_depth 9 must be in [1, depth=4]"),
+    ]
+
+
+def test_bad_inputs_one_line_exit_2(feats, tmp_path, capsys):
+    for argv, needle in _bad_inputs(feats, tmp_path):
+        rc, err = run_inproc(argv, capsys)
+        lines = [x for x in err.strip().splitlines() if x.strip()]
+        assert rc == 2 and len(lines) == 1 and lines[0].startswith("error: ") and needle in lines[0], (argv, err)
+        assert not (tmp_path / "r1" / "checkpoints").exists()
+
+
+@pytest.mark.slow
+def test_bad_input_real_process_no_traceback(feats, tmp_path):
+    p = run_module("trainer", *args(feats, tmp_path / "r", "--encoders", "dinov2-vit-b"), timeout=120)
+    assert_user_error(p, "no field 'dinov2-vit-b'")
+
+
+@pytest.mark.slow
+def test_learning_on_pipeline_features(tiny_features, tmp_path):
+    """Denoising and REPA losses both fall clearly on the real tiny pipeline's features."""
+    run = tmp_path / "learn"
+    a = ["train", "--manifest", str(tiny_features), "--run-dir", str(run), "--model", "SiT-Debug/2",
+         "--batch-size", "4", "--steps", "120", "--ckpt-every", "120", "--log-every", "5", "--lr", "1e-3",
+         "--precision", "fp32", "--num-workers", "1", "--seed", "1"]
+    p = subprocess.run([sys.executable, "-m", "trainer", *a], cwd=REPO, env=ENV, capture_output=True, text=True,
+                       timeout=300)
+    assert p.returncode == 0, p.stderr[-2000:]
+    rows = stats(run)
+    den0, proj0 = rows[0]["denoise"], rows[0]["proj_loss"]
+    den1, proj1 = np.mean([r["denoise"] for r in rows[-3:]]), np.mean([r["proj_loss"] for r in rows[-3:]])
+    assert den1 < 0.6 * den0, (den0, den1)
+    assert proj1 < proj0 - 0.15, (proj0, proj1)
