@@ -28,7 +28,6 @@ from .metrics import statistics
 
 CACHE_VERSION = 1  # bump when what goes into an entry changes
 ARRAYS = ("pool", "logits", "mu", "sigma", "mu_s", "sigma_s")  # checksummed, in this order
-OPTIONAL = ("spatial",)  # kept only for sets smaller than its dimension (exact low-rank FID, see metrics.py)
 
 
 @dataclass
@@ -40,7 +39,6 @@ class Activations:
     sigma: np.ndarray  # (2048, 2048) float64
     mu_s: np.ndarray  # (2023,) float64
     sigma_s: np.ndarray  # (2023, 2023) float64
-    spatial: np.ndarray | None = None  # (N, 2023) float32, only when N <= 2023
     cache: str = "off"  # 'hit' | 'miss' | 'off'
     cache_path: str | None = None
     timing: dict[str, float] = field(default_factory=dict)
@@ -59,9 +57,7 @@ def cache_key(images: ImageSet, model: InceptionFeatures) -> str:
 
 def _checksum(arrays: dict[str, np.ndarray]) -> str:
     h = hashlib.sha256()
-    for name in (*ARRAYS, *OPTIONAL):
-        if name not in arrays:
-            continue
+    for name in ARRAYS:
         a = np.ascontiguousarray(arrays[name])
         h.update(f"{name}:{a.dtype.str}:{a.shape}".encode())
         h.update(memoryview(a).cast("B"))
@@ -104,7 +100,7 @@ def read_cache(path: Path, key: str) -> Activations | None:
             elif f.attrs.get("key") != key:
                 reason = "written for another input"
             else:
-                arrays = {name: f[name][()] for name in (*ARRAYS, *OPTIONAL) if name in f or name in ARRAYS}
+                arrays = {name: f[name][()] for name in ARRAYS}
                 if _checksum(arrays) != f.attrs.get("sha256"):
                     reason = "checksum mismatch"
     except (OSError, KeyError, ValueError) as e:
@@ -163,10 +159,7 @@ def _stats(pool: np.ndarray, spatial: np.ndarray) -> tuple[dict[str, np.ndarray]
     t0 = time.perf_counter()
     mu, sigma = statistics(pool)
     mu_s, sigma_s = statistics(spatial)
-    out = {"mu": mu, "sigma": sigma, "mu_s": mu_s, "sigma_s": sigma_s}
-    if spatial.shape[0] <= spatial.shape[1]:
-        out["spatial"] = spatial
-    return out, time.perf_counter() - t0
+    return {"mu": mu, "sigma": sigma, "mu_s": mu_s, "sigma_s": sigma_s}, time.perf_counter() - t0
 
 
 def compute_activations(images: ImageSet, model: InceptionFeatures, *, batch_size: int = 100,

@@ -1,7 +1,6 @@
 """The 2015 TF Inception (torch-fidelity's port) with the ADM feature heads: pool3, sFID spatial, IS logits."""
 from __future__ import annotations
 
-import hashlib
 import io
 import os
 from dataclasses import dataclass
@@ -182,7 +181,3 @@ class InceptionFeatures:
         spatial, self._spatial = self._spatial, None
         return Features(pool=pool, spatial=spatial, logits=logits)
 
-
-def weights_digest(spec: str) -> str:
-    """A short stable id for a weights spec (used when no file hash exists)."""
-    return hashlib.sha256(spec.encode()).hexdigest()

@@ -181,15 +181,6 @@ def _write_reference(path: Path, ref, acts, model, cfg: EvalConfig) -> None:
     print(f"wrote reference batch {path} ({images.shape[0]} images)", file=sys.stderr)
 
 
-def _fid(a, b, from_acts: bool, acts: str, mu: str, sigma: str) -> float:
-    """FID of two sets: the exact low-rank form when a set is smaller than the feature dimension."""
-    from .metrics import frechet_distance, frechet_distance_acts
-    xa, xb = getattr(a, acts), getattr(b, acts)
-    if from_acts and xa is not None and xb is not None and min(len(xa), len(xb)) <= xa.shape[1]:
-        return frechet_distance_acts(xa, xb)
-    return frechet_distance(getattr(a, mu), getattr(a, sigma), getattr(b, mu), getattr(b, sigma))
-
-
 def _describe(images, acts) -> dict[str, Any]:
     return {"path": str(images.path), "kind": images.kind, "count": images.count, "size": list(images.size),
             "sha256": images.sha256, "transform": images.transform, "cache": acts.cache,
@@ -210,7 +201,7 @@ def main(argv: Sequence[str] | None = None) -> int:
 
     from .features import compute_activations
     from .inception import InceptionFeatures
-    from .metrics import inception_score, precision_recall
+    from .metrics import frechet_distance, inception_score, precision_recall
     from .report import NOT_COMPARABLE, format_table, write_report
     model = InceptionFeatures(cfg.inception_weights, device=device)
     cache_dir = None if cfg.no_cache else Path(cfg.cache_dir).expanduser()
@@ -228,9 +219,8 @@ def main(argv: Sequence[str] | None = None) -> int:
 
     smp_acts = compute_activations(samples, model, desc="samples", **kw)
     t0 = time.perf_counter()
-    stored = stored or {}
-    metrics = {"fid": _fid(smp_acts, ref_acts, "mu" not in stored, "pool", "mu", "sigma"),
-               "sfid": _fid(smp_acts, ref_acts, "mu_s" not in stored, "spatial", "mu_s", "sigma_s"),
+    metrics = {"fid": frechet_distance(smp_acts.mu, smp_acts.sigma, ref_acts.mu, ref_acts.sigma),
+               "sfid": frechet_distance(smp_acts.mu_s, smp_acts.sigma_s, ref_acts.mu_s, ref_acts.sigma_s),
                "is": inception_score(smp_acts.logits, split_size=cfg.is_split)}
     t_fid = time.perf_counter() - t0
     t0 = time.perf_counter()

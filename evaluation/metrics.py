@@ -22,21 +22,30 @@ def statistics(acts: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
     return acts.mean(axis=0), np.cov(acts, rowvar=False)
 
 
+def psd_factor(sigma: np.ndarray) -> np.ndarray:
+    """F (D, r) with sigma = F Fᵀ, r its numerical rank: LAPACK's pivoted Cholesky (dpstrf) of a PSD matrix.
+
+    Cheap when sigma is singular (fewer samples than dimensions: O(D²r)), a plain Cholesky's cost otherwise.
+    """
+    from scipy.linalg import lapack
+    c, piv, rank, info = lapack.dpstrf(np.array(sigma, dtype=np.float64, order="F"), lower=1)
+    if info < 0:
+        raise np.linalg.LinAlgError(f"dpstrf: illegal argument {-info}")
+    factor = np.empty((sigma.shape[0], rank))
+    factor[piv - 1] = np.tril(c)[:, :rank]  # Pᵀ Σ P = L Lᵀ  ->  Σ = (P L)(P L)ᵀ
+    return factor
+
+
 def trace_sqrt_product(sigma1: np.ndarray, sigma2: np.ndarray) -> float:
     """tr sqrt(Σ1 Σ2) from a symmetric eigen-decomposition, with ADM's imaginary-part check.
 
-    With a factor Σ1 = F Fᵀ, Σ1Σ2 = F (Fᵀ Σ2) has the eigenvalues of Fᵀ Σ2 F, which is symmetric PSD: they are
-    real, and the principal square root's trace is Σ sqrt(λ), so no Schur-based sqrtm is needed. F is the
-    Cholesky factor (cheap) when Σ1 is positive definite, else sqrt(Σ1) from eigh.
+    With a factor Σ1 = F Fᵀ, Σ1Σ2 = F (Fᵀ Σ2) has the non-zero eigenvalues of Fᵀ Σ2 F, which is symmetric
+    PSD: they are real, and the principal square root's trace is Σ sqrt(λ), so no Schur-based sqrtm is needed.
     """
-    s1, s2 = torch.from_numpy(np.ascontiguousarray(sigma1)), torch.from_numpy(np.ascontiguousarray(sigma2))
-    if not (torch.isfinite(s1).all() and torch.isfinite(s2).all()):
+    if not (np.isfinite(sigma1).all() and np.isfinite(sigma2).all()):
         raise np.linalg.LinAlgError("non-finite covariance")
-    factor, info = torch.linalg.cholesky_ex(s1)
-    if int(info) != 0:  # singular Σ1 (fewer samples than dimensions): the symmetric square root instead
-        lam1, v1 = torch.linalg.eigh(s1)
-        factor = (v1 * lam1.clamp(min=0).sqrt()) @ v1.T
-    m = factor.T @ s2 @ factor
+    f = torch.from_numpy(psd_factor(sigma1))  # (D, r)
+    m = f.T @ torch.from_numpy(np.ascontiguousarray(sigma2)) @ f  # (r, r)
     lam = torch.linalg.eigvalsh((m + m.T) / 2).numpy()
     if not np.all(np.isfinite(lam)):
         raise np.linalg.LinAlgError("non-finite eigenvalues of Fᵀ·Σ2·F")
@@ -64,25 +73,6 @@ def frechet_distance(mu1: np.ndarray, sigma1: np.ndarray, mu2: np.ndarray, sigma
         offset = np.eye(sigma1.shape[0]) * eps
         tr_covmean = trace_sqrt_product(sigma1 + offset, sigma2 + offset)
     return float(diff.dot(diff) + np.trace(sigma1) + np.trace(sigma2) - 2.0 * tr_covmean)
-
-
-def frechet_distance_acts(acts1: np.ndarray, acts2: np.ndarray) -> float:
-    """The same FID straight from activations, exact and fast when a set has fewer points than dimensions.
-
-    With centred A_i and Σ_i = A_iᵀA_i/(n_i−1), the non-zero eigenvalues of Σ1Σ2 are the squared singular
-    values of A1·A2ᵀ/sqrt((n1−1)(n2−1)), so tr sqrt(Σ1Σ2) is that matrix's nuclear norm: an (n1, n2) SVD
-    instead of D×D eigen-decompositions (tests, the demo, small sample sets).
-    """
-    a1, a2 = np.asarray(acts1, np.float64), np.asarray(acts2, np.float64)  # (n1, D), (n2, D)
-    if a1.ndim != 2 or a2.ndim != 2 or a1.shape[1] != a2.shape[1] or min(len(a1), len(a2)) < 2:
-        raise ValueError(f"need (n>=2, D) activations with the same D, got {a1.shape} and {a2.shape}")
-    mu1, mu2 = a1.mean(axis=0), a2.mean(axis=0)
-    c1, c2 = a1 - mu1, a2 - mu2
-    d1, d2 = len(a1) - 1, len(a2) - 1
-    cross = torch.from_numpy(c1 @ c2.T) / math.sqrt(d1 * d2)  # (n1, n2)
-    tr_covmean = float(torch.linalg.svdvals(cross).sum())
-    diff = mu1 - mu2
-    return float(diff.dot(diff) + (c1 * c1).sum() / d1 + (c2 * c2).sum() / d2 - 2.0 * tr_covmean)
 
 
 def inception_score(logits: np.ndarray, split_size: int = IS_SPLIT) -> float:

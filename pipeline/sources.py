@@ -95,10 +95,13 @@ def _list_wds(tars: list[Path]) -> Listing:
                 for ti in tar:
                     if not ti.isfile():
                         continue
-                    base = os.path.basename(ti.name)
-                    key, dot, ext = base.partition(".")
-                    if not dot or ti.name.startswith("/") or ".." in ti.name.split("/"):
-                        continue  # unsafe or extension-less names never become samples
+                    if ti.name.startswith("/") or ".." in ti.name.split("/"):
+                        skipped.append({"key": sanitize_key(ti.name), "source": f"{tar_path.name}:{ti.name}",
+                                        "reason": "unsafe tar member name (absolute or '..')"})
+                        continue  # never read, never a sample
+                    key, dot, ext = os.path.basename(ti.name).partition(".")
+                    if not dot:
+                        continue
                     if key not in groups:
                         groups[key] = {}
                         order.append(key)

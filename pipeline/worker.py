@@ -3,9 +3,11 @@ from __future__ import annotations
 
 import json
 import os
+import queue
+import threading
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
-from typing import Any
+from typing import Any, Iterator
 
 import numpy as np
 
@@ -76,6 +78,8 @@ class ShardEncoder:
         prec = self.cfg.precision
         self.autocast = self.device.type == "cuda" and prec in ("auto", "bf16")  # never fp16 for the VAE
         self.vae = load_vae(self.cfg.vae, device=self.device)
+        if self.device.type == "cuda":
+            self.vae = self.vae.to(memory_format=torch.channels_last)  # faster convs under bf16
         self.encoders = [load_encoder(e, self.cfg.resolution, device=self.device) for e in self.cfg.encoders]
         r8 = self.cfg.resolution // 8
         lat_c = 2 * int(self.vae.config.latent_channels)
@@ -85,20 +89,82 @@ class ShardEncoder:
             self.fields[enc.name] = {"dtype": self.cfg.feature_dtype, "shape": [enc.grid[0] * enc.grid[1], enc.dim],
                                      "codec": "patch-tokens", "encoder": enc.meta}
 
-    def _encode(self, crops: np.ndarray) -> dict[str, np.ndarray]:
-        """uint8 (n, R, R, 3) -> {'latent': (n, 8, R/8, R/8) f32, name: (n, T, D) feature dtype}."""
+    def _encode_iter(self, crops: np.ndarray) -> Iterator[dict[str, np.ndarray]]:
+        """uint8 (n, R, R, 3) -> per sub-batch {'latent': (b, 8, R/8, R/8) f32, name: (b, T, D) feature dtype}."""
         torch = self.torch
-        out: dict[str, list[np.ndarray]] = {k: [] for k in self.fields}
-        bs = self.cfg.batch_size
-        for i in range(0, len(crops), bs):  # fixed sub-batches from the shard start: same numerics every run
-            x = torch.from_numpy(crops[i:i + bs]).to(self.device, non_blocking=True)  # (b, R, R, 3) uint8
+        for i in range(0, len(crops), self.cfg.batch_size):  # fixed sub-batches from the shard start: same numerics
+            x = torch.from_numpy(crops[i:i + self.cfg.batch_size]).to(self.device, non_blocking=True)  # (b, R, R, 3)
+            out = {}
             with torch.inference_mode(), torch.autocast("cuda", dtype=torch.bfloat16, enabled=self.autocast):
-                out["latent"].append(self.vae_moments(self.vae, x).float().cpu().numpy())
+                out["latent"] = self.vae_moments(self.vae, x).float().cpu().numpy()  # (b, 8, R/8, R/8)
                 for enc in self.encoders:
                     # Cast on the device (round-to-nearest-even, as numpy would) to halve the copy to the host.
-                    tok = enc(x).to(getattr(torch, self.cfg.feature_dtype)).cpu().numpy()  # (b, T, D)
-                    out[enc.name].append(tok)
-        return {k: np.concatenate(v) for k, v in out.items()}
+                    out[enc.name] = enc(x).to(getattr(torch, self.cfg.feature_dtype)).cpu().numpy()  # (b, T, D)
+            yield out
+
+    def _encode(self, crops: np.ndarray) -> dict[str, np.ndarray]:
+        """All sub-batches of a shard, concatenated."""
+        parts = list(self._encode_iter(crops))
+        return {k: np.concatenate([p[k] for p in parts]) for k in self.fields}
+
+    def _samples(self, crops: np.ndarray, metas: list[dict]) -> Iterator[list[dict]]:
+        """Per sub-batch, the finished sample dicts (with flipped twins if asked)."""
+        flips = self._encode_iter(np.ascontiguousarray(crops[:, :, ::-1])) if self.cfg.hflip else None
+        start = 0
+        for feats in self._encode_iter(crops):
+            flip = next(flips) if flips is not None else None
+            b = len(feats["latent"])
+            batch = []
+            for i, s in enumerate(metas[start:start + b]):
+                sample = {"__key__": s["key"], "cls": s["label"], "json": {"source": s["source"], "size": s["size"]}}
+                for name in self.fields:
+                    sample[f"{name}.npy"] = feats[name][i]
+                    if flip is not None:
+                        sample[f"{name}.flip.npy"] = flip[name][i]
+                batch.append(sample)
+            start += b
+            yield batch
+
+    def _encode_and_write(self, plan: ShardPlan, crops: np.ndarray, metas: list[dict], skipped: list[dict]) -> dict:
+        """Encode sub-batches while a thread streams finished samples into the shard's tar (GPU never waits on IO).
+
+        If encoding fails, the writer is aborted, so no partial tar is ever renamed into place.
+        """
+        out, fp = Path(self.cfg.out), self.cfg.fingerprint
+        if not metas:
+            return write_shard_once(out, plan, fp, [], skipped, self.fields)
+        q: queue.Queue = queue.Queue(maxsize=4)
+        result: dict[str, Any] = {}
+
+        def stream() -> Iterator[dict]:
+            while (item := q.get()) is not _END:
+                if item is _ABORT:
+                    raise RuntimeError(f"shard {plan.name}: encoding failed, tar abandoned")
+                yield from item
+
+        def writer() -> None:
+            try:
+                result["side"] = write_shard_once(out, plan, fp, stream(), skipped, self.fields)
+            except BaseException as e:  # noqa: BLE001 - handed to the encoding thread below
+                result["error"] = e
+                while q.get() not in (_END, _ABORT):  # drain so the producer never blocks
+                    pass
+
+        t = threading.Thread(target=writer, name=f"write-{plan.name}", daemon=True)
+        t.start()
+        ok = False
+        try:
+            for batch in self._samples(crops, metas):
+                if "error" in result:
+                    break
+                q.put(batch)
+            ok = True
+        finally:
+            q.put(_END if ok else _ABORT)
+            t.join()
+        if "error" in result:
+            raise result["error"]
+        return result["side"]
 
     def __call__(self, batch: dict[str, np.ndarray]) -> dict[str, list]:
         res = {"shard": [], "nsamples": [], "nskipped": []}
@@ -107,21 +173,14 @@ class ShardEncoder:
             meta = json.loads(str(batch["meta"][j]))
             n, r = int(batch["n"][j]), self.cfg.resolution
             crops = np.frombuffer(batch["images"][j], dtype=np.uint8).reshape(n, r, r, 3).copy()  # writable
-            feats = self._encode(crops) if n else {}
-            flips = self._encode(np.ascontiguousarray(crops[:, :, ::-1])) if n and self.cfg.hflip else {}
-            samples = []
-            for i, s in enumerate(meta["samples"]):
-                sample = {"__key__": s["key"], "cls": s["label"], "json": {"source": s["source"], "size": s["size"]}}
-                for name in self.fields:
-                    sample[f"{name}.npy"] = feats[name][i]
-                    if flips:
-                        sample[f"{name}.flip.npy"] = flips[name][i]
-                samples.append(sample)
-            write_shard_once(Path(self.cfg.out), plan, self.cfg.fingerprint, samples, meta["skipped"], self.fields)
+            side = self._encode_and_write(plan, crops, meta["samples"], meta["skipped"])
             res["shard"].append(plan.index)
-            res["nsamples"].append(len(samples))
+            res["nsamples"].append(side["nsamples"])
             res["nskipped"].append(len(meta["skipped"]))
         return res
+
+
+_END, _ABORT = object(), object()  # writer-queue sentinels
 
 
 def cpu_threads_default() -> int:

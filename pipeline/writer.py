@@ -5,7 +5,7 @@ import hashlib
 import json
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any, Mapping
+from typing import Any, Iterable, Mapping
 
 from manifests import (Manifest, ShardEntry, UserError, atomic_write_json, read_json, sha256_file, write_manifest,
                        write_shard)
@@ -83,18 +83,20 @@ def shard_done(out: Path, plan: ShardPlan, fp: str, *, verify: bool = False) -> 
     return not verify or sha256_file(p) == side["sha256"]
 
 
-def write_shard_once(out: Path, plan: ShardPlan, fp: str, samples: list[dict], skipped: list[dict],
+def write_shard_once(out: Path, plan: ShardPlan, fp: str, samples: Iterable[dict], skipped: list[dict],
                      fields: dict[str, Any]) -> dict:
-    """Write the tar atomically, then its sidecar atomically: a sidecar only ever describes a whole tar."""
+    """Write the tar atomically, then its sidecar atomically: a sidecar only ever describes a whole tar.
+
+    `samples` may be a generator (streamed while the GPU works); an empty list means every input was bad.
+    """
     path = tar_path(out, plan)
     side: dict[str, Any] = {"version": SIDECAR_VERSION, "shard": plan.index, "fingerprint": fp,
-                            "url": f"{SHARD_DIR}/{path.name}", "nsamples": len(samples), "skipped": skipped,
-                            "fields": fields}
-    if samples:
+                            "url": f"{SHARD_DIR}/{path.name}", "skipped": skipped, "fields": fields}
+    if isinstance(samples, list) and not samples:  # no tar, but the shard is finished
+        side.update(nsamples=0, keys=[], sha256="", bytes=0, index={})
+    else:
         info = write_shard(path, samples)
-        side.update(keys=info.keys, sha256=info.sha256, bytes=info.bytes, index=info.index)
-    else:  # every input of this shard was bad: no tar, but the shard is finished
-        side.update(keys=[], sha256="", bytes=0, index={})
+        side.update(nsamples=len(info.keys), keys=info.keys, sha256=info.sha256, bytes=info.bytes, index=info.index)
     atomic_write_json(sidecar_path(out, plan), side)
     return side
 

@@ -216,12 +216,12 @@ def test_incomplete_or_corrupt_cache_entry_is_rebuilt(sets, tmp_path, capsys):
     assert err.count("rebuilding it") == 2
     rep = json.loads(out.read_text())
     assert rep["samples"]["cache"] == rep["reference"]["cache"] == "miss"
-    assert rep["metrics"] == want
+    assert rep["metrics"] == pytest.approx(want, rel=1e-6)  # recomputed (thread counts may round differently)
     with h5py.File(entries[0], "r+") as f:  # a flipped value fails the checksum
         f["mu"][0] += 1.0
     rc, _, err = evaluate(capsys, *args, cache=cache)
     assert rc == 0 and "checksum mismatch" in err
-    assert json.loads(out.read_text())["metrics"] == want
+    assert json.loads(out.read_text())["metrics"] == pytest.approx(want, rel=1e-6)
 
 
 def test_disk_full_is_one_line_naming_the_path(sets, tmp_path, capsys, monkeypatch):
@@ -265,7 +265,7 @@ def test_reference_npz_round_trip_uses_stored_statistics(sets, tmp_path, capsys)
     a, b = json.loads(direct.read_text()), json.loads(via_npz.read_text())
     assert b["reference"]["stats_source"] == "npz"
     for k in ("fid", "sfid"):
-        assert b["metrics"][k] == pytest.approx(a["metrics"][k], rel=1e-4)
+        assert b["metrics"][k] == pytest.approx(a["metrics"][k], rel=1e-9)
     for k in ("is", "precision", "recall"):
         assert b["metrics"][k] == a["metrics"][k]
 
@@ -287,7 +287,7 @@ def test_reference_npz_round_trip_uses_stored_statistics(sets, tmp_path, capsys)
                     cache=sets.cache)[0] == 0
     rep = json.loads(via_npz.read_text())
     assert rep["reference"]["stats_source"].startswith("computed")
-    assert rep["metrics"]["fid"] == pytest.approx(a["metrics"]["fid"], rel=1e-9)
+    assert rep["metrics"]["fid"] == pytest.approx(a["metrics"]["fid"], rel=1e-6)  # recomputed: float32 rounding
 
 
 def test_features_manifest_reference_crops_its_sources(sets, tmp_path, capsys):

@@ -178,9 +178,15 @@ def test_webdataset_source_reads_jpg_cls(tmp_path):
                 ti = tarfile.TarInfo(f"{key}.{ext}")
                 ti.size = len(data)
                 tar.addfile(ti, io.BytesIO(data))
+        for bad in ("../evil.jpg", "/abs.jpg"):  # path traversal in a tar: rejected, never read
+            ti = tarfile.TarInfo(bad)
+            ti.size = 3
+            tar.addfile(ti, io.BytesIO(b"bad"))
     lst = list_source(src)
     assert lst.kind == "webdataset" and [(it.key, it.label) for it in lst.items] == [("img_b", 3), ("img_a", 1)]
-    assert lst.classes == ["0", "1", "2", "3"] and lst.skipped[0]["key"] == "nolabel"
+    assert lst.classes == ["0", "1", "2", "3"]
+    reasons = {s["source"].split(":", 1)[1]: s["reason"] for s in lst.skipped}
+    assert "unsafe" in reasons["../evil.jpg"] and "unsafe" in reasons["/abs.jpg"] and "nolabel" in reasons
     row = decode_shard({"shard": 0, "resolution": 256, "items": json.dumps([it.to_dict() for it in lst.items])})
     assert row["n"] == 2 and len(row["images"]) == 2 * 256 * 256 * 3
     assert json.loads(row["meta"])["samples"][0]["size"] == [320, 300]
@@ -294,3 +300,49 @@ def test_extract_bad_paths(tmp_path):
     assert_user_error(run_module(*base, "--source", str(src), "--out", str(blocker / "out")), str(blocker))
     p = run_module("pipeline", "synth", "--out", str(tmp_path / "s"), "--classes", "0")
     assert_user_error(p, "--classes")
+
+
+def _streaming_actor(tmp_path, batches):
+    """A ShardEncoder whose sample stream is given (the streaming writer under test, no models)."""
+    from pipeline.worker import EncodeConfig, ShardEncoder
+    actor = ShardEncoder.__new__(ShardEncoder)
+    actor.cfg = EncodeConfig(out=str(tmp_path), fingerprint="fp", encoders=[])
+    actor.fields = {}
+    actor._samples = lambda crops, metas: batches()
+    (tmp_path / "shards").mkdir(exist_ok=True)
+    return actor
+
+
+def test_streaming_writer_abandons_tar_when_encoding_fails(tmp_path):
+    def batches():
+        yield _samples()[:2]
+        raise RuntimeError("CUDA error: device lost")
+    actor = _streaming_actor(tmp_path, batches)
+    plan = ShardPlan(0, ())
+    with pytest.raises(RuntimeError, match="device lost"):
+        actor._encode_and_write(plan, None, [{}] * 3, [])
+    assert list((tmp_path / "shards").iterdir()) == []  # no tar, no sidecar, no tmp
+
+
+def test_streaming_writer_disk_full_is_one_line_and_nothing_partial(tmp_path, monkeypatch):
+    import manifests.io as mio
+
+    def batches():
+        for s in _samples():
+            yield [s]
+    actor = _streaming_actor(tmp_path, batches)
+    real_open = open
+
+    def full_open(path, *a, **k):
+        f = real_open(path, *a, **k)
+        f.write = lambda data: (_ for _ in ()).throw(OSError(errno.ENOSPC, os.strerror(errno.ENOSPC)))
+        return f
+    monkeypatch.setattr(mio, "open", full_open, raising=False)
+    with pytest.raises(UserError, match="No space left on device") as e:
+        actor._encode_and_write(ShardPlan(0, ()), None, [{}] * 3, [])
+    assert "train-000000.tar" in str(e.value)
+    assert list((tmp_path / "shards").iterdir()) == []
+    monkeypatch.undo()
+    side = _streaming_actor(tmp_path, batches)._encode_and_write(ShardPlan(0, ()), None, [{}] * 3, [])
+    assert side["nsamples"] == 3 and [s["__key__"] for s in iter_shard(tar_path(tmp_path, ShardPlan(0, ())))] == \
+        ["k0", "k1", "k2"]

@@ -242,4 +242,5 @@ def test_ray_cluster_job_submit(synth_dir, tiny_features, tmp_path):
     first = next(iter_shard(m.shard_paths()[0]))
     crop = np.asarray(adm_center_crop(Image.open(src / first["json"]["source"]), 256))[:, ::-1].copy()
     want = vae_moments(load_vae("tiny-vae"), torch.from_numpy(crop)[None])[0].numpy()
-    np.testing.assert_allclose(first["latent.flip.npy"], want, rtol=1e-3, atol=1e-3)
+    np.testing.assert_allclose(first["latent.flip.npy"], want, rtol=1e-2, atol=5e-3)  # batch 1 vs 8 rounding
+    assert np.abs(first["latent.flip.npy"] - first["latent.npy"]).max() > 0.05  # and not the unflipped one

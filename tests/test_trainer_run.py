@@ -189,13 +189,15 @@ def _corrupt_latent(root: Path, key: str) -> None:
 def test_nan_latent_stops_with_step_and_key_keeping_checkpoint(tmp_path, capsys):
     root = tmp_path / "feat"
     make_features_manifest(root, num=16, classes=4, shard_size=8)
-    bad = int(epoch_permutation(0, 0, 16)[3 * 4 + 1])  # seen at step 3 with batch 4 (ids follow shard order)
+    # Read at data position 3 with batch 4 (ids follow shard order), i.e. by optimiser step 4 (1-based, like
+    # checkpoint names).
+    bad = int(epoch_permutation(0, 0, 16)[3 * 4 + 1])
     _corrupt_latent(root, f"img{bad:05d}")
     run = tmp_path / "run"
     rc, err = run_inproc(args(root, run, steps=6), capsys)
     assert rc == 2
     lines = [x for x in err.splitlines() if x.startswith("error:")]
-    assert len(lines) == 1 and "step 3" in lines[0] and f"img{bad:05d}" in lines[0] and "latent" in lines[0]
+    assert len(lines) == 1 and "step 4:" in lines[0] and f"img{bad:05d}" in lines[0] and "latent" in lines[0]
     assert "0000002.pt" in lines[0] and ckpt(run, 2)["step"] == 2
     assert not (run / "checkpoints" / "0000004.pt").exists()
     # Re-running with a different batch size in the same folder is refused, naming the setting.
@@ -231,6 +233,15 @@ def test_init_from_and_dry_run(feats, tmp_path, capsys):
     torch.save(other.state_dict(), tmp_path / "last.pt")
     rc, err = run_inproc(args(feats, tmp_path / "ft2", steps=1) + ["--init-from", str(tmp_path / "last.pt")], capsys)
     assert rc == 2 and len(err.strip().splitlines()) == 1 and "last.pt" in err, err
+    # An official REPA training dict (args is an argparse.Namespace, loaded through an allowlist).
+    import argparse
+    from safetensors.torch import load_file
+    sd = load_file(export)
+    torch.save({"model": sd, "ema": sd, "opt": {}, "args": argparse.Namespace(model="SiT-XL/2", encoder_depth=2),
+                "steps": 2}, tmp_path / "0000002.pt")
+    rc, err = run_inproc(args(feats, tmp_path / "ft3", steps=1) + ["--init-from", str(tmp_path / "0000002.pt")],
+                         capsys)
+    assert rc == 0, err
     rc = run_cli(trainer_main, args(feats, tmp_path / "dry") + ["--preset", "sit-xl2-repa", "--encoders",
                                                                   "tiny-dinov2", "--enc-depth", "3", "--dry-run"])
     out = json.loads(capsys.readouterr().out)
@@ -251,7 +262,24 @@ def _bad_inputs(feats: Path, tmp: Path) -> list[tuple[list[str], str]]:
     raw["repa"]["schema"] = 99
     (wrong / "manifest.json").write_text(json.dumps(raw))
     (tmp / "afile").write_text("x")
+    notjson = tmp / "notjson"
+    notjson.mkdir()
+    (notjson / "manifest.json").write_text("{not json")
+    noshard = tmp / "noshard"
+    noshard.mkdir()
+    raw = json.loads((feats / "manifest.json").read_text())
+    (noshard / "manifest.json").write_text(json.dumps(raw))  # lists shards that are not beside it
+    import shutil
+    flipped = tmp / "flipped"
+    shutil.copytree(feats, flipped)
+    shard = flipped / "shards" / "train-000001.tar"
+    data = bytearray(shard.read_bytes())
+    data[5000] ^= 0xFF  # same size, different bytes: only --verify can tell
+    shard.write_bytes(bytes(data))
     return [
+        (args(flipped, tmp / "r13", "--verify"), "fails sha256 check"),
+        (args(notjson, tmp / "r11"), "is not valid JSON"),
+        (args(noshard, tmp / "r12"), "does not exist"),
         (args(tmp / "nope", tmp / "r1"), "manifest not found"),
         (args(wrong, tmp / "r2"), "schema version 99"),
         (args(feats, tmp / "r3", "--encoders", "tiny-siglip"), "no field 'tiny-siglip'"),
@@ -269,8 +297,10 @@ def _bad_inputs(feats: Path, tmp: Path) -> list[tuple[list[str], str]]:
 def test_bad_inputs_one_line_exit_2(feats, tmp_path, capsys):
     for argv, needle in _bad_inputs(feats, tmp_path):
         rc, err = run_inproc(argv, capsys)
-        lines = [x for x in err.strip().splitlines() if x.strip()]
-        assert rc == 2 and len(lines) == 1 and lines[0].startswith("error: ") and needle in lines[0], (argv, err)
+        lines = [x for x in err.strip().splitlines() if x.strip()]  # progress bars may precede the error
+        errors = [x for x in lines if x.startswith("error:")]
+        assert rc == 2 and errors == lines[-1:] and needle in lines[-1], (argv, err)
+        assert "Traceback" not in err
         assert not (tmp_path / "r1" / "checkpoints").exists()
 
 

@@ -167,6 +167,8 @@ def setup(cfg: TrainConfig, dry_run: bool = False) -> Run | None:
         print(json.dumps(run_cfg, indent=2))
         return None
     rank, world, device = init_distributed()
+    if device.type == "cpu" and cfg.precision == "fp16" and rank == 0:
+        print("note: no GPU; fp16 autocast on CPU is slow (--precision fp32 or bf16 is faster there)", flush=True)
     check(cfg.batch_size % world == 0, f"--batch-size {cfg.batch_size} is not divisible by {world} ranks")
     local_batch = cfg.batch_size // world
     micro = cfg.micro_batch or local_batch

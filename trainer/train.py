@@ -16,6 +16,7 @@ from manifests import UserError
 
 from . import checkpoint
 from .config import resolve
+from .data import nonfinite_rows
 from .plot import draw_loss_png
 from .runtime import Run, setup, sync_flag
 from .transport import repa_loss
@@ -42,12 +43,14 @@ def save(r: Run, step: int, state: dict) -> None:
         dist.all_gather_object(rngs, rng)
     if r.rank == 0:
         payload = {"model": r.model.state_dict(), "ema": r.ema.state_dict(), "opt": r.opt.state_dict(),
-                   "scaler": r.scaler.state_dict(), "step": step, "rng": rngs, "config": r.run_cfg, **state}
-        state["last_ckpt"] = str(checkpoint.save(r.cfg.run_dir, step, payload))
+                   "scaler": r.scaler.state_dict(), "step": step, "rng": rngs, "config": r.run_cfg,
+                   "skipped": state["skipped"]}
+        checkpoint.save(r.cfg.run_dir, step, payload)
         checkpoint.export_ema(r.cfg.run_dir, step, r.ema.state_dict(), r.run_cfg)
         draw_loss_png(r.stats_path, r.run_dir / "loss.png")
     if r.world > 1:
         dist.barrier()
+    state["last_ckpt"] = str(checkpoint.ckpt_path(r.cfg.run_dir, step))  # every rank names it in errors
 
 
 def params_digest(model: torch.nn.Module) -> str:
@@ -115,6 +118,7 @@ def _loop(r: Run, cfg, step: int, state: dict, pbar, trace) -> int:
         if step >= cfg.steps or stop:
             break
         # 4. One optimiser step over this rank's micro-batches (grad accumulation when more than one).
+        inputs_bad = []
         for micro in range(r.n_micro):
             t0 = time.perf_counter()
             batch = next(loader)
@@ -122,17 +126,17 @@ def _loop(r: Run, cfg, step: int, state: dict, pbar, trace) -> int:
             assert batch["step"] == step, f"loader at step {batch['step']}, loop at {step}"
             if trace is not None:
                 trace.write(json.dumps({"step": step, "micro": micro, "keys": batch["keys"]}) + "\n")
-            if batch["bad"]:
-                key, field = batch["bad"][0]
-                raise UserError(f"step {step}: sample '{key}' has non-finite values in field '{field}' "
-                                f"(corrupt shard?); last good checkpoint: {state['last_ckpt']}")
             x = batch["x"].to(r.device, non_blocking=True)  # (n, C, H, W)
             y = batch["y"].to(r.device, non_blocking=True)  # (n,)
             zs = [z.to(r.device, non_blocking=True).float() for z in batch["zs"]]  # (n, T, z_dim) each
+            # Checked on the device; only read back when the step turns out non-finite (no sync otherwise).
+            inputs_bad.append((batch["keys"], nonfinite_rows(x, zs, cfg.encoders)))
             with r.no_sync(micro < r.n_micro - 1):
                 out = repa_loss(r.net, x, y, zs, path=cfg.path, proj_coeff=cfg.proj_coeff,
                                 proj_loss=cfg.proj_loss, ntxent_tau=cfg.ntxent_tau, amp=r.amp)
                 r.scaler.scale(out.total * (x.shape[0] / r.local_batch)).backward()
+            # The loader reuses its buffers (a ring): make sure this one was not overwritten while in use.
+            assert int(batch["tag"]) == batch["pos0"], "loader buffer overwritten while in use"
             w = x.shape[0] / r.local_batch
             acc[:3] += torch.stack([out.total.detach(), out.denoise.detach(), out.proj.detach()]).double() * w
             images += x.shape[0]
@@ -154,6 +158,12 @@ def _loop(r: Run, cfg, step: int, state: dict, pbar, trace) -> int:
         if finite:
             streak, grad_norm = 0, gn.item()
             continue
+        for keys, fields in inputs_bad:  # corrupt data (a NaN latent, say) stops the run, naming the sample
+            for field, rows in fields:
+                if bool(rows.any()):
+                    key = keys[int(rows.nonzero()[0, 0])]
+                    raise UserError(f"step {step}: sample '{key}' has non-finite values in field '{field}' "
+                                    f"(corrupt shard?); last good checkpoint: {state['last_ckpt']}")
         streak += 1
         skipped_since += 1
         state["skipped"] += 1
