@@ -200,28 +200,45 @@ def test_sigkill_while_writing_cache_is_rebuilt(sets, tmp_path, capsys):
 
 
 def test_incomplete_or_corrupt_cache_entry_is_rebuilt(sets, tmp_path, capsys):
+    from evaluation.features import read_cache
     cache, out = tmp_path / "cache", tmp_path / "r.json"
     args = ("--samples", str(sets.npz), "--reference", str(sets.ref), "--out", str(out))
     assert evaluate(capsys, *args, cache=sets.cache)[0] == 0
     first = json.loads(out.read_text())
-    want = first["metrics"]
     cache.mkdir()
-    entries = [Path(shutil.copy(first[k]["cache_path"], cache)) for k in ("samples", "reference")]
-    with h5py.File(entries[0], "r+") as f:  # as if the 'complete' mark was never written
-        f.attrs["complete"] = False
-    data = entries[1].read_bytes()
-    entries[1].write_bytes(data[: len(data) // 2])  # a truncated copy
+    entry = Path(shutil.copy(first["samples"]["cache_path"], cache))
+    shutil.copy(first["reference"]["cache_path"], cache)
+    key = entry.stem
+    assert read_cache(entry, key) is not None
+
+    def corrupt(name, how):
+        bad = cache / f"{name}.h5"
+        shutil.copy(entry, bad)
+        how(bad)
+        capsys.readouterr()
+        assert read_cache(bad, key) is None and not bad.exists()  # refused and deleted
+        return capsys.readouterr().err
+
+    def unmark(p):  # as if the 'complete' mark was never written
+        with h5py.File(p, "r+") as f:
+            f.attrs["complete"] = False
+
+    def flip(p):  # one changed value fails the checksum
+        with h5py.File(p, "r+") as f:
+            f["mu"][0] += 1.0
+    assert "incomplete" in corrupt("unmarked", unmark)
+    assert "checksum mismatch" in corrupt("flipped", flip)
+    assert "unreadable" in corrupt("truncated", lambda p: p.write_bytes(entry.read_bytes()[: p.stat().st_size // 2]))
+
+    data = entry.read_bytes()
+    entry.write_bytes(data[: len(data) // 2])  # the real entry, truncated: the job rebuilds it
     rc, _, err = evaluate(capsys, *args, cache=cache)
     assert rc == 0, err
-    assert err.count("rebuilding it") == 2
+    assert "rebuilding it" in err
     rep = json.loads(out.read_text())
-    assert rep["samples"]["cache"] == rep["reference"]["cache"] == "miss"
-    assert rep["metrics"] == pytest.approx(want, rel=1e-6)  # recomputed (thread counts may round differently)
-    with h5py.File(entries[0], "r+") as f:  # a flipped value fails the checksum
-        f["mu"][0] += 1.0
-    rc, _, err = evaluate(capsys, *args, cache=cache)
-    assert rc == 0 and "checksum mismatch" in err
-    assert json.loads(out.read_text())["metrics"] == pytest.approx(want, rel=1e-6)
+    assert rep["samples"]["cache"] == "miss" and rep["reference"]["cache"] == "hit"
+    assert rep["metrics"] == pytest.approx(first["metrics"], rel=1e-6)  # recomputed (thread counts may round)
+    assert read_cache(entry, key) is not None
 
 
 def test_disk_full_is_one_line_naming_the_path(sets, tmp_path, capsys, monkeypatch):
