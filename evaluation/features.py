@@ -26,7 +26,7 @@ from .images import ImageSet
 from .inception import LOGIT_DIM, POOL_DIM, SPATIAL_DIM, InceptionFeatures
 from .metrics import statistics
 
-CACHE_VERSION = 1  # bump when what goes into an entry changes
+CACHE_VERSION = 2  # bump when what goes into an entry changes
 ARRAYS = ("pool", "logits", "mu", "sigma", "mu_s", "sigma_s")  # checksummed, in this order
 
 
@@ -106,7 +106,7 @@ def read_cache(path: Path, key: str) -> Activations | None:
     except (OSError, KeyError, ValueError) as e:
         reason = f"unreadable ({e})"
     if reason is not None:
-        print(f"warning: cache {path} is {reason}; rebuilding it", file=sys.stderr)
+        print(f"warning: cache {path} is unusable: {reason}; rebuilding it", file=sys.stderr)
         with contextlib.suppress(OSError):
             path.unlink()
         return None

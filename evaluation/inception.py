@@ -41,7 +41,7 @@ def default_weights_dir() -> Path:
 
 
 class _TFInception(FeatureExtractorInceptionV3):
-    """torch-fidelity's network, built without its own loader (it downloads, or unpickles with weights_only=False)."""
+    """torch-fidelity's network, built without its own loader (it downloads, and it unpickles a given file fully)."""
     _building = False
 
     def __init__(self) -> None:

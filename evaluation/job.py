@@ -208,7 +208,9 @@ def main(argv: Sequence[str] | None = None) -> int:
     kw = dict(batch_size=cfg.batch_size, num_workers=cfg.num_workers, cache_dir=cache_dir, progress=cfg.progress)
 
     ref_acts = compute_activations(ref, model, desc="reference", **kw)
-    stored, stats_source = _use_stored_stats(ref_stats, ref_tag, model, cfg)
+    stored, stats_source = (None, "computed")
+    if ref.kind == "npz":
+        stored, stats_source = _use_stored_stats(ref_stats, ref_tag, model, cfg)
     if stored is not None:
         for k, v in stored.items():
             setattr(ref_acts, k, v)

@@ -1,5 +1,4 @@
 """Evaluation numerics: TF1 resize, sFID layout, FID, IS and precision/recall against known answers."""
-import os
 
 import numpy as np
 import pytest
@@ -102,8 +101,6 @@ def test_eigen_trace_matches_scipy_sqrtm_small():
 
 
 @pytest.mark.slow
-@pytest.mark.skipif(os.environ.get("REPA_EVAL_FULL") != "1", reason="sqrtm at 2048 takes 20-60 s on 2 cores; "
-                    "REPA_EVAL_FULL=1 runs it (make bench prints the same comparison)")
 def test_eigen_trace_matches_scipy_sqrtm_2048():
     """One pair at Inception's size: sqrtm alone takes ~20 s on 2 idle cores (the eigen route ~2 s)."""
     rng = np.random.default_rng(2048)
