@@ -45,8 +45,8 @@ def build_parser() -> argparse.ArgumentParser:
     io = e.add_argument_group("input and output")
     io.add_argument("--source", required=True, help="ImageFolder root (class folders) or folder of jpg+cls tars")
     io.add_argument("--out", required=True, help="output folder: manifest.json + shards/")
-    io.add_argument("--name", default=None, help="manifest name (default: <source>-<res>-features)")
-    io.add_argument("--limit", type=_count, default=None, help="use N inputs spread evenly over the sorted list")
+    io.add_argument("--name", default=None, help="manifest name (None: <source folder name><res>-features)")
+    io.add_argument("--limit", type=_count, default=None, help="use N inputs spread evenly over the sorted list (None: all)")
     io.add_argument("--shard-size", type=_count, default=1000, help="inputs per shard")
     io.add_argument("--verify", action="store_true", help="re-hash finished shards before trusting them, "
                                                           "and verify the manifest's sha256 at the end")
@@ -61,11 +61,11 @@ def build_parser() -> argparse.ArgumentParser:
                     help="dtype of the stored encoder tokens (latent moments are always float32)")
     ru = e.add_argument_group("execution")
     ru.add_argument("--batch-size", type=_count, default=64, help="images per encoder forward pass")
-    ru.add_argument("--num-gpus", type=_count, default=None, help="GPU actors (default: every GPU in the cluster)")
-    ru.add_argument("--num-cpus", type=_count, default=None, help="CPUs for a local Ray (default: all cores)")
+    ru.add_argument("--num-gpus", type=_count, default=None, help="GPU actors (None: every GPU in the cluster)")
+    ru.add_argument("--num-cpus", type=_count, default=None, help="CPUs for a local Ray (None: all cores)")
     ru.add_argument("--precision", default="auto", choices=("auto", "bf16", "fp32"),
                     help="GPU compute: auto = bf16 autocast on CUDA, fp32 on CPU (never fp16)")
-    ru.add_argument("--ray-address", default=None, help="Ray cluster to attach to (default: $RAY_ADDRESS, "
+    ru.add_argument("--ray-address", default=None, help="Ray cluster to attach to (None: $RAY_ADDRESS, "
                                                         "else start a local Ray)")
 
     v = sub.add_parser("verify", help="check a shard set: manifest schema, sizes and sha256", formatter_class=_Fmt)

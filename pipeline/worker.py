@@ -134,12 +134,16 @@ class ShardEncoder:
         if not metas:
             return write_shard_once(out, plan, fp, [], skipped, self.fields)
         q: queue.Queue = queue.Queue(maxsize=4)
-        result: dict[str, Any] = {}
+        result: dict[str, Any] = {"eos": False}
 
         def stream() -> Iterator[dict]:
-            while (item := q.get()) is not _END:
-                if item is _ABORT:
-                    raise RuntimeError(f"shard {plan.name}: encoding failed, tar abandoned")
+            while True:
+                item = q.get()
+                if item is _END or item is _ABORT:
+                    result["eos"] = True
+                    if item is _ABORT:
+                        raise RuntimeError(f"shard {plan.name}: encoding failed, tar abandoned")
+                    return
                 yield from item
 
         def writer() -> None:
@@ -147,8 +151,8 @@ class ShardEncoder:
                 result["side"] = write_shard_once(out, plan, fp, stream(), skipped, self.fields)
             except BaseException as e:  # noqa: BLE001 - handed to the encoding thread below
                 result["error"] = e
-                while q.get() not in (_END, _ABORT):  # drain so the producer never blocks
-                    pass
+                while not result["eos"]:  # drain up to the end mark so the producer never blocks
+                    result["eos"] = q.get() in (_END, _ABORT)
 
         t = threading.Thread(target=writer, name=f"write-{plan.name}", daemon=True)
         t.start()

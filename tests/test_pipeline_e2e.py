@@ -58,18 +58,19 @@ def test_sigkill_at_random_moments_then_resume_is_byte_identical(synth_dir, tiny
     kills = []
     try:
         for k in range(3):
-            # A random moment while shard k is due: after k shards exist, wait U(0, 2.5) s more, then SIGKILL.
+            # A random moment while shard k is due: after k shards exist, wait U(0, 0.8) s more, then SIGKILL.
             p = subprocess.Popen(cmd, env=_env(ray_tmp), cwd=REPO, stdout=subprocess.DEVNULL,
                                  stderr=subprocess.DEVNULL, start_new_session=True)
             while p.poll() is None and len(list((out / "shards").glob("*.json"))) < k:
-                time.sleep(0.05)
-            time.sleep(rng.uniform(0.0, 2.5))
+                time.sleep(0.02)
+            time.sleep(rng.uniform(0.0, 0.8))
             done_before = p.poll() is not None
             p.send_signal(signal.SIGKILL)
             p.wait()
             _kill_group(p.pid)
             kills.append((k, done_before, len(list((out / "shards").glob("*.json")))))
-            assert not (out / "manifest.json").exists() or done_before, f"seed {seed}: manifest before the end"
+            if (out / "manifest.json").exists():  # written only after every shard: it must be whole and true
+                load_manifest(out, verify=True)
         # A finished shard truncated on disk before the last run: the re-run must notice and rebuild it.
         victim = out / "shards" / "train-000000.tar"
         if victim.exists():

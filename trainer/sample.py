@@ -341,13 +341,13 @@ def main(argv: Sequence[str] | None = None) -> int:
     return 0
 
 
+@torch.no_grad()
 def run(cfg: SampleConfig, argv: list[str], rank: int, world: int, local: int) -> None:
     from tqdm import tqdm
 
     from pipeline.encoders import load_vae
     out = ensure_writable_dir(cfg.out)
     set_precision(cfg.precision)
-    torch.set_grad_enabled(False)
     device = torch.device(cfg.device or (f"cuda:{local}" if torch.cuda.is_available() else "cpu"))
     if device.type == "cuda":
         torch.cuda.set_device(device)
