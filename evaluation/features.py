@@ -19,8 +19,7 @@ from pathlib import Path
 import numpy as np
 
 from manifests import UserError
-from manifests.errors import os_error_message
-from manifests.io import TMP_MARK, fsync_dir, tmp_path_for
+from manifests.io import TMP_MARK, atomic_path
 
 from .images import ImageSet
 from .inception import LOGIT_DIM, POOL_DIM, SPATIAL_DIM, InceptionFeatures
@@ -186,13 +185,8 @@ def compute_activations(images: ImageSet, model: InceptionFeatures, *, batch_siz
 def _write_cache(images: ImageSet, model: InceptionFeatures, final: Path, key: str, batch_size: int,
                  num_workers: int, progress: bool, desc: str) -> Activations:
     import h5py
-    try:
-        final.parent.mkdir(parents=True, exist_ok=True)
-    except OSError as e:
-        raise UserError(f"cannot create cache folder {os_error_message(e, final.parent)} (or pass --no-cache)") from e
-    tmp = tmp_path_for(final)
     n = images.count
-    try:
+    with atomic_path(final, "(or pass --no-cache)") as tmp:
         with h5py.File(tmp, "w") as f:
             f.attrs["key"] = key
             f.attrs["complete"] = False
@@ -214,16 +208,4 @@ def _write_cache(images: ImageSet, model: InceptionFeatures, final: Path, key: s
             f.attrs["weights"] = model.weights_id
             f.attrs["count"] = n
             f.attrs["complete"] = True  # last: a reader trusts nothing without it
-        with open(tmp, "rb+") as fh:
-            os.fsync(fh.fileno())
-        os.replace(tmp, final)
-        fsync_dir(final.parent)
-    except OSError as e:
-        with contextlib.suppress(OSError):
-            tmp.unlink()
-        raise UserError(f"cannot write cache {os_error_message(e, final)} (or pass --no-cache)") from e
-    except BaseException:
-        with contextlib.suppress(OSError):
-            tmp.unlink()
-        raise
     return Activations(pool=pool, logits=logits, **stats, cache="miss", cache_path=str(final), timing=timing)

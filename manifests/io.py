@@ -35,32 +35,39 @@ def remove_tmp_files(folder: str | os.PathLike) -> int:
 
 
 @contextlib.contextmanager
-def atomic_open(path: str | os.PathLike, mode: str = "wb") -> Iterator[Any]:
-    """Open a tmp file next to `path`; on clean exit fsync and os.replace it into place.
-
-    On any error the tmp file is removed and an OSError becomes a one-line UserError naming `path`.
-    """
+def atomic_path(path: str | os.PathLike, what: str = "") -> Iterator[Path]:
+    """Yield a tmp path next to `path` for a writer that needs a file name (h5py, tarfile); on clean exit fsync
+    it and os.replace it into place. On any error the tmp file is removed and an OSError becomes a one-line
+    UserError naming `path` (`what` is appended, e.g. a hint)."""
     path = Path(path)
+    hint = f" {what}" if what else ""
     try:
         path.parent.mkdir(parents=True, exist_ok=True)
     except OSError as e:
-        raise UserError(f"cannot create folder {os_error_message(e, path.parent)}") from e
+        raise UserError(f"cannot create folder {os_error_message(e, path.parent)}{hint}") from e
     tmp = tmp_path_for(path)
     try:
-        with open(tmp, mode) as f:
-            yield f
-            f.flush()
+        yield tmp
+        with open(tmp, "rb+") as f:
             os.fsync(f.fileno())
         os.replace(tmp, path)
     except OSError as e:
         with contextlib.suppress(OSError):
             tmp.unlink()
-        raise UserError(f"cannot write {os_error_message(e, path)}") from e
+        raise UserError(f"cannot write {os_error_message(e, path)}{hint}") from e
     except BaseException:
         with contextlib.suppress(OSError):
             tmp.unlink()
         raise
     fsync_dir(path.parent)
+
+
+@contextlib.contextmanager
+def atomic_open(path: str | os.PathLike, mode: str = "wb") -> Iterator[Any]:
+    """Open a tmp file next to `path`; on clean exit fsync and os.replace it into place (see atomic_path)."""
+    with atomic_path(path) as tmp, open(tmp, mode) as f:
+        yield f
+        f.flush()
 
 
 def fsync_dir(folder: str | os.PathLike) -> None:

@@ -17,7 +17,12 @@ EXAMPLES = """examples:
 
 
 class _Fmt(argparse.ArgumentDefaultsHelpFormatter, argparse.RawDescriptionHelpFormatter):
-    pass
+    def _get_help_string(self, action: argparse.Action) -> str:
+        """Show a default only where there is one and the help text doesn't already say it."""
+        text = action.help or ""
+        if action.default in (None, False, argparse.SUPPRESS) or action.required or "default" in text:
+            return text
+        return super()._get_help_string(action)
 
 
 def _count(s: str) -> int:

@@ -252,7 +252,7 @@ def test_disk_full_is_one_line_naming_the_path(sets, tmp_path, capsys, monkeypat
     monkeypatch.setattr(os, "fsync", enospc)
     rc, _, err = evaluate(capsys, "--samples", str(sets.npz), "--reference", str(sets.ref), "--out", str(out),
                           "--num-samples", "5", cache=cache)  # a new cache entry for 5 samples
-    one_line_error(rc, err, "cannot write cache", str(cache), "No space left on device")
+    one_line_error(rc, err, "cannot write", str(cache), "No space left on device", "--no-cache")
     assert sorted(cache.iterdir()) == before  # neither a tmp nor a final entry
     rc, _, err = evaluate(capsys, "--samples", str(sets.npz), "--reference", str(sets.ref), "--out", str(out),
                           cache=cache)  # cache hits: only the report write fails
