@@ -26,14 +26,15 @@ class DemoSize:
     steps: int
     batch_size: int
     ckpt_every: int
+    log_every: int
     num_samples: int
     sample_steps: int
     align_images: int
 
 
-FULL = DemoSize(classes=10, per_class=20, steps=300, batch_size=16, ckpt_every=100, num_samples=64,
+FULL = DemoSize(classes=10, per_class=20, steps=300, batch_size=16, ckpt_every=100, log_every=10, num_samples=64,
                 sample_steps=50, align_images=64)
-FAST = DemoSize(classes=4, per_class=6, steps=30, batch_size=8, ckpt_every=15, num_samples=16,
+FAST = DemoSize(classes=4, per_class=6, steps=30, batch_size=8, ckpt_every=15, log_every=5, num_samples=16,
                 sample_steps=10, align_images=24)
 
 
@@ -72,8 +73,8 @@ def main() -> int:
     run("3/6 train SiT-Debug/2 with REPA",
         ["trainer", "train", "--manifest", str(feats / "manifest.json"), "--run-dir", str(run_dir),
          "--model", "SiT-Debug/2", "--encoders", encoders, "--enc-depth", "2", "--steps", str(size.steps),
-         "--batch-size", str(size.batch_size), "--ckpt-every", str(size.ckpt_every), "--precision", "fp32",
-         "--num-workers", "0"], log)
+         "--batch-size", str(size.batch_size), "--ckpt-every", str(size.ckpt_every),
+         "--log-every", str(size.log_every), "--precision", "fp32", "--num-workers", "0"], log)
     ckpt = sorted((run_dir / "checkpoints").glob("*.pt"))[-1]
     run("4/6 sample (SDE, CFG interval)",
         ["trainer", "sample", "--ckpt", str(ckpt), "--out", str(samples), "--num-samples", str(size.num_samples),

@@ -1,9 +1,10 @@
 """The newcomer's path: every documented command has a --help, and the demo chain runs end to end."""
+import functools
 import json
+import math
 import re
 import subprocess
 import sys
-from pathlib import Path
 
 import pytest
 
@@ -13,14 +14,20 @@ COMMANDS = [("pipeline", "synth"), ("pipeline", "extract"), ("pipeline", "verify
             ("trainer", "sample"), ("evaluation",), ("evaluation", "align")]
 
 
-@pytest.mark.parametrize("cmd", COMMANDS, ids=" ".join)
-def test_help_has_groups_defaults_and_an_example(cmd):
+@functools.lru_cache(maxsize=None)
+def _help(cmd: tuple[str, ...]) -> str:
     p = run_module(*cmd, "--help", timeout=120)
     assert p.returncode == 0, p.stderr
-    out = p.stdout
+    return p.stdout
+
+
+@pytest.mark.parametrize("cmd", COMMANDS, ids=" ".join)
+def test_help_has_groups_defaults_and_an_example(cmd):
+    out = _help(cmd)
     assert out.startswith("usage: "), out[:200]
     assert "example" in out.lower(), f"{' '.join(cmd)} --help has no example"
-    assert "default" in out.lower(), f"{' '.join(cmd)} --help shows no defaults"
+    if re.search(r"^\s+--(?!help)", out, flags=re.M):  # has options: their defaults must show
+        assert "default" in out.lower(), f"{' '.join(cmd)} --help shows no defaults"
 
 
 def test_readme_documents_every_command_and_demo_flag():
@@ -32,7 +39,7 @@ def test_readme_documents_every_command_and_demo_flag():
     # every flag the demo passes must exist in that command's --help, so the README's chain can't rot
     demo = (REPO / "scripts" / "demo.py").read_text()
     for module, flags in _demo_invocations(demo):
-        help_text = run_module(*module, "--help", timeout=120).stdout
+        help_text = _help(module)
         for flag in flags:
             assert re.search(rf"(^|\s|\[){re.escape(flag)}\b", help_text), f"{module}: {flag} not in --help"
 
@@ -61,4 +68,5 @@ def test_demo_chain_end_to_end(tmp_path):
     samples = json.loads((out / "samples" / "manifest.json").read_text())
     assert samples["repa"]["kind"] == "samples" and samples["repa"]["num_samples"] == 16
     stats = [json.loads(ln) for ln in (out / "run" / "stats.jsonl").read_text().splitlines() if ln.strip()]
-    assert stats and all(map(lambda s: s["loss"] == s["loss"], stats))  # finite, logged
+    losses = [s["loss"] for s in stats if "loss" in s]
+    assert len(losses) >= 5 and all(math.isfinite(v) for v in losses)
