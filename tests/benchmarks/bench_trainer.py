@@ -97,14 +97,16 @@ def bench_loader(samples: int, workers: int, micro: int) -> None:
         index = build_index(m, needed_exts(spec, False), cache_dir=Path(tmp) / "index")
         ds = FeatureBatches(index, spec, seed=0, hflip=False)
         steps = samples // micro
-        loader = make_loader(ds, StepSampler(len(index), micro, 0, 1, micro, 0, 0, steps * 3), workers, pin=False)
+        epochs = 4  # a window long enough to average out worker scheduling on a shared machine
+        loader = make_loader(ds, StepSampler(len(index), micro, 0, 1, micro, 0, 0, steps * (epochs + 2)), workers,
+                             pin=False)
         it = iter(loader)
         for _ in range(steps):  # one epoch to start the workers and warm up
             next(it)
         t0 = time.perf_counter()
-        for _ in range(steps):
+        for _ in range(steps * epochs):
             next(it)
-        took = time.perf_counter() - t0
+        took = (time.perf_counter() - t0) / epochs
         del it
         raw_sps, load_sps = samples / raw, samples / took
         print(f"loader, {samples} samples of {total / samples / 1024:.0f} KiB (latent moments + DINOv2-B tokens fp16), "
