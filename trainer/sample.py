@@ -6,7 +6,6 @@ round-robin; a finished shard (tar + sidecar) is kept on a re-run, so after kill
 """
 from __future__ import annotations
 
-import argparse
 import json
 import os
 import sys
@@ -25,122 +24,14 @@ from manifests.io import ensure_writable_dir, remove_tmp_files
 
 from .official import check_state_dict, load_sit_weights
 from .sample_io import decode, png_bytes, write_grid, write_npz
-from .samplers import PATHS, nfe, sample_ode, sample_sde
+from .sample_config import SampleConfig, parse
+from .samplers import nfe, sample_ode, sample_sde
 
-DEFAULT_STEPS = {"sde": 250, "ode": 50}  # REPA generate.py: SDE 250 (paper), ODE 50
 SHARD_NAME = "samples-{:06d}"
 SIDECAR_VERSION = 1
 # Test hook (fault injection): "K:SECONDS" sleeps after shard K's tar is in place and before its sidecar,
 # so a test can SIGKILL the job at the worst moment (the shard must then be redone, not trusted).
 PAUSE_ENV = "REPA_TEST_SAMPLE_PAUSE"
-
-
-@dataclass(kw_only=True)
-class SampleConfig:
-    """Everything that decides the images (batch size and world size do not)."""
-    ckpt: str
-    out: str
-    num_samples: int = 50_000
-    mode: str = "sde"
-    steps: int | None = None  # None: 250 for sde, 50 for ode
-    heun: bool = False
-    cfg_scale: float = 1.0
-    guidance_low: float = 0.0
-    guidance_high: float = 1.0
-    seed: int = 0
-    balanced: bool = False
-    batch_size: int = 64
-    shard_size: int = 1000
-    npz: bool = False
-    vae: str | None = None  # None: the VAE named in the checkpoint config, else sd-vae-ft-ema
-    precision: str = "tf32"
-    device: str | None = None
-    # Model flags for official checkpoints (ours carry config.json).
-    model: str | None = None
-    encoder_depth: int | None = None
-    projector_embed_dims: str | None = None
-    resolution: int | None = None
-    num_classes: int | None = None
-    path: str | None = None
-
-
-class _Parser(argparse.ArgumentParser):
-    def error(self, message: str):  # one line and exit 2 through run_cli, not argparse's usage dump
-        raise UserError(f"{message} (see python -m trainer sample --help)")
-
-
-def _count(text: str) -> int:
-    try:
-        v = int(text)
-    except ValueError:
-        raise argparse.ArgumentTypeError(f"expected a positive integer, got {text!r}") from None
-    if v <= 0:
-        raise argparse.ArgumentTypeError(f"must be a positive integer, got {v}")
-    return v
-
-
-def _nonneg(text: str) -> int:
-    v = int(text)
-    if v < 0:
-        raise argparse.ArgumentTypeError(f"must be >= 0, got {v}")
-    return v
-
-
-class _Formatter(argparse.ArgumentDefaultsHelpFormatter, argparse.RawDescriptionHelpFormatter):
-    """Defaults shown, epilog examples kept as written."""
-
-
-def build_parser() -> argparse.ArgumentParser:
-    p = _Parser(prog="python -m trainer sample", formatter_class=_Formatter,
-                description="Generate images from a SiT checkpoint into PNG shards and a samples manifest.",
-                epilog="example (the paper's FID 1.42 setting):\n  torchrun --nproc-per-node 8 -m trainer sample "
-                       "--ckpt RUN --out samples --num-samples 50000 --mode sde --steps 250 --cfg-scale 1.8 "
-                       "--guidance-high 0.7 --npz\n"
-                       "an official REPA file:\n  python -m trainer sample --out samples --ckpt SiT-XL-2-256.pt "
-                       "--model SiT-XL/2 --encoder-depth 8 --projector-embed-dims 768")
-    io_ = p.add_argument_group("input/output")
-    io_.add_argument("--ckpt", required=True, help="our .pt / export .safetensors / run folder / official REPA file")
-    io_.add_argument("--out", required=True, help="output folder (shards/, manifest.json, grid.png)")
-    io_.add_argument("--npz", action="store_true", help="also write samples.npz (arr_0, N×H×W×3 uint8) for ADM")
-    io_.add_argument("--shard-size", type=_count, default=1000, help="samples per tar shard (the resume unit)")
-    s = p.add_argument_group("sampling")
-    s.add_argument("--num-samples", type=_count, default=50_000, help="images to generate (indices 0..N-1)")
-    s.add_argument("--mode", choices=("sde", "ode"), default="sde", help="Euler–Maruyama SDE or Euler/Heun ODE")
-    s.add_argument("--steps", type=_count, default=None, help="default: 250 (sde) or 50 (ode)")
-    s.add_argument("--heun", action="store_true", help="Heun instead of Euler (ode only)")
-    s.add_argument("--cfg-scale", type=float, default=1.0, help="1 = no guidance; the paper uses 1.8")
-    s.add_argument("--guidance-low", type=float, default=0.0, help="CFG applies only for low <= t <= high")
-    s.add_argument("--guidance-high", type=float, default=1.0, help="the paper uses 0.7")
-    s.add_argument("--seed", type=_nonneg, default=0, help="sample i's label and noise come from (seed, i)")
-    s.add_argument("--balanced", action="store_true", help="an equal number of samples per class")
-    r = p.add_argument_group("runtime")
-    r.add_argument("--batch-size", type=_count, default=64, help="per rank; does not change the images")
-    r.add_argument("--precision", choices=("fp32", "tf32", "bf16"), default="tf32",
-                   help="SiT matmuls; the state stays float64 (tf32 is the reference's setting)")
-    r.add_argument("--device", default=None, help="default: cuda:LOCAL_RANK if available, else cpu")
-    r.add_argument("--vae", default=None, help="NAME[=PATH]; default: the checkpoint's VAE, else sd-vae-ft-ema")
-    m = p.add_argument_group("model (official checkpoints; ours carry config.json)")
-    m.add_argument("--model", default=None, help="e.g. SiT-XL/2 (default for official files)")
-    m.add_argument("--encoder-depth", type=_count, default=None, help="default 8 for official files")
-    m.add_argument("--projector-embed-dims", default=None, help="comma list, default 768 for official files")
-    m.add_argument("--resolution", type=_count, default=None, help="default 256 for official files")
-    m.add_argument("--num-classes", type=_count, default=None, help="default 1000 for official files")
-    m.add_argument("--path", choices=PATHS, default=None, help="interpolant; default from the checkpoint")
-    return p
-
-
-def parse(argv: Sequence[str]) -> SampleConfig:
-    cfg = SampleConfig(**vars(build_parser().parse_args(list(argv))))
-    if cfg.steps is None:
-        cfg.steps = DEFAULT_STEPS[cfg.mode]
-    if cfg.heun and cfg.mode != "ode":
-        raise UserError("--heun applies to --mode ode only")
-    if cfg.cfg_scale < 1.0:
-        raise UserError(f"--cfg-scale must be >= 1 (1 = no guidance), got {cfg.cfg_scale}")
-    if not 0.0 <= cfg.guidance_low <= cfg.guidance_high <= 1.0:
-        raise UserError(f"need 0 <= --guidance-low <= --guidance-high <= 1, got {cfg.guidance_low}, "
-                        f"{cfg.guidance_high}")
-    return cfg
 
 
 # ---- model ----------------------------------------------------------------------------------------------------
