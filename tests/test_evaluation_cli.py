@@ -1,7 +1,6 @@
 """`python -m evaluation` end to end with random Inception weights on tiny image sets: formats, references,
 the HDF5 cache (hit, SIGKILL mid-write, corrupt entries), ENOSPC and the bad-input matrix."""
 import errno
-import io
 import json
 import os
 import shutil
@@ -10,7 +9,6 @@ import subprocess
 import sys
 import time
 from pathlib import Path
-from types import SimpleNamespace
 
 import h5py
 import numpy as np
@@ -18,74 +16,11 @@ import pytest
 import torch
 from PIL import Image
 
-from helpers import REPO, assert_user_error, make_features_manifest, run_module
-from manifests import Manifest, ShardEntry, run_cli, sha256_file, write_manifest, write_shard
+from helpers import REPO, make_features_manifest, run_module
+from manifests import sha256_file
 
-RES, N = 32, 6  # Inception resizes to 299 whatever the size: small images cost no less, few images do
+from eval_sets import N, RES, _tmp_files, evaluate, one_line_error, sets  # noqa: F401 (sets is a fixture)
 
-
-def png_bytes(arr: np.ndarray) -> bytes:
-    buf = io.BytesIO()
-    Image.fromarray(arr).save(buf, format="PNG")
-    return buf.getvalue()
-
-
-def write_samples_manifest(root: Path, images: np.ndarray, shard_size: int = 4) -> Path:
-    entries = []
-    for j in range(0, len(images), shard_size):
-        samples = [{"__key__": f"sample_{i:07d}", "png": png_bytes(images[i]), "cls": i % 2}
-                   for i in range(j, min(j + shard_size, len(images)))]
-        info = write_shard(root / "shards" / f"samples-{j // shard_size:06d}.tar", samples)
-        entries.append(ShardEntry(url=f"shards/{info.path.name}", nsamples=len(info.keys), sha256=info.sha256,
-                                  bytes=info.bytes))
-    h, w = images.shape[1:3]
-    write_manifest(Manifest(root=root, name="test-samples", shardlist=entries, kind="samples",
-                            num_samples=len(images), fields={"png": {"dtype": "uint8", "shape": [h, w, 3],
-                                                                     "codec": "png"},
-                                                             "cls": {"dtype": "int64", "shape": []}}))
-    return root
-
-
-def write_folder(root: Path, images, ext="png") -> Path:
-    root.mkdir(parents=True, exist_ok=True)
-    for i, im in enumerate(images):
-        Image.fromarray(im).save(root / f"{i:04d}.{ext}")
-    return root
-
-
-@pytest.fixture(scope="module")
-def sets(tmp_path_factory):
-    root = tmp_path_factory.mktemp("evalsets")
-    rng = np.random.default_rng(0)
-    smp = rng.integers(0, 256, (N, RES, RES, 3), dtype=np.uint8)
-    smp[:, :16] //= 2  # some structure so the sets differ in more than noise
-    ref_big = rng.integers(0, 256, (N, 40, 48, 3), dtype=np.uint8)  # non-square: the ADM crop applies
-    np.savez(root / "samples.npz", arr_0=smp)
-    return SimpleNamespace(
-        root=root, images=smp, npz=root / "samples.npz",
-        manifest=write_samples_manifest(root / "samples", smp), folder=write_folder(root / "samples_png", smp),
-        ref=write_folder(root / "ref", ref_big, "png"), cache=root / "cache")
-
-
-def evaluate(capsys, *args, cache=None, weights="random:0"):
-    """Run the CLI in-process (imports once per session); returns (rc, stdout, stderr)."""
-    from evaluation.__main__ import main
-    argv = [*args, "--inception-weights", weights, "--no-progress", "--batch-size", "4", "--num-workers", "2"]
-    if cache is not None:
-        argv += ["--cache-dir", str(cache)]
-    elif "--no-cache" not in args:
-        argv += ["--no-cache"]
-    capsys.readouterr()
-    rc = run_cli(main, argv)
-    out, err = capsys.readouterr()
-    return rc, out, err
-
-
-def one_line_error(rc, err, *needles):
-    assert_user_error(subprocess.CompletedProcess([], rc, "", err), *needles)
-
-
-# ---- end to end -----------------------------------------------------------------------------------------------
 
 @pytest.mark.slow
 def test_cli_end_to_end_subprocess(sets, tmp_path):
@@ -155,10 +90,6 @@ def test_cache_hit_skips_the_forward_pass(sets, tmp_path, capsys, monkeypatch):
     assert second["samples"]["cache"] == second["reference"]["cache"] == "hit"
     assert second["metrics"] == first["metrics"]
     assert second["timing"]["forward_s"] == 0
-
-
-def _tmp_files(folder: Path):
-    return sorted(p for p in folder.glob(".tmp-*")) if folder.exists() else []
 
 
 @pytest.mark.slow
@@ -345,116 +276,3 @@ def test_weights_file_in_either_layout_loads(tmp_path):
     x = np.random.default_rng(0).integers(0, 256, (1, 24, 24, 3), dtype=np.uint8)
     a, b = ref(x), loaded(x)
     assert torch.equal(a.pool, b.pool) and torch.equal(a.spatial, b.spatial) and torch.equal(a.logits, b.logits)
-
-
-# ---- bad inputs -----------------------------------------------------------------------------------------------
-
-@pytest.fixture(scope="module")
-def bad(sets, tmp_path_factory):
-    root = tmp_path_factory.mktemp("bad")
-    rng = np.random.default_rng(2)
-    np.savez(root / "no_arr0.npz", images=sets.images)
-    np.savez(root / "object.npz", arr_0=np.array([{"a": 1}, None], dtype=object))
-    np.savez(root / "float.npz", arr_0=sets.images.astype(np.float32))
-    np.savez(root / "small.npz", arr_0=rng.integers(0, 256, (N, 24, 24, 3), dtype=np.uint8))
-    np.savez(root / "mu_only.npz", arr_0=sets.images, mu=np.zeros(2048))
-    np.savez(root / "bad_mu.npz", arr_0=sets.images, mu=np.zeros(100), sigma=np.eye(100))
-    np.savez(root / "object_mu.npz", arr_0=sets.images, mu=np.array([None] * 3, dtype=object))
-    mixed = write_folder(root / "mixed", list(sets.images[:5]))
-    Image.fromarray(rng.integers(0, 256, (RES + 2, RES, 3), dtype=np.uint8)).save(mixed / "0005.png")
-    corrupt = write_folder(root / "corrupt", list(sets.images[:5]))
-    (corrupt / "0002.png").write_bytes(png_bytes(sets.images[2])[:60])
-    (root / "empty").mkdir()
-    badshard = root / "badshard"
-    write_samples_manifest(badshard, sets.images)
-    imgs = sets.images.copy()
-    entries = []
-    samples = [{"__key__": f"sample_{i:07d}", "png": png_bytes(imgs[i]) if i != 3 else b"\x89PNG not really",
-                "cls": 0} for i in range(N)]
-    info = write_shard(root / "badpng" / "shards" / "samples-000000.tar", samples)
-    entries.append(ShardEntry(url=f"shards/{info.path.name}", nsamples=N, sha256=info.sha256, bytes=info.bytes))
-    write_manifest(Manifest(root=root / "badpng", name="bad", shardlist=entries, kind="samples", num_samples=N,
-                            fields={"png": {"dtype": "uint8", "shape": [RES, RES, 3], "codec": "png"}}))
-    (root / "afile").write_text("x")
-    torch.save({"conv.weight": torch.zeros(1)}, root / "wrong_keys.pth")
-    return root
-
-
-BAD_CASES = {
-    "missing samples": (lambda s, b: ["--samples", str(b / "nope"), "--reference", str(s.ref)], ["not found", "nope"]),
-    "missing reference": (lambda s, b: ["--samples", str(s.npz), "--reference", str(b / "nope.npz")], ["nope.npz"]),
-    "empty folder": (lambda s, b: ["--samples", str(b / "empty"), "--reference", str(s.ref)], ["no .png"]),
-    "size mismatch": (lambda s, b: ["--samples", str(s.npz), "--reference", str(b / "small.npz")],
-                      ["32x32", "24x24"]),
-    "npz without arr_0": (lambda s, b: ["--samples", str(b / "no_arr0.npz"), "--reference", str(s.ref)],
-                          ["'arr_0'", "no_arr0.npz"]),
-    "object array npz": (lambda s, b: ["--samples", str(b / "object.npz"), "--reference", str(s.ref)],
-                         ["object array", "allow_pickle=False"]),
-    "object array stats": (lambda s, b: ["--samples", str(s.npz), "--reference", str(b / "object_mu.npz")],
-                           ["object array"]),
-    "non-uint8": (lambda s, b: ["--samples", str(b / "float.npz"), "--reference", str(s.ref)], ["float32", "uint8"]),
-    "too few samples": (lambda s, b: ["--samples", str(s.npz), "--reference", str(s.ref), "--num-samples", "50"],
-                        ["fewer than --num-samples 50"]),
-    "zero count": (lambda s, b: ["--samples", str(s.npz), "--reference", str(s.ref), "--num-samples", "0"],
-                   ["--num-samples"]),
-    "mixed sizes": (lambda s, b: ["--samples", str(b / "mixed"), "--reference", str(s.ref)],
-                    ["0005.png", "mixed image sizes"]),
-    "corrupt png": (lambda s, b: ["--samples", str(b / "corrupt"), "--reference", str(s.ref)], ["0002.png"]),
-    "corrupt png in shard": (lambda s, b: ["--samples", str(b / "badpng"), "--reference", str(s.ref)],
-                             ["sample_0000003"]),
-    "mu without sigma": (lambda s, b: ["--samples", str(s.npz), "--reference", str(b / "mu_only.npz")],
-                         ["'mu' without 'sigma'"]),
-    "bad stats shape": (lambda s, b: ["--samples", str(s.npz), "--reference", str(b / "bad_mu.npz")],
-                        ["'mu' has shape [100]"]),
-    "unwritable out": (lambda s, b: ["--samples", str(s.npz), "--reference", str(s.ref), "--out",
-                                     str(b / "afile" / "r.json")], ["not writable", "afile"]),
-    "no samples": (lambda s, b: ["--reference", str(s.ref)], ["--samples is required"]),
-}
-
-
-@pytest.mark.parametrize("case", sorted(BAD_CASES))
-def test_bad_input_is_one_line_exit_2(case, sets, bad, tmp_path, capsys):
-    make_args, needles = BAD_CASES[case]
-    args = make_args(sets, bad)
-    if "--out" not in args:
-        args += ["--out", str(tmp_path / "r.json")]
-    rc, _, err = evaluate(capsys, *args, cache=sets.cache)  # the reference's entry hits: failures come fast
-    one_line_error(rc, err, *needles)
-    assert not _tmp_files(sets.cache) and not (tmp_path / "r.json").exists()
-
-
-def test_weights_errors(sets, bad, tmp_path, capsys, monkeypatch):
-    base = ["--samples", str(sets.npz), "--reference", str(sets.ref), "--out", str(tmp_path / "r.json")]
-    rc, _, err = evaluate(capsys, *base, weights=str(tmp_path / "missing.pth"))
-    one_line_error(rc, err, "Inception weights not found", "missing.pth")
-    rc, _, err = evaluate(capsys, *base, weights=str(bad / "wrong_keys.pth"))
-    one_line_error(rc, err, "wrong_keys.pth", "do not match")
-    rc, _, err = evaluate(capsys, *base, weights="random:abc")
-    one_line_error(rc, err, "random:SEED")
-    monkeypatch.setenv("TORCH_HOME", str(tmp_path / "torchhome"))
-    from evaluation.__main__ import main
-    capsys.readouterr()
-    rc = run_cli(main, [*base, "--no-cache", "--no-progress"])
-    one_line_error(rc, capsys.readouterr().err, "download", str(tmp_path / "torchhome" / "hub" / "checkpoints"),
-                   "--inception-weights")
-    if not torch.cuda.is_available():
-        rc, _, err = evaluate(capsys, *base, "--device", "cuda")
-        one_line_error(rc, err, "--device cuda")
-
-
-def test_bad_input_subprocess_has_no_traceback(sets, tmp_path):
-    p = run_module("evaluation", "--samples", str(tmp_path / "missing.npz"), "--reference", str(sets.ref),
-                   "--inception-weights", "random:0", timeout=120)
-    assert_user_error(p, "missing.npz")
-
-
-def test_align_is_dispatched_lazily(monkeypatch):
-    import types
-
-    from evaluation.__main__ import main
-    seen = {}
-    stub = types.ModuleType("evaluation.align_cli")
-    stub.main = lambda argv: seen.setdefault("argv", list(argv)) and 0
-    monkeypatch.setitem(sys.modules, "evaluation.align_cli", stub)
-    assert main(["align", "--k", "10"]) == 0
-    assert seen["argv"] == ["--k", "10"]
