@@ -70,3 +70,12 @@ def test_demo_chain_end_to_end(tmp_path):
     stats = [json.loads(ln) for ln in (out / "run" / "stats.jsonl").read_text().splitlines() if ln.strip()]
     losses = [s["loss"] for s in stats if "loss" in s]
     assert len(losses) >= 5 and all(math.isfinite(v) for v in losses)
+
+
+def test_reliability_table_names_real_tests():
+    readme = (REPO / "README.md").read_text()
+    sources = {p.name: p.read_text() for p in (REPO / "tests").glob("test_*.py")}
+    named = re.findall(r"(test_\w+\.py)::(test_\w+)", readme)
+    assert len(named) >= 15
+    for fname, test in named:
+        assert fname in sources and f"def {test}" in sources[fname], f"README names {fname}::{test}, which is gone"
