@@ -13,6 +13,7 @@ from typing import Any, Sequence
 import numpy as np
 
 from manifests import UserError, atomic_open
+from manifests.cli import ArgumentParser, positive_int
 from manifests.io import ensure_writable_dir
 
 EXAMPLE = """examples:
@@ -47,49 +48,34 @@ class EvalConfig:
     progress: bool = True
 
 
-class _Parser(argparse.ArgumentParser):
-    def error(self, message: str):  # one line, exit 2, through run_cli
-        raise UserError(f"{self.prog}: {message}")
-
-
-def _positive(text: str) -> int:
-    try:
-        v = int(text)
-    except ValueError as e:
-        raise argparse.ArgumentTypeError(f"{text!r} is not an integer") from e
-    if v <= 0:
-        raise argparse.ArgumentTypeError(f"must be > 0, got {text}")
-    return v
-
-
 def build_parser() -> argparse.ArgumentParser:
     d = EvalConfig()
-    p = _Parser(prog="python -m evaluation", formatter_class=argparse.RawDescriptionHelpFormatter,
+    p = ArgumentParser(prog="python -m evaluation", formatter_class=argparse.RawDescriptionHelpFormatter,
                 description="FID, sFID, IS, precision and recall as the ADM evaluator computes them, in PyTorch.",
                 epilog=EXAMPLE)
     g = p.add_argument_group("inputs")
     g.add_argument("--samples", help="samples manifest (or its folder), ADM-style .npz (arr_0), or a folder of PNGs")
     g.add_argument("--reference", required=True,
                    help="ADM reference .npz, features manifest, or image folder (centre-cropped to the sample size)")
-    g.add_argument("--num-samples", type=_positive, help="expected sample count: fewer is an error, more are cut "
+    g.add_argument("--num-samples", type=positive_int, help="expected sample count: fewer is an error, more are cut "
                    "(default: all)")
     g.add_argument("--write-reference", metavar="OUT.npz", help="write the reference as an ADM-format batch "
                    "(arr_0, mu, sigma, mu_s, sigma_s); --samples becomes optional")
-    g.add_argument("--resolution", type=_positive, help="centre-crop a folder reference to this size "
+    g.add_argument("--resolution", type=positive_int, help="centre-crop a folder reference to this size "
                    "(default: the sample size)")
     g = p.add_argument_group("network")
     g.add_argument("--inception-weights", metavar="PATH|random:SEED",
                    help="converted 2015 TF Inception weights (default: torch-fidelity's cached download); "
                         "random:SEED is for tests and marks the report 'not comparable'")
     g.add_argument("--device", default=d.device, choices=["auto", "cpu", "cuda"], help="(default: %(default)s)")
-    g.add_argument("--batch-size", type=_positive, default=d.batch_size, help="(default: %(default)s)")
-    g.add_argument("--num-workers", type=_positive, default=d.num_workers, help="image decoding threads "
+    g.add_argument("--batch-size", type=positive_int, default=d.batch_size, help="(default: %(default)s)")
+    g.add_argument("--num-workers", type=positive_int, default=d.num_workers, help="image decoding threads "
                    "(default: %(default)s)")
     g = p.add_argument_group("metrics")
     g.add_argument("--pr-dtype", default=d.pr_dtype, choices=["float32", "float16"],
                    help="distance precision for P/R; float16 reproduces ADM (default: %(default)s)")
-    g.add_argument("--pr-k", type=_positive, default=d.pr_k, help="k-NN radius for P/R (default: %(default)s)")
-    g.add_argument("--is-split", type=_positive, default=d.is_split, help="IS split size (default: %(default)s)")
+    g.add_argument("--pr-k", type=positive_int, default=d.pr_k, help="k-NN radius for P/R (default: %(default)s)")
+    g.add_argument("--is-split", type=positive_int, default=d.is_split, help="IS split size (default: %(default)s)")
     g.add_argument("--recompute-reference-stats", action="store_true",
                    help="ignore a reference .npz's stored mu/sigma and compute them from its arr_0")
     g = p.add_argument_group("output")

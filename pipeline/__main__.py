@@ -6,6 +6,7 @@ import sys
 from typing import Sequence
 
 from manifests import run_cli
+from manifests.cli import ArgumentParser, HelpFormatter
 
 EXAMPLES = """examples:
   python -m pipeline synth --out data/synth --classes 10 --per-class 20
@@ -14,15 +15,6 @@ EXAMPLES = """examples:
   ray job submit --working-dir . -- python -m pipeline extract --source /nfs/in/train --out /nfs/in256
   python -m pipeline verify /data/in256
 """
-
-
-class _Fmt(argparse.ArgumentDefaultsHelpFormatter, argparse.RawDescriptionHelpFormatter):
-    def _get_help_string(self, action: argparse.Action) -> str:
-        """Show a default only where there is one and the help text doesn't already say it."""
-        text = action.help or ""
-        if action.default in (None, False, argparse.SUPPRESS) or action.required or "default" in text:
-            return text
-        return super()._get_help_string(action)
 
 
 def _count(s: str) -> int:
@@ -35,10 +27,10 @@ def _count(s: str) -> int:
 
 def build_parser() -> argparse.ArgumentParser:
     from .presets import ENCODERS
-    p = argparse.ArgumentParser(prog="python -m pipeline", description=__doc__, epilog=EXAMPLES, formatter_class=_Fmt)
+    p = ArgumentParser(prog="python -m pipeline", description=__doc__, epilog=EXAMPLES, formatter_class=HelpFormatter)
     sub = p.add_subparsers(dest="cmd", required=True)
 
-    s = sub.add_parser("synth", help="write the embedded synthetic ImageFolder", formatter_class=_Fmt,
+    s = sub.add_parser("synth", help="write the embedded synthetic ImageFolder", formatter_class=HelpFormatter,
                        epilog=EXAMPLES)
     s.add_argument("--out", required=True, help="output folder (ImageFolder: OUT/<wnid>/*.JPEG)")
     s.add_argument("--classes", type=_count, default=10, help="number of classes")
@@ -46,7 +38,7 @@ def build_parser() -> argparse.ArgumentParser:
     s.add_argument("--seed", type=int, default=0, help="random seed")
 
     e = sub.add_parser("extract", help="images -> VAE moments + encoder tokens in WebDataset shards",
-                       formatter_class=_Fmt, epilog=EXAMPLES)
+                       formatter_class=HelpFormatter, epilog=EXAMPLES)
     io = e.add_argument_group("input and output")
     io.add_argument("--source", required=True, help="ImageFolder root (class folders) or folder of jpg+cls tars")
     io.add_argument("--out", required=True, help="output folder: manifest.json + shards/")
@@ -73,7 +65,7 @@ def build_parser() -> argparse.ArgumentParser:
     ru.add_argument("--ray-address", default=None, help="Ray cluster to attach to (None: $RAY_ADDRESS, "
                                                         "else start a local Ray)")
 
-    v = sub.add_parser("verify", help="check a shard set: manifest schema, sizes and sha256", formatter_class=_Fmt,
+    v = sub.add_parser("verify", help="check a shard set: manifest schema, sizes and sha256", formatter_class=HelpFormatter,
                        description="Check a shard set: manifest schema, shard paths and sizes, and every sha256.",
                        epilog="example:\n  python -m pipeline verify /data/in256")
     v.add_argument("manifest", help="manifest.json or the folder holding it")

@@ -6,7 +6,8 @@ import json
 from dataclasses import asdict, dataclass, fields
 from typing import Any, Sequence
 
-from manifests import UserError, check
+from manifests import check
+from manifests.cli import ArgumentParser, nonneg_int, positive_float, positive_int
 
 from .models import SiT_models
 from .transport import PATHS, PROJ_LOSSES
@@ -79,36 +80,9 @@ def _encoders(text: str) -> list[str]:
     return [e.strip() for e in text.split(",") if e.strip()]
 
 
-def _positive(kind):
-    def parse(text: str):
-        try:
-            v = kind(text)
-        except ValueError as e:
-            raise argparse.ArgumentTypeError(f"{text!r} is not a number") from e
-        if v <= 0:
-            raise argparse.ArgumentTypeError(f"must be > 0, got {text}")
-        return v
-    return parse
-
-
-def _nonneg_int(text: str) -> int:
-    try:
-        v = int(text)
-    except ValueError as e:
-        raise argparse.ArgumentTypeError(f"{text!r} is not an integer") from e
-    if v < 0:
-        raise argparse.ArgumentTypeError(f"must be >= 0, got {text}")
-    return v
-
-
-class _Parser(argparse.ArgumentParser):
-    def error(self, message: str):  # one line, exit 2, through run_cli
-        raise UserError(f"{self.prog}: {message}")
-
-
 def build_parser() -> argparse.ArgumentParser:
     d = TrainConfig()
-    p = _Parser(prog="python -m trainer train", formatter_class=argparse.RawDescriptionHelpFormatter,
+    p = ArgumentParser(prog="python -m trainer train", formatter_class=argparse.RawDescriptionHelpFormatter,
                 description="Train SiT + REPA on precomputed VAE moments and encoder features (DESIGN §4).",
                 epilog="example:\n  python -m trainer train --manifest feats/ --run-dir runs/xl --preset sit-xl2-repa\n"
                        "  torchrun --nproc-per-node 8 -m trainer train --manifest feats/ --run-dir runs/xl "
@@ -124,34 +98,34 @@ def build_parser() -> argparse.ArgumentParser:
     g.add_argument("--model", choices=sorted(SiT_models), help=f"(default {d.model})")
     g.add_argument("--encoders", type=_encoders, help="comma list of encoder fields, or 'none' "
                    "(default: every encoder field of the manifest)")
-    g.add_argument("--enc-depth", type=_positive(int), help="align after this block, 1-based (default 8)")
-    g.add_argument("--projector-dim", type=_positive(int), help="(default 2048)")
+    g.add_argument("--enc-depth", type=positive_int, help="align after this block, 1-based (default 8)")
+    g.add_argument("--projector-dim", type=positive_int, help="(default 2048)")
     g.add_argument("--class-dropout-prob", type=float, help=f"label drop for CFG (default {d.class_dropout_prob})")
     g = p.add_argument_group("objective")
     g.add_argument("--proj-coeff", type=float, help=f"REPA weight lambda (default {d.proj_coeff})")
     g.add_argument("--proj-loss", choices=PROJ_LOSSES, help=f"(default {d.proj_loss})")
-    g.add_argument("--ntxent-tau", type=_positive(float), help=f"NT-Xent temperature (default {d.ntxent_tau})")
+    g.add_argument("--ntxent-tau", type=positive_float, help=f"NT-Xent temperature (default {d.ntxent_tau})")
     g.add_argument("--path", choices=PATHS, help=f"interpolant (default {d.path})")
     g = p.add_argument_group("optimisation")
-    g.add_argument("--batch-size", type=_positive(int), help=f"global batch (default {d.batch_size})")
-    g.add_argument("--micro-batch", type=_nonneg_int, help="per-GPU images per pass; smaller than the per-GPU "
+    g.add_argument("--batch-size", type=positive_int, help=f"global batch (default {d.batch_size})")
+    g.add_argument("--micro-batch", type=nonneg_int, help="per-GPU images per pass; smaller than the per-GPU "
                    "batch means grad accumulation (default 0 = no accumulation)")
-    g.add_argument("--steps", type=_positive(int), help=f"(default {d.steps})")
-    g.add_argument("--lr", type=_positive(float), help=f"(default {d.lr})")
-    g.add_argument("--grad-clip", type=_positive(float), help=f"(default {d.grad_clip})")
+    g.add_argument("--steps", type=positive_int, help=f"(default {d.steps})")
+    g.add_argument("--lr", type=positive_float, help=f"(default {d.lr})")
+    g.add_argument("--grad-clip", type=positive_float, help=f"(default {d.grad_clip})")
     g.add_argument("--ema-decay", type=float, help=f"(default {d.ema_decay})")
     g.add_argument("--precision", choices=PRECISIONS, help=f"(default {d.precision})")
-    g.add_argument("--loss-scale-init", type=_positive(float), help=f"fp16 GradScaler init (default {d.loss_scale_init:g})")
+    g.add_argument("--loss-scale-init", type=positive_float, help=f"fp16 GradScaler init (default {d.loss_scale_init:g})")
     g.add_argument("--compile", action="store_true", default=None, help="torch.compile the model")
     g = p.add_argument_group("data")
     g.add_argument("--seed", type=int, help=f"(default {d.seed})")
-    g.add_argument("--num-workers", type=_nonneg_int, help=f"loader workers per rank (default {d.num_workers})")
+    g.add_argument("--num-workers", type=nonneg_int, help=f"loader workers per rank (default {d.num_workers})")
     g.add_argument("--hflip", action="store_true", default=None, help="use the flipped twins (p=0.5)")
     g.add_argument("--verify", action="store_true", default=None, help="check shard sha256 before step 0")
     g = p.add_argument_group("run")
-    g.add_argument("--ckpt-every", type=_positive(int), help=f"(default {d.ckpt_every})")
-    g.add_argument("--log-every", type=_positive(int), help=f"stats.jsonl interval (default {d.log_every})")
-    g.add_argument("--max-nonfinite", type=_positive(int), help=f"consecutive non-finite losses that stop "
+    g.add_argument("--ckpt-every", type=positive_int, help=f"(default {d.ckpt_every})")
+    g.add_argument("--log-every", type=positive_int, help=f"stats.jsonl interval (default {d.log_every})")
+    g.add_argument("--max-nonfinite", type=positive_int, help=f"consecutive non-finite losses that stop "
                    f"the run (default {d.max_nonfinite})")
     g.add_argument("--trace-data", action="store_true", default=None, help="log each step's sample keys per rank")
     return p

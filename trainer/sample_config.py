@@ -6,6 +6,7 @@ from dataclasses import dataclass
 from typing import Sequence
 
 from manifests import UserError
+from manifests.cli import ArgumentParser, HelpFormatter, nonneg_int, positive_int
 
 from .samplers import PATHS
 
@@ -41,34 +42,8 @@ class SampleConfig:
     path: str | None = None
 
 
-class _Parser(argparse.ArgumentParser):
-    def error(self, message: str):  # one line and exit 2 through run_cli, not argparse's usage dump
-        raise UserError(f"{message} (see python -m trainer sample --help)")
-
-
-def _count(text: str) -> int:
-    try:
-        v = int(text)
-    except ValueError:
-        raise argparse.ArgumentTypeError(f"expected a positive integer, got {text!r}") from None
-    if v <= 0:
-        raise argparse.ArgumentTypeError(f"must be a positive integer, got {v}")
-    return v
-
-
-def _nonneg(text: str) -> int:
-    v = int(text)
-    if v < 0:
-        raise argparse.ArgumentTypeError(f"must be >= 0, got {v}")
-    return v
-
-
-class _Formatter(argparse.ArgumentDefaultsHelpFormatter, argparse.RawDescriptionHelpFormatter):
-    """Defaults shown, epilog examples kept as written."""
-
-
 def build_parser() -> argparse.ArgumentParser:
-    p = _Parser(prog="python -m trainer sample", formatter_class=_Formatter,
+    p = ArgumentParser(prog="python -m trainer sample", formatter_class=HelpFormatter,
                 description="Generate images from a SiT checkpoint into PNG shards and a samples manifest.",
                 epilog="example (the paper's FID 1.42 setting):\n  torchrun --nproc-per-node 8 -m trainer sample "
                        "--ckpt RUN --out samples --num-samples 50000 --mode sde --steps 250 --cfg-scale 1.8 "
@@ -79,29 +54,29 @@ def build_parser() -> argparse.ArgumentParser:
     io_.add_argument("--ckpt", required=True, help="our .pt / export .safetensors / run folder / official REPA file")
     io_.add_argument("--out", required=True, help="output folder (shards/, manifest.json, grid.png)")
     io_.add_argument("--npz", action="store_true", help="also write samples.npz (arr_0, N×H×W×3 uint8) for ADM")
-    io_.add_argument("--shard-size", type=_count, default=1000, help="samples per tar shard (the resume unit)")
+    io_.add_argument("--shard-size", type=positive_int, default=1000, help="samples per tar shard (the resume unit)")
     s = p.add_argument_group("sampling")
-    s.add_argument("--num-samples", type=_count, default=50_000, help="images to generate (indices 0..N-1)")
+    s.add_argument("--num-samples", type=positive_int, default=50_000, help="images to generate (indices 0..N-1)")
     s.add_argument("--mode", choices=("sde", "ode"), default="sde", help="Euler–Maruyama SDE or Euler/Heun ODE")
-    s.add_argument("--steps", type=_count, default=None, help="default: 250 (sde) or 50 (ode)")
+    s.add_argument("--steps", type=positive_int, default=None, help="default: 250 (sde) or 50 (ode)")
     s.add_argument("--heun", action="store_true", help="Heun instead of Euler (ode only)")
     s.add_argument("--cfg-scale", type=float, default=1.0, help="1 = no guidance; the paper uses 1.8")
     s.add_argument("--guidance-low", type=float, default=0.0, help="CFG applies only for low <= t <= high")
     s.add_argument("--guidance-high", type=float, default=1.0, help="the paper uses 0.7")
-    s.add_argument("--seed", type=_nonneg, default=0, help="sample i's label and noise come from (seed, i)")
+    s.add_argument("--seed", type=nonneg_int, default=0, help="sample i's label and noise come from (seed, i)")
     s.add_argument("--balanced", action="store_true", help="an equal number of samples per class")
     r = p.add_argument_group("runtime")
-    r.add_argument("--batch-size", type=_count, default=64, help="per rank; does not change the images")
+    r.add_argument("--batch-size", type=positive_int, default=64, help="per rank; does not change the images")
     r.add_argument("--precision", choices=("fp32", "tf32", "bf16"), default="tf32",
                    help="SiT matmuls; the state stays float64 (tf32 is the reference's setting)")
     r.add_argument("--device", default=None, help="default: cuda:LOCAL_RANK if available, else cpu")
     r.add_argument("--vae", default=None, help="NAME[=PATH]; default: the checkpoint's VAE, else sd-vae-ft-ema")
     m = p.add_argument_group("model (official checkpoints; ours carry config.json)")
     m.add_argument("--model", default=None, help="e.g. SiT-XL/2 (default for official files)")
-    m.add_argument("--encoder-depth", type=_count, default=None, help="default 8 for official files")
+    m.add_argument("--encoder-depth", type=positive_int, default=None, help="default 8 for official files")
     m.add_argument("--projector-embed-dims", default=None, help="comma list, default 768 for official files")
-    m.add_argument("--resolution", type=_count, default=None, help="default 256 for official files")
-    m.add_argument("--num-classes", type=_count, default=None, help="default 1000 for official files")
+    m.add_argument("--resolution", type=positive_int, default=None, help="default 256 for official files")
+    m.add_argument("--num-classes", type=positive_int, default=None, help="default 1000 for official files")
     m.add_argument("--path", choices=PATHS, default=None, help="interpolant; default from the checkpoint")
     return p
 
