@@ -13,6 +13,7 @@ import torch
 from tqdm import tqdm
 
 from manifests import UserError, atomic_write_json, check, load_manifest, run_cli
+from manifests.cli import ArgumentParser, HelpFormatter
 from manifests.io import ensure_writable_dir
 
 from .align import CKNNA_EPS, DEFAULT_K, cknna_graphs, graph_self_hsic, knn_graph
@@ -33,8 +34,8 @@ EPILOG = """example:
 
 
 def build_parser() -> argparse.ArgumentParser:
-    p = argparse.ArgumentParser(prog="python -m evaluation align", description=__doc__, epilog=EPILOG,
-                                formatter_class=argparse.ArgumentDefaultsHelpFormatter)
+    p = ArgumentParser(prog="python -m evaluation align", description=__doc__, epilog=EPILOG,
+                       formatter_class=HelpFormatter)
     g = p.add_argument_group("inputs")
     g.add_argument("--ckpt", required=True, help="our checkpoint/export, or an official REPA .pt")
     g.add_argument("--manifest", required=True, help="features manifest (file or folder) of held-out images")

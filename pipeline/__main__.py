@@ -65,7 +65,8 @@ def build_parser() -> argparse.ArgumentParser:
     ru.add_argument("--ray-address", default=None, help="Ray cluster to attach to (None: $RAY_ADDRESS, "
                                                         "else start a local Ray)")
 
-    v = sub.add_parser("verify", help="check a shard set: manifest schema, sizes and sha256", formatter_class=HelpFormatter,
+    v = sub.add_parser("verify", help="check a shard set: manifest schema, sizes and sha256",
+                       formatter_class=HelpFormatter,
                        description="Check a shard set: manifest schema, shard paths and sizes, and every sha256.",
                        epilog="example:\n  python -m pipeline verify /data/in256")
     v.add_argument("manifest", help="manifest.json or the folder holding it")
