@@ -7,6 +7,7 @@ import numpy as np
 from tqdm import tqdm
 
 from manifests import SD_VAE_SCALE, SD_VAE_SHIFT, Manifest, UserError, check, decode_member, index_shard, read_member
+from manifests.codecs import decode_arrays, field_codec, scale_field
 
 
 @dataclass
@@ -66,7 +67,7 @@ def read_align_data(m: Manifest, encoder: str, num_images: int | None, seed: int
         with open(path, "rb") as f:
             for key, members in index.items():
                 if pos in chosen:
-                    sample = _read_sample(f, key, members, encoder, entry.url)
+                    sample = _read_sample(f, key, members, encoder, entry.url, field_codec(encoder, enc))
                     _check_shapes(sample, lat["shape"], enc["shape"], encoder, key)
                     keys.append(key)
                     labels.append(sample["cls"])
@@ -85,12 +86,16 @@ def read_align_data(m: Manifest, encoder: str, num_images: int | None, seed: int
                      enc_tokens=np.stack(tokens) if tokens else np.zeros((0, d[0], d[1]), np.float32))
 
 
-def _read_sample(f, key: str, members: dict, encoder: str, url: str) -> dict:
+def _read_sample(f, key: str, members: dict, encoder: str, url: str, codec) -> dict:
     out = {}
-    for field, ext in (("cls", "cls"), ("latent", "latent.npy"), (encoder, f"{encoder}.npy")):
+    wanted = [("cls", "cls"), ("latent", "latent.npy"), (encoder, f"{encoder}.npy")]
+    if codec.scaled:  # 8-bit token codes come with one scale per token (manifests/codecs.py)
+        wanted.append(("scale", f"{scale_field(encoder)}.npy"))
+    for field, ext in wanted:
         check(ext in members, f"sample '{key}' in shard '{url}' has no '{ext}' member")
         off, size = members[ext]
         out[field] = decode_member(ext, read_member(f, off, size, f"{url}:{key}.{ext}"), f"{url}:{key}.{ext}")
+    out[encoder] = decode_arrays(out[encoder], out.pop("scale", None), codec, f"shard '{url}': sample '{key}'")
     return out
 
 

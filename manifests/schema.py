@@ -6,6 +6,7 @@ from dataclasses import asdict, dataclass, field
 from pathlib import Path, PurePosixPath
 from typing import Any, Iterable, Sequence
 
+from .codecs import field_codec
 from .errors import UserError, check
 from .io import atomic_write_json, read_json, sha256_file
 
@@ -120,6 +121,8 @@ def load_manifest(path: str | os.PathLike, *, kind: str | None = None, verify: b
     for fname, spec in fields.items():
         check(isinstance(spec, dict) and "shape" in spec and "dtype" in spec,
               f"{where}: field '{fname}' needs 'shape' and 'dtype'")
+        if spec.get("codec") == "patch-tokens":
+            field_codec(fname, spec, where)  # a token codec this reader does not know stops here
     shardlist = raw.get("shardlist")
     check(isinstance(shardlist, list), f"{where}: 'shardlist' must be a list")
     root = mpath.parent

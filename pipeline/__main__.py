@@ -6,6 +6,7 @@ import sys
 from typing import Sequence
 
 from manifests import run_cli
+from manifests.codecs import CODECS, DEFAULT_CODEC
 from manifests.cli import ArgumentParser, HelpFormatter
 
 EXAMPLES = """examples:
@@ -54,8 +55,10 @@ def build_parser() -> argparse.ArgumentParser:
     mo.add_argument("--encoders", default="dinov2-vit-b",
                     help=f"comma list of NAME or NAME=PATH; names: {', '.join(sorted(ENCODERS))}")
     mo.add_argument("--hflip", action="store_true", help="also store horizontally flipped twins (*.flip.npy)")
-    mo.add_argument("--feature-dtype", default="float16", choices=("float16", "float32"),
-                    help="dtype of the stored encoder tokens (latent moments are always float32)")
+    mo.add_argument("--feature-dtype", default=DEFAULT_CODEC, choices=tuple(CODECS),
+                    help="token codec of the stored encoder tokens: int8 and float8_e4m3 keep one float16 scale "
+                         "per token (half the bytes of float16; see README 'Compact features'); latent moments "
+                         "are always float32")
     ru = e.add_argument_group("execution")
     ru.add_argument("--batch-size", type=_count, default=64, help="images per encoder forward pass")
     ru.add_argument("--num-gpus", type=_count, default=None, help="GPU actors (None: every GPU in the cluster)")

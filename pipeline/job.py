@@ -10,6 +10,7 @@ from dataclasses import asdict, dataclass, field
 from pathlib import Path
 
 from manifests import UserError, check, load_manifest
+from manifests.codecs import CODECS, DEFAULT_CODEC
 from manifests.io import ensure_writable_dir
 
 from .presets import ENCODERS, VAES, parse_spec
@@ -18,7 +19,7 @@ from .worker import EncodeConfig, ShardEncoder, cpu_threads_default, decode_shar
 from .writer import assemble_manifest, clean_tmp, fingerprint, plan_shards, shard_done
 
 RESOLUTIONS = (256, 512)
-FEATURE_DTYPES = ("float16", "float32")  # .npy has no bfloat16
+FEATURE_DTYPES = tuple(CODECS)  # token codecs (manifests/codecs.py); .npy has no bfloat16
 
 
 @dataclass(kw_only=True)
@@ -32,7 +33,7 @@ class ExtractConfig:
     shard_size: int = 1000
     batch_size: int = 64
     hflip: bool = False
-    feature_dtype: str = "float16"
+    feature_dtype: str = DEFAULT_CODEC
     limit: int | None = None
     num_gpus: int | None = None  # GPU actors; None: every GPU in the cluster (one CPU actor without GPUs)
     num_cpus: int | None = None  # local Ray only; None: all cores

@@ -11,6 +11,8 @@ from typing import Any, Iterator
 
 import numpy as np
 
+from manifests.codecs import DEFAULT_CODEC, encode_members, get_codec, token_field
+
 from .sources import Item
 from .transforms import BadImage, decode_crop
 from .writer import ShardPlan, write_shard_once
@@ -26,7 +28,7 @@ class EncodeConfig:
     encoders: list[str] = field(default_factory=lambda: ["dinov2-vit-b"])
     batch_size: int = 64
     hflip: bool = False
-    feature_dtype: str = "float16"
+    feature_dtype: str = DEFAULT_CODEC  # token codec (manifests/codecs.py)
     precision: str = "auto"  # auto: bf16 autocast on CUDA, fp32 on CPU
     cpu_threads: int = 1
 
@@ -85,8 +87,9 @@ class ShardEncoder:
         lat_c = 2 * int(self.vae.config.latent_channels)
         self.fields: dict[str, Any] = {"latent": {"dtype": "float32", "shape": [lat_c, r8, r8], "codec": "vae-moments",
                                                   "vae": vae_meta(self.cfg.vae)}}
+        self.codec = get_codec(self.cfg.feature_dtype)
         for enc in self.encoders:
-            self.fields[enc.name] = {"dtype": self.cfg.feature_dtype, "shape": [enc.grid[0] * enc.grid[1], enc.dim],
+            self.fields[enc.name] = {**token_field(self.codec.name, enc.grid[0] * enc.grid[1], enc.dim, enc.name),
                                      "codec": "patch-tokens", "encoder": enc.meta}
 
     def _encode_iter(self, crops: np.ndarray) -> Iterator[dict[str, np.ndarray]]:
@@ -98,14 +101,14 @@ class ShardEncoder:
             with torch.inference_mode(), torch.autocast("cuda", dtype=torch.bfloat16, enabled=self.autocast):
                 out["latent"] = self.vae_moments(self.vae, x).float().cpu().numpy()  # (b, 8, R/8, R/8)
                 for enc in self.encoders:
-                    # Cast on the device (round-to-nearest-even, as numpy would) to halve the copy to the host.
-                    out[enc.name] = enc(x).to(getattr(torch, self.cfg.feature_dtype)).cpu().numpy()  # (b, T, D)
+                    # Encode on the device (fp16 cast or 8-bit codes + per-token scales) to shrink the copy to the host.
+                    out.update(encode_members(enc.name, enc(x), self.codec))  # (b, T, D) [+ scales (b, T)]
             yield out
 
     def _encode(self, crops: np.ndarray) -> dict[str, np.ndarray]:
         """All sub-batches of a shard, concatenated."""
         parts = list(self._encode_iter(crops))
-        return {k: np.concatenate([p[k] for p in parts]) for k in self.fields}
+        return {k: np.concatenate([p[k] for p in parts]) for k in parts[0]}
 
     def _samples(self, crops: np.ndarray, metas: list[dict]) -> Iterator[list[dict]]:
         """Per sub-batch, the finished sample dicts (with flipped twins if asked)."""
@@ -117,7 +120,7 @@ class ShardEncoder:
             batch = []
             for i, s in enumerate(metas[start:start + b]):
                 sample = {"__key__": s["key"], "cls": s["label"], "json": {"source": s["source"], "size": s["size"]}}
-                for name in self.fields:
+                for name in feats:  # fields, plus '<field>.scale' for scaled token codecs
                     sample[f"{name}.npy"] = feats[name][i]
                     if flip is not None:
                         sample[f"{name}.flip.npy"] = flip[name][i]

@@ -15,8 +15,13 @@ REPO = Path(__file__).resolve().parents[1]
 
 def make_features_manifest(root: str | os.PathLike, *, num: int = 32, classes: int = 4, shard_size: int = 16,
                            encoders: dict[str, int] | None = None, latent_shape=(8, 32, 32), tokens: int = 256,
-                           hflip: bool = False, seed: int = 0) -> Manifest:
-    """Write a features shard set of random arrays with the contract's layout and return its manifest."""
+                           hflip: bool = False, seed: int = 0, codec: str = "float16") -> Manifest:
+    """Write a features shard set of random arrays with the contract's layout and return its manifest.
+
+    `codec` is the token codec (manifests/codecs.py): float16 writes the random tokens as before; int8 or
+    float8_e4m3 encodes the same float32 draws into codes + per-token scales.
+    """
+    from manifests.codecs import encode_members, get_codec, token_field
     encoders = {"tiny-dinov2": 64} if encoders is None else encoders
     root = Path(root)
     rng = np.random.default_rng(seed)
@@ -29,9 +34,13 @@ def make_features_manifest(root: str | os.PathLike, *, num: int = 32, classes: i
         s = {"__key__": f"img{i:05d}", "cls": i % classes, "latent.npy": np.concatenate([mean, std]),
              "json": {"source": f"synthetic/{i}.jpg", "size": [h * 8, w * 8]}}
         for name, d in encoders.items():
-            s[f"{name}.npy"] = rng.standard_normal((tokens, d)).astype(np.float16)
-            if hflip:
-                s[f"{name}.flip.npy"] = rng.standard_normal((tokens, d)).astype(np.float16)
+            for flip in (False, True) if hflip else (False,):
+                draw = rng.standard_normal((tokens, d))
+                if codec == "float16":
+                    s[f"{name}.flip.npy" if flip else f"{name}.npy"] = draw.astype(np.float16)
+                    continue
+                for f, arr in encode_members(name, draw.astype(np.float32), get_codec(codec)).items():
+                    s[f"{f}.flip.npy" if flip else f"{f}.npy"] = arr
         if hflip:
             s["latent.flip.npy"] = np.concatenate([mean[..., ::-1], std])
         samples.append(s)
@@ -45,6 +54,8 @@ def make_features_manifest(root: str | os.PathLike, *, num: int = 32, classes: i
     for name, d in encoders.items():
         fields[name] = {"dtype": "float16", "shape": [tokens, d], "codec": "patch-tokens",
                         "encoder": {"name": name, "pretrained": False, "grid": [16, 16]}}
+        if codec != "float16":
+            fields[name].update(token_field(codec, tokens, d, name))
     m = Manifest(root=root, name="test-features", shardlist=entries, kind="features", num_samples=num,
                  fields=fields, classes=[f"class{c:03d}" for c in range(classes)],
                  preprocess={"resolution": latent_shape[1] * 8, "crop": "adm-center", "hflip": hflip},

@@ -13,6 +13,7 @@ import numpy.lib.format as npformat
 import torch
 
 from manifests import Manifest, UserError, atomic_write_json, check, index_shard, sanitize_key
+from manifests.codecs import CODECS, decode, field_codec, scale_field
 from manifests.shards import CLS, npy_ext
 
 LATENT = "latent"
@@ -35,7 +36,8 @@ class DataSpec:
     vae: str
     resolution: int
     classes: list[str] = field(default_factory=list)
-    enc_dtypes: list[str] = field(default_factory=list)  # stored dtype per encoder field (float16 by default)
+    enc_dtypes: list[str] = field(default_factory=list)  # stored (.npy) dtype per encoder field
+    enc_codecs: list[str] = field(default_factory=list)  # token codec per encoder field (manifests/codecs.py)
 
 
 def resolve_fields(m: Manifest, encoders: list[str] | None, patch_size: int, hflip: bool) -> DataSpec:
@@ -50,17 +52,17 @@ def resolve_fields(m: Manifest, encoders: list[str] | None, patch_size: int, hfl
     tokens = (h // patch_size) ** 2
     if encoders is None:
         encoders = sorted(m.encoder_fields())
-    z_dims, dtypes = [], []
+    z_dims, dtypes, codecs = [], [], []
     for name in encoders:
         spec = m.field(name, hint=f"--encoders {','.join(encoders)}")
         es = list(spec.get("shape", []))
         check(len(es) == 2, f"manifest field '{name}' has shape {es}, expected [tokens, dim] patch tokens")
         check(es[0] == tokens, f"manifest field '{name}' has shape {es}, model expects {tokens} tokens "
                                f"({h}x{h} latent, patch {patch_size}); choose a model with a matching patch size")
-        check(spec.get("dtype") in ("float16", "float32", "bfloat16") and spec["dtype"] != "bfloat16",
-              f"manifest field '{name}' has dtype {spec.get('dtype')}, expected float16 or float32")
+        codec = field_codec(name, spec, f"manifest {m.path}")
         z_dims.append(int(es[1]))
-        dtypes.append(str(spec["dtype"]))
+        dtypes.append(codec.storage)
+        codecs.append(codec.name)
     if hflip:
         check(bool(m.preprocess.get("hflip")), f"--hflip: manifest {m.path} has no flipped twins "
                                                 f"(extract with --hflip)")
@@ -71,10 +73,16 @@ def resolve_fields(m: Manifest, encoders: list[str] | None, patch_size: int, hfl
                     z_dims=z_dims, tokens=tokens, scale=float(vae.get("scaling_factor", 0.18215)),
                     shift=float(vae.get("shift", 0.0)), vae=str(vae.get("name", "sd-vae-ft-ema")),
                     resolution=int(m.preprocess.get("resolution", h * 8)), classes=list(m.classes),
-                    enc_dtypes=dtypes)
+                    enc_dtypes=dtypes, enc_codecs=codecs)
 
 
-_TORCH_DTYPES = {np.dtype("float16"): torch.float16, np.dtype("float32"): torch.float32}
+_TORCH_DTYPES = {np.dtype(k): getattr(torch, k) for k in ("float16", "float32", "int8", "uint8")}
+
+
+def tokens_to_device(batch: dict[str, Any], device: torch.device) -> list[torch.Tensor]:
+    """The batch's token fields as float32 on `device`: 8-bit codes and their scales cross the bus, then decode."""
+    return [decode(z.to(device, non_blocking=True), None if s is None else s.to(device, non_blocking=True),
+                   CODECS[c]) for z, s, c in zip(batch["zs"], batch["zscales"], batch["codecs"])]  # (n, T, D) each
 
 
 def nonfinite_rows(x: torch.Tensor, zs: list[torch.Tensor], names: list[str]) -> list[tuple[str, torch.Tensor]]:
@@ -181,13 +189,20 @@ class StepSampler:
 
 
 class FeatureBatches(torch.utils.data.Dataset):
-    """Reads one micro-batch by tar offsets and draws z = (mean + std*eps)*scale + shift per sample."""
+    """Reads one micro-batch by tar offsets and draws z = (mean + std*eps)*scale + shift per sample.
+
+    Token fields are shipped as stored (float16, or 8-bit codes plus a float16 scale per token); the train step
+    decodes them on the device with `tokens_to_device`, so host and host-to-device copies carry the stored bytes.
+    """
 
     def __init__(self, index: ShardIndex, spec: DataSpec, seed: int, hflip: bool):
         self.index, self.spec, self.seed, self.hflip = index, spec, seed, hflip
-        self.enc_dtypes = [np.dtype(d) for d in spec.enc_dtypes]
+        self.codecs = [CODECS[c] for c in (spec.enc_codecs or ["float16"] * len(spec.encoders))]
+        self.enc_dtypes = [np.dtype(c.storage) for c in self.codecs]
         self._fds: dict[int, int] = {}
         self._headers: dict[str, bytes] = {}
+        self._labels = np.full(len(index), -1, np.int64)  # cls of each sample, read once per worker
+        self._moments: dict[int, np.ndarray] = {}
         self.ring_size = RING_EXTRA  # make_loader sets prefetch_factor + RING_EXTRA for workers
         self._ring: dict[int, list] = {}
         self._next: dict[int, int] = {}
@@ -241,37 +256,59 @@ class FeatureBatches(torch.utils.data.Dataset):
         self._headers[ext] = head.getvalue()[:head.tell()]
         return self._headers[ext]
 
+    def _label(self, sid: int) -> int:
+        y = int(self._labels[sid])
+        if y < 0:
+            y = self._labels[sid] = int(self._read(sid, CLS).decode().strip())
+        return y
+
     def __getitem__(self, item: tuple[int, np.ndarray, np.ndarray]) -> dict[str, Any]:
         step, positions, ids = item
         sp, n = self.spec, len(ids)
         c, h = sp.in_channels, sp.input_size
-        x, zs, tag = self._slot(n)
+        x, zs, scales, tag = self._slot(n)
         xn, zn = x.numpy(), [z.numpy() for z in zs]
-        moments = np.empty((2 * c, h, h), np.float32)
-        cls = []
+        sn = [None if s is None else s.numpy() for s in scales]
+        moments = self._moments.get(n)
+        if moments is None:
+            moments = self._moments[n] = np.empty((n, 2 * c, h, h), np.float32)
         # Noise and flips come from (seed, first global position, size): independent of the worker that reads
         # the batch, so the data stream is a pure function of (seed, step, rank) and resumes exactly.
         rng = np.random.default_rng([self.seed, int(positions[0]), n, 0xDA7A])
         flips = rng.integers(2, size=n).astype(bool) & self.hflip
         noise = rng.standard_normal((n, c, h, h), dtype=np.float32)
+        cls = []
         for j, sid in enumerate(ids):
             sid, flip = int(sid), bool(flips[j])
-            self._read_npy_into(sid, npy_ext(LATENT, flip), moments)  # (2C, H, W): mean then std
-            eps = noise[j]
-            np.multiply(moments[c:], eps, out=eps)
-            np.add(moments[:c], eps, out=eps)
-            np.multiply(eps, sp.scale, out=xn[j])
-            if sp.shift:
-                xn[j] += sp.shift  # z = (mean + std*eps)*scale + shift: (C, H, W)
-            cls.append(int(self._read(sid, CLS).decode().strip()))
+            self._read_npy_into(sid, npy_ext(LATENT, flip), moments[j])  # (2C, H, W): mean then std
+            cls.append(self._label(sid))
             for k, name in enumerate(sp.encoders):
-                self._read_npy_into(sid, npy_ext(name, flip), zn[k][j])  # (T, D)
+                self._read_npy_into(sid, npy_ext(name, flip), zn[k][j])  # (T, D) codes or values
+                if sn[k] is not None:
+                    self._read_npy_into(sid, npy_ext(scale_field(name), flip), sn[k][j])  # (T,) float16
+        # z = (mean + std*eps)*scale + shift, over the whole batch at once (elementwise: same bits as per sample).
+        np.multiply(moments[:, c:], noise, out=noise)
+        np.add(moments[:, :c], noise, out=noise)
+        np.multiply(noise, sp.scale, out=xn)  # (n, C, H, W)
+        if sp.shift:
+            xn += sp.shift
+        for k, name in enumerate(sp.encoders):
+            if sn[k] is not None:
+                self._check_scales(sn[k], ids, flips, name)
         keys = [str(self.index.keys[int(i)]) for i in ids]
         tag.fill_(int(positions[0]))
-        return {"step": step, "x": x, "y": torch.tensor(cls, dtype=torch.int64), "zs": zs, "keys": keys,
-                "tag": tag, "pos0": int(positions[0])}
+        return {"step": step, "x": x, "y": torch.tensor(cls, dtype=torch.int64), "zs": zs, "zscales": scales,
+                "codecs": [cd.name for cd in self.codecs], "keys": keys, "tag": tag, "pos0": int(positions[0])}
 
-    def _slot(self, n: int) -> tuple[torch.Tensor, list[torch.Tensor], torch.Tensor]:
+    def _check_scales(self, s: np.ndarray, ids: np.ndarray, flips: np.ndarray, name: str) -> None:
+        """A NaN/inf scale would poison every value of its token: stop, naming the shard and sample."""
+        bad = ~np.isfinite(s).all(1)  # (n,)
+        if bad.any():
+            j = int(bad.nonzero()[0][0])
+            ext = npy_ext(scale_field(name), bool(flips[j]))
+            raise UserError(f"{self._where(int(ids[j]), ext)} holds a non-finite scale (corrupt shard?)")
+
+    def _slot(self, n: int) -> tuple[torch.Tensor, list[torch.Tensor], list[torch.Tensor | None], torch.Tensor]:
         """The next buffer of a ring that is reused instead of allocated per batch.
 
         Fresh memory costs a page fault per 4 KiB, which made the loader 5x slower than a raw read. A DataLoader
@@ -285,7 +322,9 @@ class FeatureBatches(torch.utils.data.Dataset):
             alloc = _shared_empty if shared else _empty
             self._ring[n] = [(alloc((n, sp.in_channels, sp.input_size, sp.input_size), torch.float32),
                               [alloc((n, sp.tokens, d), _TORCH_DTYPES[self.enc_dtypes[k]])
-                               for k, d in enumerate(sp.z_dims)], alloc((1,), torch.int64))
+                               for k, d in enumerate(sp.z_dims)],
+                              [alloc((n, sp.tokens), torch.float16) if cd.scaled else None for cd in self.codecs],
+                              alloc((1,), torch.int64))
                              for _ in range(self.ring_size)]
             self._next[n] = 0
         slot = self._ring[n][self._next[n]]
@@ -296,21 +335,36 @@ class FeatureBatches(torch.utils.data.Dataset):
         return len(self.index)
 
 
+class _Loader(torch.utils.data.DataLoader):
+    """A DataLoader whose worker-side UserErrors (a corrupt member, say) stay one line, as in the main process."""
+
+    def __iter__(self):
+        try:
+            yield from super().__iter__()
+        except UserError as e:
+            # torch re-raises a worker's exception with its traceback in the message: keep the last line only.
+            last = str(e).strip().splitlines()[-1]
+            raise UserError(last.split("UserError: ", 1)[-1]) from None
+
+
 def make_loader(ds: FeatureBatches, sampler: StepSampler, num_workers: int, pin: bool):
     """A DataLoader over micro-batches; its own generator so the global RNG is untouched (exact resume)."""
     ds.ring_size = (PREFETCH + RING_EXTRA) if num_workers > 0 else RING_EXTRA
-    return torch.utils.data.DataLoader(ds, batch_size=None, sampler=sampler, num_workers=num_workers,
-                                       pin_memory=pin, persistent_workers=False,
-                                       prefetch_factor=PREFETCH if num_workers > 0 else None,
-                                       generator=torch.Generator().manual_seed(0))
+    return _Loader(ds, batch_size=None, sampler=sampler, num_workers=num_workers, pin_memory=pin,
+                   persistent_workers=False, prefetch_factor=PREFETCH if num_workers > 0 else None,
+                   generator=torch.Generator().manual_seed(0))
 
 
 def needed_exts(spec: DataSpec, hflip: bool) -> list[str]:
-    exts = [npy_ext(LATENT), CLS] + [npy_ext(e) for e in spec.encoders]
+    """Members every sample must have: latent, cls, each token field and its scale if the codec has one."""
+    codecs = spec.enc_codecs or ["float16"] * len(spec.encoders)
+    fields = [LATENT] + list(spec.encoders) + [scale_field(e) for e, c in zip(spec.encoders, codecs)
+                                                 if CODECS[c].scaled]
+    exts = [npy_ext(f) for f in fields] + [CLS]
     if hflip:
-        exts += [npy_ext(LATENT, True)] + [npy_ext(e, True) for e in spec.encoders]
+        exts += [npy_ext(f, True) for f in fields]
     return exts
 
 
 __all__ = ["DataSpec", "resolve_fields", "ShardIndex", "build_index", "epoch_permutation", "StepSampler", "nonfinite_rows",
-           "FeatureBatches", "make_loader", "needed_exts"]
+           "FeatureBatches", "make_loader", "needed_exts", "tokens_to_device"]

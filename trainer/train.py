@@ -16,7 +16,7 @@ from manifests import UserError
 
 from . import checkpoint
 from .config import resolve
-from .data import nonfinite_rows
+from .data import nonfinite_rows, tokens_to_device
 from .plot import draw_loss_png
 from .runtime import Run, setup, sync_flag
 from .transport import repa_loss
@@ -128,7 +128,7 @@ def _loop(r: Run, cfg, step: int, state: dict, pbar, trace) -> int:
                 trace.write(json.dumps({"step": step, "micro": micro, "keys": batch["keys"]}) + "\n")
             x = batch["x"].to(r.device, non_blocking=True)  # (n, C, H, W)
             y = batch["y"].to(r.device, non_blocking=True)  # (n,)
-            zs = [z.to(r.device, non_blocking=True).float() for z in batch["zs"]]  # (n, T, z_dim) each
+            zs = tokens_to_device(batch, r.device)  # (n, T, z_dim) fp32 each, 8-bit codes decoded on the device
             # Checked on the device; only read back when the step turns out non-finite (no sync otherwise).
             inputs_bad.append((batch["keys"], nonfinite_rows(x, zs, cfg.encoders)))
             with r.no_sync(micro < r.n_micro - 1):
