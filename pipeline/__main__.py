@@ -1,4 +1,4 @@
-"""CLI: `python -m pipeline synth|extract|verify` (DESIGN §3, §8)."""
+"""CLI: `python -m pipeline synth|extract|convert|verify` (DESIGN §3, §8)."""
 from __future__ import annotations
 
 import argparse
@@ -14,6 +14,7 @@ EXAMPLES = """examples:
   python -m pipeline extract --source data/synth --out data/feat --vae tiny-vae --encoders tiny-dinov2,tiny-siglip
   python -m pipeline extract --source /data/imagenet/train --out /data/in256 --encoders dinov2-vit-b --hflip
   ray job submit --working-dir . -- python -m pipeline extract --source /nfs/in/train --out /nfs/in256
+  python -m pipeline convert --manifest /data/in256-fp16 --out /data/in256 --feature-dtype int8
   python -m pipeline verify /data/in256
 """
 
@@ -68,6 +69,18 @@ def build_parser() -> argparse.ArgumentParser:
     ru.add_argument("--ray-address", default=None, help="Ray cluster to attach to (None: $RAY_ADDRESS, "
                                                         "else start a local Ray)")
 
+    c = sub.add_parser("convert", help="re-encode a features set's tokens into another codec (no encoder re-run)",
+                       formatter_class=HelpFormatter, epilog=EXAMPLES,
+                       description="Rewrite a features set with its patch tokens in another codec; latents, labels "
+                                   "and every other member are copied byte for byte. Exactly once, like extract: "
+                                   "re-running keeps finished shards; the manifest is written last.")
+    c.add_argument("--manifest", required=True, help="input features manifest.json (or its folder)")
+    c.add_argument("--out", required=True, help="output folder (new manifest.json + shards/); not the input's")
+    c.add_argument("--feature-dtype", default=DEFAULT_CODEC, choices=tuple(CODECS), help="target token codec")
+    c.add_argument("--workers", type=_count, default=1, help="shards converted in parallel processes")
+    c.add_argument("--name", default=None, help="manifest name (None: <input name>-<codec>)")
+    c.add_argument("--verify", action="store_true", help="check the input's sha256 first and the output's at the end")
+
     v = sub.add_parser("verify", help="check a shard set: manifest schema, sizes and sha256",
                        formatter_class=HelpFormatter,
                        description="Check a shard set: manifest schema, shard paths and sizes, and every sha256.",
@@ -87,6 +100,12 @@ def main(argv: Sequence[str] | None = None) -> int:
         from manifests import load_manifest
         m = load_manifest(args.manifest, verify=True)
         print(f"ok: {m.path}: {len(m.shardlist)} shards, {m.num_samples} samples, sha256 verified")
+        return 0
+    if args.cmd == "convert":
+        from .convert import ConvertConfig, run_convert
+        path = run_convert(ConvertConfig(manifest=args.manifest, out=args.out, feature_dtype=args.feature_dtype,
+                                         workers=args.workers, verify=args.verify, name=args.name))
+        _summary(path)
         return 0
     from .job import ExtractConfig, run_extract
     cfg = ExtractConfig(source=args.source, out=args.out, resolution=args.resolution, vae=args.vae,
