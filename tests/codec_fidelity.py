@@ -79,7 +79,7 @@ def repa_loss_error(ref: torch.Tensor, dec: torch.Tensor) -> tuple[float, float,
     return a, b, abs(b - a) / abs(a)
 
 
-def token_cknna(ref: torch.Tensor, dec: torch.Tensor, num: int = 1024, k: int = 10, seed: int = 0) -> float:
+def tokens_cknna(ref: torch.Tensor, dec: torch.Tensor, num: int = 1024, k: int = 10, seed: int = 0) -> float:
     """CKNNA (evaluation.align.cknna) between fp32 and decoded tokens over `num` random tokens of the set."""
     from evaluation.align import cknna
     flat_a, flat_b = ref.reshape(-1, ref.shape[-1]), dec.reshape(-1, dec.shape[-1])
@@ -87,13 +87,20 @@ def token_cknna(ref: torch.Tensor, dec: torch.Tensor, num: int = 1024, k: int = 
     return float(cknna(flat_a[idx], flat_b[idx], k=k))
 
 
-def fidelity(ref: torch.Tensor, codec: str) -> dict[str, float]:
+def pooled_cknna(ref: torch.Tensor, dec: torch.Tensor, k: int = 10) -> float:
+    """CKNNA over images of the token-averaged features, as `evaluation align` pools them."""
+    from evaluation.align import cknna
+    return float(cknna(ref.mean(1), dec.mean(1), k=k))
+
+
+def fidelity(ref: torch.Tensor, codec: str, token_cknna: bool = True) -> dict[str, float]:
     """Every fidelity figure of one codec against the float32 tokens `ref` (N, T, D)."""
     dec = roundtrip(ref, codec)
     cmin, cmean = token_cosine(ref, dec)
     l32, lq, rel = repa_loss_error(ref, dec)
     return {"cos_min": cmin, "cos_mean": cmean, "loss_fp32": l32, "loss_codec": lq, "loss_rel_err": rel,
-            "cknna": token_cknna(ref, dec)}
+            "cknna_pooled": pooled_cknna(ref, dec),
+            "cknna_tokens": tokens_cknna(ref, dec) if token_cknna else float("nan")}
 
 
 def outlier_tokens(n: int, t: int, d: int, ratio: float, channels: int = 2, seed: int = 0) -> torch.Tensor:
