@@ -116,14 +116,18 @@ def test_tiny_features_decode_back(tiny_features):
     """Every sample decodes with the manifest's shapes and dtypes; latents hold mean then a positive std."""
     m = load_manifest(tiny_features, kind="features", verify=True)
     assert m.fields["latent"]["shape"] == [8, 32, 32] and m.fields["latent"]["vae"]["pretrained"] is False
-    assert m.fields["tiny-dinov2"]["shape"] == [256, 64] and m.fields["tiny-dinov2"]["dtype"] == "float16"
+    assert m.fields["tiny-dinov2"]["shape"] == [256, 64] and m.fields["tiny-dinov2"]["dtype"] == "int8"  # default
     assert m.classes == [f"n{c:08d}" for c in range(4)] and m.extra["stats"]["bytes_per_sample"] > 0
     n = 0
     for shard in m.shard_paths():
         for s in iter_shard(shard):
             for f, spec in m.fields.items():
                 a = s[f"{f}.npy"]
-                assert list(a.shape) == spec["shape"] and a.dtype == np.dtype(spec["dtype"]), (s["__key__"], f)
+                codec = spec.get("token_codec", {})  # int8 tokens come with one float16 scale per token
+                assert list(a.shape) == spec["shape"] and a.dtype == np.dtype(codec.get("storage", spec["dtype"]))
+                if "scale" in codec:
+                    sc = s[f"{f}.scale.npy"]
+                    assert sc.shape == (spec["shape"][0],) and sc.dtype == np.float16 and np.isfinite(sc).all()
             assert (s["latent.npy"][4:] > 0).all() and np.isfinite(s["latent.npy"]).all()
             assert s["cls"] == int(s["__key__"].split("_")[0][1:]) and len(s["json"]["size"]) == 2
             n += 1

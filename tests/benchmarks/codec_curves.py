@@ -2,7 +2,7 @@
 
     python tests/benchmarks/codec_curves.py --out /tmp/codec-curves [--steps 300]
 
-synth (10 classes x 20) -> one `pipeline extract` in float16 -> `pipeline convert` to int8 (the tokens of both sets
+synth (10 classes x 20) -> one extract in float16 (in-process, no Ray) -> `pipeline convert` to int8 (the tokens of both sets
 come from the same encoder outputs) -> `trainer train` SiT-Debug/2 with tiny-dinov2 + tiny-siglip on each, seed 0,
 logging every step. Prints the mean and largest per-step difference of the denoising and REPA losses between the
 two runs, against the step-to-step noise of the float16 run (std of its first differences), and draws
@@ -28,6 +28,34 @@ def sh(*args: str) -> None:
     subprocess.run([sys.executable, "-m", *args], check=True, env=env)
 
 
+def extract_inprocess(data: Path, out: Path) -> None:
+    """`pipeline extract --feature-dtype float16` with the tiny presets, run in this process (no Ray: a loaded
+    2-core machine can time out starting Ray). Same decode task, encoder actor and exactly-once writer."""
+    sys.path.insert(0, str(Path(__file__).resolve().parents[2]))
+    from pipeline.job import ExtractConfig, content_settings
+    from pipeline.sources import list_source
+    from pipeline.worker import EncodeConfig, ShardEncoder, decode_shard
+    from pipeline.writer import assemble_manifest, fingerprint, plan_shards, shard_done
+    cfg = ExtractConfig(source=str(data), out=str(out), vae="tiny-vae", encoders=ENCODERS.split(","),
+                        shard_size=64, batch_size=16, feature_dtype="float16")
+    listing = list_source(cfg.source)
+    (out / "shards").mkdir(parents=True, exist_ok=True)
+    plans = plan_shards(listing.items, cfg.shard_size)
+    fp = fingerprint(content_settings(cfg), listing.items)
+    enc = ShardEncoder(EncodeConfig(out=str(out), fingerprint=fp, vae=cfg.vae, encoders=cfg.encoders,
+                                    batch_size=cfg.batch_size, feature_dtype=cfg.feature_dtype).to_dict())
+    for p in plans:
+        if shard_done(out, p, fp):
+            continue
+        row = decode_shard({"shard": p.index, "resolution": cfg.resolution,
+                            "items": json.dumps([it.to_dict() for it in p.items])})
+        enc({k: np.asarray([v], dtype=object) for k, v in row.items()})
+        print(f"extracted shard {p.index}", flush=True)
+    assemble_manifest(out, plans, name="codec-curves-float16", classes=listing.classes,
+                      preprocess={"resolution": cfg.resolution, "crop": "adm-center", "hflip": False},
+                      extra_skipped=listing.skipped, created_by={"command": "tests/benchmarks/codec_curves.py"})
+
+
 def curves(run: Path) -> dict[str, np.ndarray]:
     rows = [json.loads(x) for x in (run / "stats.jsonl").read_text().splitlines()]
     return {k: np.asarray([r[k] for r in rows]) for k in ("step", "denoise", "proj_loss")}
@@ -43,8 +71,7 @@ def main() -> int:
     data, f16, i8 = out / "data", out / "f16", out / "i8"
     if not (data / "n00000000").is_dir():
         sh("pipeline", "synth", "--out", str(data), "--classes", "10", "--per-class", "20")
-    sh("pipeline", "extract", "--source", str(data), "--out", str(f16), "--vae", "tiny-vae", "--encoders", ENCODERS,
-       "--shard-size", "64", "--batch-size", "16", "--feature-dtype", "float16")
+    extract_inprocess(data, f16)
     sh("pipeline", "convert", "--manifest", str(f16), "--out", str(i8), "--feature-dtype", "int8")
     res = {}
     for name, feats in (("float16", f16), ("int8", i8)):
