@@ -182,3 +182,33 @@ def test_convert_cli_real_process(int8_set, tmp_path):
     assert "float8_e4m3fn[256, 64]" in p.stdout
     f = load_manifest(tmp_path / "f8").fields["tiny-dinov2"]
     assert f["token_codec"]["storage"] == "uint8" and "numpy has no float8_e4m3fn" in f["token_codec"]["note"]
+
+
+def test_extract_actor_encodes_tokens_on_the_device(tmp_path):
+    """The extract actor stores codes + scales computed from the float32 tokens (flipped twins too)."""
+    from pipeline.sources import list_source
+    from pipeline.synth import synthesize
+    from pipeline.worker import EncodeConfig, ShardEncoder, decode_shard
+    synthesize(tmp_path / "src", classes=2, per_class=2)
+    items = list_source(str(tmp_path / "src")).items
+    row = decode_shard({"shard": 0, "resolution": 256, "items": json.dumps([it.to_dict() for it in items])})
+    crops = torch.from_numpy(np.frombuffer(row["images"], np.uint8).reshape(-1, 256, 256, 3).copy())
+    got = {}
+    for codec in ("float16", "int8"):
+        (tmp_path / codec / "shards").mkdir(parents=True)
+        actor = ShardEncoder(EncodeConfig(out=str(tmp_path / codec), fingerprint="f", vae="tiny-vae",
+                                          encoders=["tiny-dinov2"], batch_size=4, hflip=True,
+                                          feature_dtype=codec).to_dict())
+        actor({k: np.asarray([v], dtype=object) for k, v in row.items()})
+        assert actor.fields["tiny-dinov2"]["dtype"] == codec
+        got[codec] = list(iter_shard(tmp_path / codec / "shards" / "train-000000.tar"))
+    enc = actor.encoders[0]
+    ref, ref_flip = enc(crops), enc(crops.flip(2))  # (4, 256, 64) float32 each
+    c = get_codec("int8")
+    for j, (s16, s8) in enumerate(zip(got["float16"], got["int8"])):
+        assert s16["latent.npy"].tobytes() == s8["latent.npy"].tobytes()  # latents do not depend on the codec
+        for suf, r in ((".npy", ref[j]), (".flip.npy", ref_flip[j])):
+            assert np.array_equal(s16[f"tiny-dinov2{suf}"], r.half().numpy())
+            q, sc = encode(r, c)
+            assert np.array_equal(s8[f"tiny-dinov2{suf}"], q.numpy())
+            assert np.array_equal(s8[f"tiny-dinov2.scale{suf}"], sc.numpy())

@@ -10,7 +10,8 @@ import pytest
 
 from helpers import REPO, run_module
 
-COMMANDS = [("pipeline", "synth"), ("pipeline", "extract"), ("pipeline", "verify"), ("trainer", "train"),
+COMMANDS = [("pipeline", "synth"), ("pipeline", "extract"), ("pipeline", "convert"), ("pipeline", "verify"),
+            ("trainer", "train"),
             ("trainer", "sample"), ("evaluation",), ("evaluation", "align")]
 
 

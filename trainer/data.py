@@ -201,8 +201,6 @@ class FeatureBatches(torch.utils.data.Dataset):
         self.enc_dtypes = [np.dtype(c.storage) for c in self.codecs]
         self._fds: dict[int, int] = {}
         self._headers: dict[str, bytes] = {}
-        self._labels = np.full(len(index), -1, np.int64)  # cls of each sample, read once per worker
-        self._moments: dict[int, np.ndarray] = {}
         self.ring_size = RING_EXTRA  # make_loader sets prefetch_factor + RING_EXTRA for workers
         self._ring: dict[int, list] = {}
         self._next: dict[int, int] = {}
@@ -256,12 +254,6 @@ class FeatureBatches(torch.utils.data.Dataset):
         self._headers[ext] = head.getvalue()[:head.tell()]
         return self._headers[ext]
 
-    def _label(self, sid: int) -> int:
-        y = int(self._labels[sid])
-        if y < 0:
-            y = self._labels[sid] = int(self._read(sid, CLS).decode().strip())
-        return y
-
     def __getitem__(self, item: tuple[int, np.ndarray, np.ndarray]) -> dict[str, Any]:
         step, positions, ids = item
         sp, n = self.spec, len(ids)
@@ -269,44 +261,41 @@ class FeatureBatches(torch.utils.data.Dataset):
         x, zs, scales, tag = self._slot(n)
         xn, zn = x.numpy(), [z.numpy() for z in zs]
         sn = [None if s is None else s.numpy() for s in scales]
-        moments = self._moments.get(n)
-        if moments is None:
-            moments = self._moments[n] = np.empty((n, 2 * c, h, h), np.float32)
+        moments = np.empty((2 * c, h, h), np.float32)
+        cls = []
         # Noise and flips come from (seed, first global position, size): independent of the worker that reads
         # the batch, so the data stream is a pure function of (seed, step, rank) and resumes exactly.
         rng = np.random.default_rng([self.seed, int(positions[0]), n, 0xDA7A])
         flips = rng.integers(2, size=n).astype(bool) & self.hflip
         noise = rng.standard_normal((n, c, h, h), dtype=np.float32)
-        cls = []
         for j, sid in enumerate(ids):
             sid, flip = int(sid), bool(flips[j])
-            self._read_npy_into(sid, npy_ext(LATENT, flip), moments[j])  # (2C, H, W): mean then std
-            cls.append(self._label(sid))
+            self._read_npy_into(sid, npy_ext(LATENT, flip), moments)  # (2C, H, W): mean then std
+            eps = noise[j]
+            np.multiply(moments[c:], eps, out=eps)
+            np.add(moments[:c], eps, out=eps)
+            np.multiply(eps, sp.scale, out=xn[j])
+            if sp.shift:
+                xn[j] += sp.shift  # z = (mean + std*eps)*scale + shift: (C, H, W)
+            cls.append(int(self._read(sid, CLS).decode().strip()))
             for k, name in enumerate(sp.encoders):
-                self._read_npy_into(sid, npy_ext(name, flip), zn[k][j])  # (T, D) codes or values
-                if sn[k] is not None:
-                    self._read_npy_into(sid, npy_ext(scale_field(name), flip), sn[k][j])  # (T,) float16
-        # z = (mean + std*eps)*scale + shift, over the whole batch at once (elementwise: same bits as per sample).
-        np.multiply(moments[:, c:], noise, out=noise)
-        np.add(moments[:, :c], noise, out=noise)
-        np.multiply(noise, sp.scale, out=xn)  # (n, C, H, W)
-        if sp.shift:
-            xn += sp.shift
-        for k, name in enumerate(sp.encoders):
-            if sn[k] is not None:
-                self._check_scales(sn[k], ids, flips, name)
+                self._read_npy_into(sid, npy_ext(name, flip), zn[k][j])  # (T, D) values or 8-bit codes
+                if sn[k] is not None:  # and their per-token scales (T,) float16
+                    self._read_npy_into(sid, npy_ext(scale_field(name), flip), sn[k][j])
+        self._check_scales(sn, ids, flips)
         keys = [str(self.index.keys[int(i)]) for i in ids]
         tag.fill_(int(positions[0]))
         return {"step": step, "x": x, "y": torch.tensor(cls, dtype=torch.int64), "zs": zs, "zscales": scales,
                 "codecs": [cd.name for cd in self.codecs], "keys": keys, "tag": tag, "pos0": int(positions[0])}
 
-    def _check_scales(self, s: np.ndarray, ids: np.ndarray, flips: np.ndarray, name: str) -> None:
+    def _check_scales(self, sn: list[np.ndarray | None], ids: np.ndarray, flips: np.ndarray) -> None:
         """A NaN/inf scale would poison every value of its token: stop, naming the shard and sample."""
-        bad = ~np.isfinite(s).all(1)  # (n,)
-        if bad.any():
-            j = int(bad.nonzero()[0][0])
-            ext = npy_ext(scale_field(name), bool(flips[j]))
-            raise UserError(f"{self._where(int(ids[j]), ext)} holds a non-finite scale (corrupt shard?)")
+        for name, s in zip(self.spec.encoders, sn):
+            bad = None if s is None else ~np.isfinite(s).all(1)  # (n,)
+            if bad is not None and bad.any():
+                j = int(bad.nonzero()[0][0])
+                ext = npy_ext(scale_field(name), bool(flips[j]))
+                raise UserError(f"{self._where(int(ids[j]), ext)} holds a non-finite scale (corrupt shard?)")
 
     def _slot(self, n: int) -> tuple[torch.Tensor, list[torch.Tensor], list[torch.Tensor | None], torch.Tensor]:
         """The next buffer of a ring that is reused instead of allocated per batch.
