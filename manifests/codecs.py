@@ -140,15 +140,17 @@ def decode(q: torch.Tensor, scale: torch.Tensor | None, codec: TokenCodec) -> to
     return q.float() * scale.float().unsqueeze(-1)  # (..., T, D)
 
 
+def encode_fields(field: str, x: torch.Tensor, codec: TokenCodec) -> dict[str, torch.Tensor]:
+    """{field: codes, '<field>.scale': scales} as tensors on x's device (the extract actor copies them to the host)."""
+    q, s = encode(x, codec)
+    return {field: q} if s is None else {field: q, scale_field(field): s}
+
+
 def encode_members(field: str, x: torch.Tensor | np.ndarray, codec: TokenCodec) -> dict[str, np.ndarray]:
     """{field: codes, '<field>.scale': scales} as host numpy arrays, ready to be written as .npy members."""
     import torch
     t = torch.from_numpy(np.ascontiguousarray(x)) if isinstance(x, np.ndarray) else x
-    q, s = encode(t, codec)
-    out = {field: q.cpu().numpy()}
-    if s is not None:
-        out[scale_field(field)] = s.cpu().numpy()
-    return out
+    return {k: v.cpu().numpy() for k, v in encode_fields(field, t, codec).items()}
 
 
 def decode_arrays(q: np.ndarray, scale: np.ndarray | None, codec: TokenCodec, what: str = "tokens") -> np.ndarray:
@@ -179,4 +181,4 @@ def decode_sample(sample: dict[str, Any], field: str, codec: TokenCodec, flip: b
 
 
 __all__ = ["CODECS", "CODEC_KEY", "DEFAULT_CODEC", "TokenCodec", "get_codec", "scale_field", "token_field",
-           "field_codec", "encode", "decode", "encode_members", "decode_arrays", "decode_sample"]
+           "field_codec", "encode", "decode", "encode_fields", "encode_members", "decode_arrays", "decode_sample"]

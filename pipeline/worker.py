@@ -11,7 +11,7 @@ from typing import Any, Iterator
 
 import numpy as np
 
-from manifests.codecs import DEFAULT_CODEC, encode_members, get_codec, token_field
+from manifests.codecs import DEFAULT_CODEC, encode_fields, get_codec, token_field
 
 from .sources import Item
 from .transforms import BadImage, decode_crop
@@ -101,8 +101,9 @@ class ShardEncoder:
             with torch.inference_mode(), torch.autocast("cuda", dtype=torch.bfloat16, enabled=self.autocast):
                 out["latent"] = self.vae_moments(self.vae, x).float().cpu().numpy()  # (b, 8, R/8, R/8)
                 for enc in self.encoders:
-                    # Encode on the device (fp16 cast or 8-bit codes + per-token scales) to shrink the copy to the host.
-                    out.update(encode_members(enc.name, enc(x), self.codec))  # (b, T, D) [+ scales (b, T)]
+                    # Encode on the device to shrink the copy to the host: fp16 (b, T, D), or int8 codes + (b, T) scales.
+                    coded = encode_fields(enc.name, enc(x), self.codec)
+                    out.update({k: v.cpu().numpy() for k, v in coded.items()})
             yield out
 
     def _encode(self, crops: np.ndarray) -> dict[str, np.ndarray]:

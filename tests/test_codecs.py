@@ -50,7 +50,7 @@ def test_int8_fidelity_on_pipeline_encoder_tokens(tiny_tokens):
     assert f["cos_min"] >= 0.999 and f["cos_mean"] >= 0.9999, f
     assert f["loss_rel_err"] <= 1e-3 and f["loss_fp32"] < -0.5, f
     assert f["cknna_pooled"] >= 0.99, f
-    f8 = fidelity(tiny_tokens, "float8_e4m3", token_cknna=False)  # coarser (3 mantissa bits), measured rather than required
+    f8 = fidelity(tiny_tokens, "float8_e4m3", token_cknna=False)  # coarser (3 mantissa bits): looser bars
     assert f8["cos_min"] >= 0.99 and f8["loss_rel_err"] <= 1e-2, f8
     assert f8["cos_mean"] < f["cos_mean"]
 

@@ -162,7 +162,8 @@ def bench_latent(images: int, manifest: str | None) -> None:
         m2, s2 = mean.to(dt).double(), std.to(dt).double()
         err = ((m2 + s2 * eps) - z).abs() / std  # (N, C, H, W)
         print(f"  {str(dt).split('.')[-1]:9s}: worst element {err.max():.2e} of std, "
-              f"{(err > 0.01).double().mean():.2%} of elements over 1% -> {'OK' if err.max() < 0.01 else 'keep float32'}")
+              f"{(err > 0.01).double().mean():.2%} of elements over 1% -> "
+              f"{'OK' if err.max() < 0.01 else 'keep float32'}")
     ulp = 2.0 ** -11  # float16 half-ulp relative: the mean term dominates, so fp16 needs |mean|/std < ~0.01/ulp
     print(f"  float16 keeps 1% only where |mean|/std < {0.01 / ulp:.0f}; bfloat16 where < {0.01 / 2 ** -8:.1f}")
 

@@ -2,9 +2,9 @@
 
     python tests/benchmarks/codec_curves.py --out /tmp/codec-curves [--steps 300]
 
-synth (10 classes x 20) -> one extract in float16 (in-process, no Ray) -> `pipeline convert` to int8 (the tokens of both sets
-come from the same encoder outputs) -> `trainer train` SiT-Debug/2 with tiny-dinov2 + tiny-siglip on each, seed 0,
-logging every step. Prints the mean and largest per-step difference of the denoising and REPA losses between the
+synth (10 classes x 20) -> one extract in float16 (in-process, no Ray) -> `pipeline convert` to int8 (the tokens
+of both sets come from the same encoder outputs) -> `trainer train` SiT-Debug/2 with tiny-dinov2 + tiny-siglip on
+each, seed 0, logging every step. Prints the mean and largest per-step difference of the denoising and REPA losses between the
 two runs, against the step-to-step noise of the float16 run (std of its first differences), and draws
 OUT/codec_curves.png.
 """
@@ -91,7 +91,8 @@ def main() -> int:
                      "mean_abs_diff_over_noise": float(np.abs(diff).mean() / noise),
                      "last50_fp16": float(a16[-50:].mean()), "last50_int8": float(a8[-50:].mean())}
         print(f"{k:10s}: |int8 - fp16| mean {report[k]['mean_abs_diff']:.2e}, max {report[k]['max_abs_diff']:.2e}; "
-              f"step-to-step noise (std of first differences) {noise:.2e}; ratio {report[k]['mean_abs_diff_over_noise']:.3f}; "
+              f"step-to-step noise (std of first differences) {noise:.2e}; "
+              f"ratio {report[k]['mean_abs_diff_over_noise']:.3f}; "
               f"last-50 mean fp16 {report[k]['last50_fp16']:.4f} int8 {report[k]['last50_int8']:.4f}")
     (out / "codec_curves.json").write_text(json.dumps(report, indent=2) + "\n")
     import matplotlib
