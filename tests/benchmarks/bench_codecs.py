@@ -50,6 +50,32 @@ def raw_read(paths: list[Path]) -> float:
     return best
 
 
+def cpu_costs(root: Path, micro: int, paths: list[Path]) -> tuple[float, float]:
+    """(CPU seconds per sample of the loader's reads in this process, of a raw sequential read of the shards).
+
+    CPU time, unlike wall time, barely moves when other jobs share the cores, so it compares codecs fairly there.
+    """
+    m = load_manifest(root)
+    spec = resolve_fields(m, None, 2, False)
+    ds = FeatureBatches(build_index(m, needed_exts(spec, False), cache_dir=root / "index"), spec, seed=0, hflip=False)
+    ds.ring_size = 4
+    items = list(StepSampler(len(ds.index), micro, 0, 1, micro, 0, 0, 3 * len(ds.index) // micro))
+    for it in items[:2]:
+        ds[it]  # allocate the ring
+    t0 = time.process_time()
+    for it in items[2:]:
+        ds[it]
+    load = (time.process_time() - t0) / (len(items[2:]) * micro)
+    t0 = time.process_time()
+    for _ in range(3):
+        for p in paths:
+            with open(p, "rb", buffering=0) as f:
+                while f.read(1 << 22):
+                    pass
+    raw = (time.process_time() - t0) / (3 * len(ds.index))
+    return load, raw
+
+
 def loader_rate(root: Path, workers: int, micro: int, epochs: int = 4) -> tuple[float, int]:
     """(samples/s of the trainer's loader over `epochs` epochs after one warm-up epoch, bytes shipped per sample)."""
     m = load_manifest(root)
@@ -88,6 +114,9 @@ def bench_loader(samples: int, workers: int, micro: int, rounds: int) -> None:
                 res[c]["raw"] = max(res[c]["raw"], samples / raw_read(paths))
                 rate, shipped = loader_rate(roots[c], workers, micro)
                 res[c]["loader"], res[c]["shipped"] = max(res[c]["loader"], rate), shipped
+                load_cpu, raw_cpu = cpu_costs(roots[c], micro, paths)
+                res[c]["load_cpu"] = min(res[c].get("load_cpu", 1e9), load_cpu)
+                res[c]["raw_cpu"] = min(res[c].get("raw_cpu", 1e9), raw_cpu)
         f16 = res["float16"]
         print(f"  {'codec':12s} {'bytes/img':>10s} {'shipped/img':>12s} {'raw read/s':>11s} {'loader/s':>9s} "
               f"{'of raw':>7s} {'vs fp16':>8s}")
@@ -95,6 +124,12 @@ def bench_loader(samples: int, workers: int, micro: int, rounds: int) -> None:
             r = res[c]
             print(f"  {c:12s} {r['bytes'] / 1024:8.1f}KB {r['shipped'] / 1024:10.1f}KB {r['raw']:11.0f} "
                   f"{r['loader']:9.0f} {r['loader'] / r['raw']:6.0%} {r['loader'] / f16['loader']:7.2f}x")
+        print("  CPU time per sample (one process, robust to other jobs on the cores):")
+        for c in CODECS:
+            r = res[c]
+            print(f"  {c:12s} loader {r['load_cpu'] * 1e6:7.0f} us, raw read {r['raw_cpu'] * 1e6:6.0f} us "
+                  f"(raw/loader {r['raw_cpu'] / r['load_cpu']:.0%}); fp16 loader / this loader "
+                  f"{f16['load_cpu'] / r['load_cpu']:.2f}x")
         i8 = res["int8"]
         print(f"  goals: int8 loader >= 1.5x fp16 loader: {i8['loader'] / f16['loader']:.2f}x "
               f"({'met' if i8['loader'] >= 1.5 * f16['loader'] else 'NOT met'}); int8 loader >= 60% of raw read of "
