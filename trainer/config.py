@@ -8,6 +8,9 @@ from typing import Any, Sequence
 
 from manifests import check
 from manifests.cli import ArgumentParser, nonneg_int, positive_float, positive_int
+from manifests.config_file import add_config_flag, layered
+
+from .repa_flags import TRAIN_ALIASES, add_train_aliases, finish_aliases
 
 from .models import SiT_models
 from .transport import PATHS, PROJ_LOSSES
@@ -71,13 +74,19 @@ PRESETS: dict[str, dict[str, Any]] = {
                         steps=700_000, batch_size=256, proj_coeff=0.5),
     "sit-xl2-repa": dict(model="SiT-XL/2", enc_depth=8, proj_loss="cos", encoders=["dinov2-vit-b"],
                          steps=4_000_000, batch_size=256, proj_coeff=0.5),
+    # Paper Appendix J / Table 11 (ImageNet 512x512): the 256 px recipe on a 512 px manifest (64x64 latents,
+    # DINOv2 at 448 px); 200 epochs = 1M steps at batch 256 (FID 2.08 with CFG w=1.35).
+    "sit-xl2-repa-512": dict(model="SiT-XL/2", enc_depth=8, proj_loss="cos", encoders=["dinov2-vit-b"],
+                             steps=1_000_000, batch_size=256, proj_coeff=0.5),
 }
+PRESET_RESOLUTION = {"sit-xl2-repa-512": 512}  # presets that only make sense on a manifest of this resolution
 
 
 def _encoders(text: str) -> list[str]:
+    """Comma list of encoder names (lower-cased: REPA spells 'clip-vit-L'); 'none' for plain SiT."""
     if text.strip().lower() in ("", "none"):
         return []
-    return [e.strip() for e in text.split(",") if e.strip()]
+    return [e.strip().lower() for e in text.split(",") if e.strip()]
 
 
 def build_parser() -> argparse.ArgumentParser:
@@ -89,16 +98,18 @@ def build_parser() -> argparse.ArgumentParser:
                        "--preset sit-xl2-repa\nRe-running the same command resumes from the last checkpoint.\n"
                        "Flags given explicitly override the preset; the preset overrides the defaults shown.")
     g = p.add_argument_group("input and output")
-    g.add_argument("--manifest", required=True, help="features manifest.json (or its folder)")
-    g.add_argument("--run-dir", required=True, help="run folder: checkpoints/, export/, stats.jsonl, loss.png")
-    g.add_argument("--preset", choices=sorted(PRESETS), help="paper Table 7 setting")
+    g.add_argument("--manifest", help="features manifest.json (or its folder); required")
+    g.add_argument("--run-dir", help="run folder: checkpoints/, export/, stats.jsonl, loss.png; required")
+    g.add_argument("--preset", choices=sorted(PRESETS), help="paper setting (Table 7; -512: Table 11)")
+    add_config_flag(g)
     g.add_argument("--init-from", help="start from weights: our checkpoint/export, or an official REPA .pt")
     g.add_argument("--dry-run", action="store_true", help="print the resolved config and exit")
     g = p.add_argument_group("model")
     g.add_argument("--model", choices=sorted(SiT_models), help=f"(default {d.model})")
     g.add_argument("--encoders", type=_encoders, help="comma list of encoder fields, or 'none' "
                    "(default: every encoder field of the manifest)")
-    g.add_argument("--enc-depth", type=positive_int, help="align after this block, 1-based (default 8)")
+    g.add_argument("--encoder-depth", "--enc-depth", dest="enc_depth", type=positive_int,
+                   help="align after this block, 1-based (default 8)")
     g.add_argument("--projector-dim", type=positive_int, help="(default 2048)")
     g.add_argument("--class-dropout-prob", type=float, help=f"label drop for CFG (default {d.class_dropout_prob})")
     g = p.add_argument_group("objective")
@@ -112,6 +123,10 @@ def build_parser() -> argparse.ArgumentParser:
                    "batch means grad accumulation (default 0 = no accumulation)")
     g.add_argument("--steps", type=positive_int, help=f"(default {d.steps})")
     g.add_argument("--lr", type=positive_float, help=f"(default {d.lr})")
+    g.add_argument("--adam-beta1", type=float, help=f"AdamW beta1 (default {d.betas[0]})")
+    g.add_argument("--adam-beta2", type=float, help=f"AdamW beta2 (default {d.betas[1]})")
+    g.add_argument("--weight-decay", type=float, help=f"AdamW weight decay (default {d.weight_decay})")
+    g.add_argument("--adam-eps", type=positive_float, help=f"AdamW epsilon (default {d.adam_eps})")
     g.add_argument("--grad-clip", type=positive_float, help=f"(default {d.grad_clip})")
     g.add_argument("--ema-decay", type=float, help=f"(default {d.ema_decay})")
     g.add_argument("--precision", choices=PRECISIONS, help=f"(default {d.precision})")
@@ -128,17 +143,24 @@ def build_parser() -> argparse.ArgumentParser:
     g.add_argument("--max-nonfinite", type=positive_int, help=f"consecutive non-finite losses that stop "
                    f"the run (default {d.max_nonfinite})")
     g.add_argument("--trace-data", action="store_true", default=None, help="log each step's sample keys per rank")
+    add_train_aliases(p)  # last: aliases take the dest/type of whatever flags exist by now
     return p
 
 
 def resolve(argv: Sequence[str]) -> tuple[TrainConfig, bool]:
-    """Parse argv; defaults < preset < explicit flags. Returns (config, dry_run)."""
-    ns = vars(build_parser().parse_args(list(argv)))
-    dry = ns.pop("dry_run")
-    values: dict[str, Any] = {}
-    if ns.get("preset"):
-        values.update(PRESETS[ns["preset"]])
-    values.update({k: v for k, v in ns.items() if v is not None})
+    """Parse argv; defaults < preset < --config file < explicit flags. Returns (config, dry_run)."""
+    names = {f.name for f in fields(TrainConfig)}
+    values = layered(build_parser(), argv, names, PRESETS, section="train")
+    dry = bool(values.pop("dry_run", False))
+    values = finish_aliases(values)
+    values = {k: v for k, v in values.items() if v is not None}
+    unknown = sorted(set(values) - names)
+    check(not unknown, f"unknown train setting(s) {unknown}")
+    if "betas" in values:
+        values["betas"] = tuple(values["betas"])
+    check(values.get("manifest"), "python -m trainer train: --manifest is required (or 'manifest' in --config)")
+    check(values.get("run_dir"), "python -m trainer train: --run-dir is required (or 'run_dir' in --config; "
+                                 "REPA: --output-dir + --exp-name)")
     cfg = TrainConfig(**values)
     validate(cfg)
     return cfg, dry
@@ -166,4 +188,4 @@ def dumps(cfg: TrainConfig) -> str:
     return json.dumps(cfg.to_json(), indent=2)
 
 
-__all__ = ["TrainConfig", "PRESETS", "PRECISIONS", "build_parser", "resolve", "validate", "from_json", "dumps"]
+__all__ = ["TrainConfig", "PRESETS", "PRESET_RESOLUTION", "PRECISIONS", "TRAIN_ALIASES", "build_parser", "resolve", "validate", "from_json", "dumps"]

@@ -24,7 +24,7 @@ from manifests.io import ensure_writable_dir, remove_tmp_files
 
 from .official import check_state_dict, load_sit_weights
 from .sample_io import decode, png_bytes, write_grid, write_npz
-from .sample_config import SampleConfig, parse
+from .sample_config import SampleConfig, check_resolution, dumps, parse, per_rank_batch, resolve
 from .samplers import nfe, sample_ode, sample_sde
 
 SHARD_NAME = "samples-{:06d}"
@@ -222,8 +222,12 @@ def _barrier(world: int) -> None:
 
 def main(argv: Sequence[str] | None = None) -> int:
     argv = list(sys.argv[1:] if argv is None else argv)
-    cfg = parse(argv)
+    cfg, dry = resolve(argv)
+    if dry:
+        print(dumps(cfg))
+        return 0
     rank, world, local = _dist()
+    cfg.batch_size = per_rank_batch(cfg, world)  # --batch-size is global, as in train
     try:
         run(cfg, argv, rank, world, local)
     finally:
@@ -243,6 +247,7 @@ def run(cfg: SampleConfig, argv: list[str], rank: int, world: int, local: int) -
     if device.type == "cuda":
         torch.cuda.set_device(device)
     lm = load_model(cfg)
+    check_resolution(cfg, lm.info["resolution"])
     lm.meta["sha256"] = sha256_file(lm.meta["path"])
     lm.info["vae"] = cfg.vae or lm.info["vae"]
     lm.model.to(device)
