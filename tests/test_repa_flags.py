@@ -29,6 +29,17 @@ def test_repa_train_command_equals_ours():
     assert old.enc_depth == 4
 
 
+def test_512_training_preset_checks_the_manifest(tmp_path):
+    from helpers import make_features_manifest
+    from trainer.config import resolve
+    make_features_manifest(tmp_path / "f256", num=2, shard_size=2)
+    with pytest.raises(UserError, match="512 px recipe, but manifest .* is 256 px"):
+        resolve(["--manifest", str(tmp_path / "f256"), "--run-dir", "r", "--preset", "sit-xl2-repa-512"])
+    make_features_manifest(tmp_path / "f512", num=2, shard_size=2, latent_shape=(8, 64, 64), tokens=1024)
+    cfg, _ = resolve(["--manifest", str(tmp_path / "f512"), "--run-dir", "r", "--preset", "sit-xl2-repa-512"])
+    assert cfg.model == "SiT-XL/2" and cfg.steps == 1_000_000
+
+
 def test_per_proc_batch_size_is_per_gpu(monkeypatch):
     from trainer.config import resolve
     from trainer.sample_config import per_rank_batch, resolve as sample_resolve

@@ -163,6 +163,11 @@ def resolve(argv: Sequence[str]) -> tuple[TrainConfig, bool]:
                                  "REPA: --output-dir + --exp-name)")
     cfg = TrainConfig(**values)
     validate(cfg)
+    want = PRESET_RESOLUTION.get(cfg.preset or "")
+    if want:  # a 512 px recipe on 256 px features would silently train the wrong model
+        from manifests import load_manifest
+        have = load_manifest(cfg.manifest).preprocess.get("resolution")
+        check(have == want, f"--preset {cfg.preset} is a {want} px recipe, but manifest {cfg.manifest} is {have} px")
     return cfg, dry
 
 
