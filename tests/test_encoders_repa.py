@@ -194,6 +194,9 @@ def test_wrong_files_are_one_line_errors(tmp_path):
         load_encoder("mocov3-vit-l")
     with pytest.raises(UserError, match="not found"):
         load_encoder(f"mae-vit-l={tmp_path / 'missing.pth'}")
+    # By name: the hub copy (offline here, so a one-line error that names it and the NAME=PATH way).
+    with pytest.raises(UserError, match=r"timm/vit_base_patch16_224\.dino .*dinov1-vit-b=PATH"):
+        load_encoder("DINOv1-ViT-B")
 
 
 def test_registry_names_case_insensitive_and_manifest_record():

@@ -91,7 +91,9 @@ def _encoders(text: str) -> list[str]:
 
 def build_parser() -> argparse.ArgumentParser:
     d = TrainConfig()
+    # conflict_handler="resolve": a flag added after the REPA aliases replaces the alias of the same name.
     p = ArgumentParser(prog="python -m trainer train", formatter_class=argparse.RawDescriptionHelpFormatter,
+                conflict_handler="resolve",
                 description="Train SiT + REPA on precomputed VAE moments and encoder features (DESIGN §4).",
                 epilog="example:\n  python -m trainer train --manifest feats/ --run-dir runs/xl --preset sit-xl2-repa\n"
                        "  torchrun --nproc-per-node 8 -m trainer train --manifest feats/ --run-dir runs/xl "
