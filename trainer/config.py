@@ -195,4 +195,5 @@ def dumps(cfg: TrainConfig) -> str:
     return json.dumps(cfg.to_json(), indent=2)
 
 
-__all__ = ["TrainConfig", "PRESETS", "PRESET_RESOLUTION", "PRECISIONS", "TRAIN_ALIASES", "build_parser", "resolve", "validate", "from_json", "dumps"]
+__all__ = ["TrainConfig", "PRESETS", "PRESET_RESOLUTION", "PRECISIONS", "TRAIN_ALIASES", "build_parser", "resolve",
+           "validate", "from_json", "dumps"]
