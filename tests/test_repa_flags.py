@@ -148,3 +148,12 @@ def test_readme_maps_every_repa_flag():
     readme = (REPO / "README.md").read_text()
     for cmd, flag, _ in mapping_rows():
         assert f"`{flag}`" in readme, (cmd, flag)
+
+
+def test_one_spelling_for_encoders_and_counts_across_commands():
+    """align takes --encoders / --num-samples like train and sample (its old --encoder / --num-images still work)."""
+    from evaluation.align_cli import build_parser
+    p = build_parser()
+    new = p.parse_args("--ckpt c --manifest m --encoders tiny-clip --num-samples 12".split())
+    old = p.parse_args("--ckpt c --manifest m --encoder tiny-clip --num-images 12".split())
+    assert vars(new) == vars(old) and new.encoder == "tiny-clip" and new.num_images == 12
