@@ -66,7 +66,7 @@ def build_parser() -> argparse.ArgumentParser:
                 description="Generate images from a SiT checkpoint into PNG shards and a samples manifest.",
                 epilog="example (the paper's FID 1.42 setting):\n  torchrun --nproc-per-node 8 -m trainer sample "
                        "--ckpt RUN --out samples --num-samples 50000 --mode sde --steps 250 --cfg-scale 1.8 "
-                       "--guidance-high 0.7 --npz\n"
+                       "--guidance-high 0.7 --npz\n  (the same: --ckpt RUN --out samples --preset paper-cfg --npz)\n"
                        "an official REPA file:\n  python -m trainer sample --out samples --ckpt SiT-XL-2-256.pt "
                        "--model SiT-XL/2 --encoder-depth 8 --projector-embed-dims 768")
     io_ = p.add_argument_group("input/output")
