@@ -118,31 +118,42 @@ def test_ntxent_hand_case_negatives_are_same_position_other_samples():
     assert torch.allclose(got, torch.tensor(math.log(1 + math.exp(-2))), atol=1e-6)
 
 
-class _Fixed(torch.nn.Module):
-    """A 'model' whose outputs are known: v_hat = 0, projections = a constant."""
+class _Probe(torch.nn.Module):
+    """A 'model' whose outputs are known functions of its inputs: v_hat = 2·x_t + t, projections from t.
 
-    def __init__(self, zhat):
-        super().__init__()
-        self.zhat = zhat
+    Feeding the clean x instead of x_t, or a t other than the one used to build x_t, changes both outputs.
+    """
 
     def forward(self, x, t, y):
-        return torch.zeros_like(x), [self.zhat]
+        v_hat = 2 * x + t.view(-1, 1, 1, 1)  # (N, C, H, W)
+        zhat = torch.stack([torch.stack([torch.cos(t), torch.sin(t)], -1)], 1)  # (N, 1, 2): angle t
+        return v_hat, [zhat]
 
 
 def test_repa_loss_hand_case():
-    x = torch.randn(2, 4, 8, 8)
-    zhat = torch.tensor([[[1.0, 0.0]], [[0.0, 1.0]]])  # (2, 1, 2)
-    z = torch.tensor([[[1.0, 0.0]], [[1.0, 0.0]]])  # cos 1 and 0 -> proj = -0.5
+    """The loss recomputed by hand from the same draws: x_t = (1−t)x + tε, v = ε − x, on the right t."""
+    x = torch.randn(3, 4, 8, 8)
+    z = torch.tensor([[[1.0, 0.0]]]).expand(3, 1, 2)  # angle 0: cos(zhat, z) = cos(t)
     torch.manual_seed(3)
-    out = repa_loss(_Fixed(zhat), x, torch.zeros(2, dtype=torch.long), [z], proj_coeff=0.5)
-    torch.manual_seed(3)
-    t = torch.rand(2)
+    out = repa_loss(_Probe(), x, torch.zeros(3, dtype=torch.long), [z], proj_coeff=0.5)
+    torch.manual_seed(3)  # the same draws, in the loss's order: t first, then ε
+    t = torch.rand(3)
     eps = torch.randn_like(x)
-    want = ((eps - x) ** 2).mean()  # v target = eps - x on the linear path; v_hat = 0
-    assert torch.allclose(out.denoise, want) and torch.allclose(out.proj, torch.tensor(-0.5))
-    assert torch.allclose(out.total, want - 0.25)
-    xt, v = interpolate(x, eps, t, "linear")
-    assert torch.allclose(xt, (1 - t.view(-1, 1, 1, 1)) * x + t.view(-1, 1, 1, 1) * eps)
+    tt = t.view(-1, 1, 1, 1)
+    xt = (1 - tt) * x + tt * eps
+    want_denoise = ((2 * xt + tt - (eps - x)) ** 2).mean()
+    want_proj = -torch.cos(t).mean()
+    torch.testing.assert_close(out.denoise, want_denoise)
+    torch.testing.assert_close(out.proj, want_proj)
+    torch.testing.assert_close(out.total, want_denoise + 0.5 * want_proj)
+    # What a broken loss would give instead: the clean x in the model, another sample's t, or t scaled by 1000
+    # (DiT's convention). Each is far off, so the checks above could not pass by accident.
+    assert not torch.allclose(out.denoise, ((2 * x + tt - (eps - x)) ** 2).mean(), rtol=1e-2)
+    assert not torch.allclose(out.denoise, ((2 * xt + tt.roll(1, 0) - (eps - x)) ** 2).mean(), rtol=1e-3)
+    assert not torch.allclose(out.proj, -torch.cos(1000 * t).mean(), rtol=1e-2)
+    xt2, v = interpolate(x, eps, t, "linear")
+    torch.testing.assert_close(xt2, xt)
+    torch.testing.assert_close(v, eps - x)
 
 
 def test_sampler_disjoint_ranks_and_exact_positions():
