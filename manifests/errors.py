@@ -23,7 +23,9 @@ def check(cond: bool, msg: str) -> None:
 def os_error_message(err: OSError, path: str | os.PathLike | None = None) -> str:
     """One line naming the path and the reason, e.g. 'X: No space left on device (12.0 KiB free)'."""
     where = path if path is not None else (err.filename or "?")
-    reason = err.strerror or errno.errorcode.get(err.errno or 0, str(err))
+    # The errno's own text: libraries such as h5py put many lines of detail in strerror.
+    reason = os.strerror(err.errno) if err.errno else (err.strerror or str(err) or type(err).__name__)
+    reason = reason.strip().splitlines()[0] if reason.strip() else type(err).__name__
     if err.errno in (errno.ENOSPC, errno.EDQUOT) and where != "?":
         reason += f" ({free_space(where)} free)"
     return f"{where}: {reason}"

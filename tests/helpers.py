@@ -144,3 +144,44 @@ def kill_marked(marker: str, timeout: float = 30) -> None:
             except (ProcessLookupError, PermissionError):
                 pass
         time.sleep(0.1)
+
+
+def fill_disk(folder: str | os.PathLike) -> None:
+    """Write a filler file into `folder` until the filesystem is really full (ENOSPC): the next write fails."""
+    import errno
+    path = Path(folder) / "filler"
+    fd = os.open(path, os.O_WRONLY | os.O_CREAT | os.O_APPEND, 0o644)
+    try:
+        for chunk in (1 << 16, 1 << 12, 1):
+            data = bytes(chunk)
+            while True:
+                try:
+                    os.write(fd, data)
+                except OSError as e:
+                    assert e.errno == errno.ENOSPC, e
+                    break
+    finally:
+        os.close(fd)
+
+
+def filled_before(fn, folder: str | os.PathLike):
+    """Wrap `fn` so that the disk holding `folder` is filled just before it runs: the real writer then meets a
+    full disk at its real write call (the wrapper only picks the moment)."""
+    def wrapper(*a, **k):
+        fill_disk(folder)
+        return fn(*a, **k)
+    return wrapper
+
+
+def mount_tmpfs(path: str | os.PathLike, size: str):
+    """Mount a tmpfs of `size` (e.g. '600k') at `path` and return an unmount function; pytest.skip (saying why)
+    where that is impossible (not root, no mount permission)."""
+    import pytest
+    Path(path).mkdir(parents=True, exist_ok=True)
+    if os.geteuid() != 0:
+        pytest.skip("disk-full tests mount a tmpfs, which needs root")
+    p = subprocess.run(["mount", "-t", "tmpfs", "-o", f"size={size}", "tmpfs", str(path)], capture_output=True,
+                       text=True)
+    if p.returncode != 0:
+        pytest.skip(f"cannot mount a tmpfs here ({p.stderr.strip() or p.returncode})")
+    return lambda: subprocess.run(["umount", "-l", str(path)], capture_output=True)

@@ -104,6 +104,31 @@ def test_sigkill_at_each_write_point_then_resume_is_byte_identical(synth_dir, ti
         shutil.rmtree(ray_tmp, ignore_errors=True)
 
 
+@pytest.mark.slow
+def test_real_disk_full_in_an_actor_is_one_line_exit_2(synth_dir, tmp_path):
+    """`extract` onto a 1.2 MB tmpfs: the first shard (~0.8 MB) fits, the second hits ENOSPC inside the Ray actor.
+    The driver exits 2 with one line naming --out and the free space (not a Ray traceback); the finished shard
+    is whole with its sidecar, nothing else is visible, and there is no manifest."""
+    from helpers import mount_tmpfs
+    disk = tmp_path / "disk"
+    unmount = mount_tmpfs(disk, "1200k")
+    try:
+        out = disk / "out"
+        p = run_module("pipeline", "extract", "--source", str(synth_dir), "--out", str(out), *TINY_ARGS,
+                       env={"RAY_TMPDIR": str(tmp_path / "ray")}, timeout=300)
+        assert_user_error(p, str(out), "No space left on device", "B free)")
+        assert "RayTaskError" not in p.stderr
+        assert not (out / "manifest.json").exists()
+        visible = sorted(x.name for x in (out / "shards").iterdir() if not x.name.startswith(".tmp-"))
+        assert len(visible) in (0, 2), visible  # at most one finished shard: its tar and its sidecar
+        for name in visible[:1]:
+            stem = name.rsplit(".", 1)[0]
+            side = json.loads((out / "shards" / f"{stem}.json").read_text())
+            assert sha256_file(out / "shards" / f"{stem}.tar") == side["sha256"]
+    finally:
+        unmount()
+
+
 def test_rerun_of_finished_output_does_no_work(tiny_features, synth_dir, tmp_path):
     """All shards finished: a re-run only re-assembles the manifest (no Ray), to the same shard list."""
     out = tmp_path / "copy"
