@@ -32,10 +32,11 @@ def tiny_features(synth_dir, tmp_path_factory) -> Path:
 
 @pytest.fixture
 def small_disk(tmp_path):
-    """A real small filesystem (a 4 MiB tmpfs) for disk-full tests; skipped, saying why, where it cannot be mounted."""
+    """A real small filesystem (a 32 MiB tmpfs, filled by the tests) for disk-full tests; skipped, saying why,
+    where it cannot be mounted."""
     from helpers import mount_tmpfs
     mnt = tmp_path / "disk"
-    unmount = mount_tmpfs(mnt, "4m")
+    unmount = mount_tmpfs(mnt, "32m")
     try:
         yield mnt
     finally:

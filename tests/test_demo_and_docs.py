@@ -112,3 +112,11 @@ def test_reliability_table_names_real_tests():
     collected = p.stdout
     for nodeid in ids:
         assert nodeid in collected, f"{nodeid} is not collected by pytest"
+
+
+def test_fid_speedup_figure_is_the_same_everywhere():
+    """The eigen-trace vs scipy.linalg.sqrtm speed-up is quoted once per place it appears, with one value."""
+    readme = (REPO / "README.md").read_text()
+    paras = [p for p in re.split(r"\n\s*\n|\n\|", readme) if "sqrtm" in p]
+    figures = {f for p in paras for f in re.findall(r"(\d+(?:\.\d+)?)×", p)}
+    assert len(paras) >= 2 and len(figures) == 1, figures

@@ -100,7 +100,7 @@ def test_sigkill_while_writing_cache_is_rebuilt(sets, tmp_path, capsys):
     np.savez(tmp_path / "big.npz", arr_0=big)
     args = ["--samples", str(tmp_path / "big.npz"), "--reference", str(tmp_path / "big.npz"), "--out", str(out)]
     run_until_killed([sys.executable, "-m", "evaluation", *args, "--inception-weights", "random:0", "--cache-dir",
-                      str(cache), "--batch-size", "2", "--num-workers", "0", "--device", "cpu", "--no-progress"],
+                      str(cache), "--batch-size", "2", "--num-workers", "1", "--device", "cpu", "--no-progress"],
                      "eval-cache-batch:3", tmp_path / "kill.log", timeout=240)
     tmps = _tmp_files(cache)
     assert len(tmps) == 1 and not list(cache.glob("*.h5")), "only a tmp file may exist after the kill"
