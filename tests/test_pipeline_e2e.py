@@ -110,12 +110,12 @@ def test_real_disk_full_in_an_actor_is_one_line_exit_2(synth_dir, tmp_path):
     The driver exits 2 with one line naming --out and the free space (not a Ray traceback); the finished shard
     is whole with its sidecar, nothing else is visible, and there is no manifest."""
     from helpers import mount_tmpfs
-    disk = tmp_path / "disk"
+    disk, ray_tmp = tmp_path / "disk", Path(tempfile.mkdtemp(prefix="rd", dir="/tmp"))  # short: socket paths
     unmount = mount_tmpfs(disk, "1200k")
     try:
         out = disk / "out"
         p = run_module("pipeline", "extract", "--source", str(synth_dir), "--out", str(out), *TINY_ARGS,
-                       env={"RAY_TMPDIR": str(tmp_path / "ray")}, timeout=300)
+                       env={"RAY_TMPDIR": str(ray_tmp)}, timeout=300)
         assert_user_error(p, str(out), "No space left on device", "B free)")
         assert "RayTaskError" not in p.stderr
         assert not (out / "manifest.json").exists()
@@ -127,6 +127,7 @@ def test_real_disk_full_in_an_actor_is_one_line_exit_2(synth_dir, tmp_path):
             assert sha256_file(out / "shards" / f"{stem}.tar") == side["sha256"]
     finally:
         unmount()
+        shutil.rmtree(ray_tmp, ignore_errors=True)
 
 
 def test_rerun_of_finished_output_does_no_work(tiny_features, synth_dir, tmp_path):
