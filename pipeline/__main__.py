@@ -60,6 +60,8 @@ def build_parser() -> argparse.ArgumentParser:
     ru.add_argument("--batch-size", type=_count, default=64, help="images per encoder forward pass")
     ru.add_argument("--num-gpus", type=_count, default=None, help="GPU actors (None: every GPU in the cluster)")
     ru.add_argument("--num-cpus", type=_count, default=None, help="CPUs for a local Ray (None: all cores)")
+    ru.add_argument("--cpu-actors", type=_count, default=1, help="encoder actors when the cluster has no GPU "
+                                                                 "(each writes its own shards)")
     ru.add_argument("--precision", default="auto", choices=("auto", "bf16", "fp32"),
                     help="GPU compute: auto = bf16 autocast on CUDA, fp32 on CPU (never fp16)")
     ru.add_argument("--ray-address", default=None, help="Ray cluster to attach to (None: $RAY_ADDRESS, "
@@ -90,7 +92,7 @@ def main(argv: Sequence[str] | None = None) -> int:
                         encoders=[x for x in args.encoders.split(",") if x.strip()], shard_size=args.shard_size,
                         batch_size=args.batch_size, hflip=args.hflip, feature_dtype=args.feature_dtype,
                         limit=args.limit, num_gpus=args.num_gpus, num_cpus=args.num_cpus, precision=args.precision,
-                        verify=args.verify, name=args.name, ray_address=args.ray_address)
+                        verify=args.verify, name=args.name, ray_address=args.ray_address, cpu_actors=args.cpu_actors)
     path = run_extract(cfg)
     _summary(path)
     return 0

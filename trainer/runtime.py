@@ -22,7 +22,7 @@ from .models import SiT, SiT_models
 from .plot import read_stats
 
 # Keys of config.json that must match to resume a run (the rest, e.g. steps or workers, may change).
-RESUME_KEYS = ("model", "model_kwargs", "path", "encoders")
+RESUME_KEYS = ("model", "path", "encoders", "model_kwargs")  # most telling first
 RESUME_TRAIN_KEYS = ("batch_size", "seed", "proj_loss", "proj_coeff", "hflip", "precision")
 
 

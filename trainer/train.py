@@ -53,6 +53,28 @@ def save(r: Run, step: int, state: dict) -> None:
     state["last_ckpt"] = str(checkpoint.ckpt_path(r.cfg.run_dir, step))  # every rank names it in errors
 
 
+def append_line(path, line: str) -> None:
+    """Append one line whole or not at all: on a full disk the file is cut back and the error names it."""
+    import os
+    from manifests.errors import os_error_message
+    data = (line + "\n").encode()
+    try:
+        fd = os.open(path, os.O_WRONLY | os.O_APPEND | os.O_CREAT, 0o644)
+        try:
+            start = os.fstat(fd).st_size
+            try:
+                view = memoryview(data)
+                while view:
+                    view = view[os.write(fd, view):]
+            except OSError:
+                os.ftruncate(fd, start)  # no half line for readers of stats.jsonl
+                raise
+        finally:
+            os.close(fd)
+    except OSError as e:
+        raise UserError(f"cannot write {os_error_message(e, path)}") from e
+
+
 def params_digest(model: torch.nn.Module) -> str:
     h = hashlib.sha256()
     for k, v in model.state_dict().items():
@@ -103,8 +125,7 @@ def _loop(r: Run, cfg, step: int, state: dict, pbar, trace) -> int:
                    "lr": cfg.lr, "img_per_s": images * r.world / (now - t_report), "data_wait_s": data_wait,
                    "time": time.time()}
             if r.rank == 0:
-                with open(r.stats_path, "a") as f:
-                    f.write(json.dumps(row) + "\n")
+                append_line(r.stats_path, json.dumps(row))
                 pbar.set_postfix(loss=f"{row['loss']:.4f}", proj=f"{row['proj_loss']:.4f}",
                                  img_s=f"{row['img_per_s']:.1f}")
             acc.zero_()
