@@ -158,3 +158,23 @@ def test_compiled_losses_equal_eager(small_feats, tmp_path, capsys):
         assert f"torch.compile {'on' if flag == '--compile' else 'off'}" in capsys.readouterr().out
     np.testing.assert_allclose(runs["--compile"], runs["--no-compile"], rtol=1e-4)
     assert len(set(runs["--compile"])) == 3  # three different steps, not one repeated value
+
+
+def test_sampler_bf16_casts_weights_once_with_autocast_numbers():
+    """--precision bf16: weights cast once, and the velocity equals per-call bf16 autocast of the fp32 model."""
+    import copy
+    from trainer.models import SiT_models
+    from trainer.sample import Velocity
+    torch.manual_seed(0)
+    model = SiT_models["SiT-Debug/2"](input_size=8, num_classes=4, z_dims=[]).eval()
+    for p in model.parameters():  # the zero-initialised adaLN/final layers would make every output 0
+        p.data.normal_(0, 0.05) if p.requires_grad else None
+    x, t, y = torch.randn(3, 4, 8, 8), torch.rand(3), torch.tensor([0, 1, 4])
+    with torch.no_grad(), torch.autocast("cpu", dtype=torch.bfloat16):
+        ref = model(x, t, y=y)[0].float()
+    fast = Velocity(copy.deepcopy(model), torch.device("cpu"), "bf16", compile_=False)
+    assert fast.model.blocks[0].attn.qkv.weight.dtype == torch.bfloat16  # cast once, at construction
+    assert fast.model.pos_embed.dtype == torch.float32  # the residual stream is not narrowed
+    with torch.no_grad():
+        got = fast(x, t, y)[0]
+    assert float(ref.abs().max()) > 0 and torch.equal(got, ref)
