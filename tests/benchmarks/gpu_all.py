@@ -58,7 +58,7 @@ def headline(name: str, r: dict) -> str:
         return (f"{res['img_per_s']:.1f} img/s, MFU {res['mfu']:.1%}" if res.get("mfu") is not None
                 else f"{res['img_per_s']:.1f} img/s") + (f", peak {res['peak_gib']:.1f} GiB" if res.get("peak_gib")
                                                          else "") + f", micro-batch {res.get('micro_batch')}, " \
-            f"{res.get('host_syncs_per_step', 'n/a')} host syncs/step"
+            f"{'n/a (CPU)' if res.get('host_syncs_per_step') is None else res['host_syncs_per_step']} host syncs/step"
     if name == "pipeline" and res:
         return ", ".join(f"{k} {v:.1f} img/s" for k, v in res.get("img_per_s", {}).items())
     if name == "sampler" and res:
