@@ -25,8 +25,13 @@ def _count(s: str) -> int:
         raise argparse.ArgumentTypeError(f"expected an integer, got {s!r}") from None
 
 
+def _precision(s: str) -> str:
+    return {"auto": "default", "bf16": "fast"}.get(s, s)
+
+
 def build_parser() -> argparse.ArgumentParser:
     from .presets import ENCODERS
+    from .worker import PRECISIONS
     p = ArgumentParser(prog="python -m pipeline", description=__doc__, epilog=EXAMPLES, formatter_class=HelpFormatter)
     sub = p.add_subparsers(dest="cmd", required=True)
 
@@ -62,8 +67,11 @@ def build_parser() -> argparse.ArgumentParser:
     ru.add_argument("--num-cpus", type=_count, default=None, help="CPUs for a local Ray (None: all cores)")
     ru.add_argument("--cpu-actors", type=_count, default=1, help="encoder actors when the cluster has no GPU "
                                                                  "(each writes its own shards)")
-    ru.add_argument("--precision", default="auto", choices=("auto", "bf16", "fp32"),
-                    help="GPU compute: auto = bf16 autocast on CUDA, fp32 on CPU (never fp16)")
+    ru.add_argument("--precision", default="default", type=_precision, choices=PRECISIONS,
+                    help="GPU numerics. default: REPA's, the VAE in fp32 (TF32 convolutions, as PyTorch defaults) "
+                         "and the encoders under fp16 autocast; fast: bf16 autocast for both (deviation in the "
+                         "README); fp32: no autocast, no TF32. On CPU default is fp32 throughout (byte-identical "
+                         "re-runs). 'auto' and 'bf16' are accepted for default and fast")
     ru.add_argument("--ray-address", default=None, help="Ray cluster to attach to (None: $RAY_ADDRESS, "
                                                         "else start a local Ray)")
 

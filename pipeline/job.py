@@ -16,7 +16,7 @@ from manifests.io import ensure_writable_dir
 
 from .presets import ENCODERS, VAES, parse_spec
 from .sources import list_source, select
-from .worker import EncodeConfig, ShardEncoder, cpu_threads_default, decode_shard
+from .worker import PRECISIONS, EncodeConfig, ShardEncoder, cpu_threads_default, decode_shard
 from .writer import assemble_manifest, clean_tmp, fingerprint, plan_shards, shard_done
 
 RESOLUTIONS = (256, 512)
@@ -39,7 +39,7 @@ class ExtractConfig:
     num_gpus: int | None = None  # GPU actors; None: every GPU in the cluster (one CPU actor without GPUs)
     num_cpus: int | None = None  # local Ray only; None: all cores
     cpu_actors: int = 1  # encoder actors when the cluster has no GPU (several write shards concurrently)
-    precision: str = "auto"
+    precision: str = "default"
     verify: bool = False
     name: str | None = None
     ray_address: str | None = None  # None: RAY_ADDRESS (set by `ray job submit`), else a new local Ray
@@ -54,7 +54,7 @@ class ExtractConfig:
         check(self.num_cpus is None or self.num_cpus > 0, f"--num-cpus must be positive, got {self.num_cpus}")
         check(self.cpu_actors > 0, f"--cpu-actors must be a positive count, got {self.cpu_actors}")
         check(self.feature_dtype in FEATURE_DTYPES, f"--feature-dtype must be one of {FEATURE_DTYPES}")
-        check(self.precision in ("auto", "bf16", "fp32"), "--precision must be auto, bf16 or fp32 (never fp16)")
+        check(self.precision in PRECISIONS, f"--precision must be one of {', '.join(PRECISIONS)}")
         check(len(self.encoders) > 0, "--encoders needs at least one encoder name")
         vname, _ = parse_spec(self.vae)
         check(vname in VAES, f"unknown VAE '{vname}' (--vae); choose one of: {', '.join(sorted(VAES))}")

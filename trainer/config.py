@@ -37,7 +37,7 @@ class TrainConfig:
     path: str = "linear"
     # optimisation (REPA train.py defaults)
     batch_size: int = 256  # global, split across ranks
-    micro_batch: int = 0  # per-rank images per forward pass; 0 = the whole per-rank batch (no accumulation)
+    micro_batch: int | str = "auto"  # per-rank images per pass; "auto": the largest that fits (trainer/microbatch.py)
     steps: int = 400_000
     lr: float = 1e-4
     betas: tuple[float, float] = (0.9, 0.999)
@@ -47,7 +47,7 @@ class TrainConfig:
     ema_decay: float = 0.9999
     precision: str = "fp16"
     loss_scale_init: float = 2.0 ** 16  # torch GradScaler default
-    compile: bool = False
+    compile: bool | None = None  # torch.compile the model; None: on for CUDA, off for CPU
     # data
     seed: int = 0
     num_workers: int = 4
@@ -89,6 +89,12 @@ def _encoders(text: str) -> list[str]:
     return [e.strip().lower() for e in text.split(",") if e.strip()]
 
 
+def _micro_batch(text: str) -> int | str:
+    if text.strip().lower() == "auto":
+        return "auto"
+    return nonneg_int(text)
+
+
 def build_parser() -> argparse.ArgumentParser:
     d = TrainConfig()
     # conflict_handler="resolve": a flag added after the REPA aliases replaces the alias of the same name.
@@ -121,8 +127,10 @@ def build_parser() -> argparse.ArgumentParser:
     g.add_argument("--path", choices=PATHS, help=f"interpolant (default {d.path})")
     g = p.add_argument_group("optimisation")
     g.add_argument("--batch-size", type=positive_int, help=f"global batch (default {d.batch_size})")
-    g.add_argument("--micro-batch", type=nonneg_int, help="per-GPU images per pass; smaller than the per-GPU "
-                   "batch means grad accumulation (default 0 = no accumulation)")
+    g.add_argument("--micro-batch", type=_micro_batch, help="per-GPU images per pass, or 'auto': the largest "
+                   "divisor of the per-GPU batch whose forward+backward fits the memory budget (GPU memory, or "
+                   "$REPA_MEMORY_BUDGET_GB if lower); smaller than the per-GPU batch means grad accumulation, same "
+                   "optimiser step (default auto; 0 = the whole per-GPU batch)"),
     g.add_argument("--steps", type=positive_int, help=f"(default {d.steps})")
     g.add_argument("--lr", type=positive_float, help=f"(default {d.lr})")
     g.add_argument("--adam-beta1", type=float, help=f"AdamW beta1 (default {d.betas[0]})")
@@ -133,7 +141,8 @@ def build_parser() -> argparse.ArgumentParser:
     g.add_argument("--ema-decay", type=float, help=f"(default {d.ema_decay})")
     g.add_argument("--precision", choices=PRECISIONS, help=f"(default {d.precision})")
     g.add_argument("--loss-scale-init", type=positive_float, help=f"fp16 GradScaler init (default {d.loss_scale_init:g})")
-    g.add_argument("--compile", action="store_true", default=None, help="torch.compile the model")
+    g.add_argument("--compile", action=argparse.BooleanOptionalAction, default=None,
+                   help="torch.compile the model (default: on for CUDA, off for CPU)")
     g = p.add_argument_group("data")
     g.add_argument("--seed", type=int, help=f"(default {d.seed})")
     g.add_argument("--num-workers", type=nonneg_int, help=f"loader workers per rank (default {d.num_workers})")
@@ -176,7 +185,8 @@ def resolve(argv: Sequence[str]) -> tuple[TrainConfig, bool]:
 def validate(cfg: TrainConfig) -> None:
     check(cfg.model in SiT_models, f"unknown model {cfg.model!r}; choose from {sorted(SiT_models)}")
     check(cfg.batch_size > 0 and cfg.steps > 0 and cfg.ckpt_every > 0, "batch size, steps, ckpt-every must be > 0")
-    check(cfg.micro_batch >= 0, f"--micro-batch must be >= 0, got {cfg.micro_batch}")
+    check(cfg.micro_batch == "auto" or (isinstance(cfg.micro_batch, int) and cfg.micro_batch >= 0),
+          f"--micro-batch must be 'auto' or an integer >= 0, got {cfg.micro_batch!r}")
     check(0 <= cfg.class_dropout_prob < 1, f"--class-dropout-prob must be in [0, 1), got {cfg.class_dropout_prob}")
     check(0 <= cfg.ema_decay < 1, f"--ema-decay must be in [0, 1), got {cfg.ema_decay}")
     check(cfg.proj_coeff >= 0, f"--proj-coeff must be >= 0, got {cfg.proj_coeff}")
