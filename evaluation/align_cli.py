@@ -39,8 +39,9 @@ def build_parser() -> argparse.ArgumentParser:
     g = p.add_argument_group("inputs")
     g.add_argument("--ckpt", required=True, help="our checkpoint/export, or an official REPA .pt")
     g.add_argument("--manifest", required=True, help="features manifest (file or folder) of held-out images")
-    g.add_argument("--encoder", default=None, help="patch-tokens field to compare against (default: the first)")
-    g.add_argument("--num-images", type=int, default=PAPER_NUM_IMAGES,
+    g.add_argument("--encoder", "--encoders", dest="encoder", default=None,
+                   help="patch-tokens field to compare against (default: the first)")
+    g.add_argument("--num-images", "--num-samples", dest="num_images", type=int, default=PAPER_NUM_IMAGES,
                    help="random subset size (seeded); all images when the set is smaller")
     a = p.add_argument_group("analysis")
     a.add_argument("--layers", default=None, help="1-based blocks, 'A-B' or 'A,B,C' (default: all)")

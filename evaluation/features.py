@@ -19,6 +19,7 @@ from pathlib import Path
 import numpy as np
 
 from manifests import UserError
+from manifests.faults import kill_point
 from manifests.io import TMP_MARK, atomic_path
 
 from .images import ImageSet
@@ -197,6 +198,7 @@ def _write_cache(images: ImageSet, model: InceptionFeatures, final: Path, key: s
                 dpool[start:start + pool.shape[0]] = pool
                 dlogits[start:start + logits.shape[0]] = logits
                 f.flush()
+                kill_point("eval-cache-batch")  # test hook: some batches are in the tmp cache file
             pool, logits, spatial, timing = _forward(images, model, batch_size, num_workers, sink, progress, desc)
             stats, timing["statistics_s"] = _stats(pool, spatial)
             for name, arr in stats.items():

@@ -8,7 +8,6 @@ from pathlib import Path
 
 import torch
 from torch_fidelity.feature_extractor_inceptionv3 import URL_INCEPTION_V3, FeatureExtractorInceptionV3
-from torch_fidelity.interpolate_compat_tensorflow import interpolate_bilinear_2d_like_tensorflow1x
 
 from manifests import UserError
 from manifests.errors import os_error_message
@@ -23,11 +22,6 @@ SPATIAL_DIM = SPATIAL_GRID * SPATIAL_GRID * SPATIAL_CHANNELS  # 2023
 # File names the converted weights go by: torch-fidelity's release and pytorch-fid's (same tensors, same keys).
 WEIGHT_FILES = (os.path.basename(URL_INCEPTION_V3), "pt_inception-2015-12-05-6726825d.pth")
 RANDOM_PREFIX = "random:"
-
-
-def tf1_resize(x: torch.Tensor, size: int = INPUT_SIZE) -> torch.Tensor:
-    """TF1 legacy bilinear resize (src = dst·in/out, no half-pixel offset), as the ADM graph does it."""
-    return interpolate_bilinear_2d_like_tensorflow1x(x, size=(size, size), align_corners=False)
 
 
 def flatten_spatial(fmap: torch.Tensor) -> torch.Tensor:

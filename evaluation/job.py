@@ -2,11 +2,12 @@
 from __future__ import annotations
 
 import argparse
+import json
 import os
 import shlex
 import sys
 import time
-from dataclasses import asdict, dataclass
+from dataclasses import asdict, dataclass, fields
 from pathlib import Path
 from typing import Any, Sequence
 
@@ -14,6 +15,7 @@ import numpy as np
 
 from manifests import UserError, atomic_open
 from manifests.cli import ArgumentParser, positive_int
+from manifests.config_file import add_config_flag, layered
 from manifests.io import ensure_writable_dir
 
 EXAMPLE = """examples:
@@ -55,8 +57,9 @@ def build_parser() -> argparse.ArgumentParser:
                 epilog=EXAMPLE)
     g = p.add_argument_group("inputs")
     g.add_argument("--samples", help="samples manifest (or its folder), ADM-style .npz (arr_0), or a folder of PNGs")
-    g.add_argument("--reference", required=True,
-                   help="ADM reference .npz, features manifest, or image folder (centre-cropped to the sample size)")
+    g.add_argument("--reference",
+                   help="ADM reference .npz, features manifest, or image folder (centre-cropped to the sample "
+                        "size); required")
     g.add_argument("--num-samples", type=positive_int, help="expected sample count: fewer is an error, more are cut "
                    "(default: all)")
     g.add_argument("--write-reference", metavar="OUT.npz", help="write the reference as an ADM-format batch "
@@ -83,15 +86,30 @@ def build_parser() -> argparse.ArgumentParser:
     g.add_argument("--cache-dir", default=d.cache_dir, help="HDF5 activation cache (default: %(default)s)")
     g.add_argument("--no-cache", action="store_true", help="do not read or write the activation cache")
     g.add_argument("--no-progress", action="store_true", help="no progress bars")
+    add_config_flag(g)
+    g.add_argument("--dry-run", action="store_true", help="print the resolved settings and exit")
     return p
 
 
 def parse_config(argv: Sequence[str] | None) -> EvalConfig:
-    a = build_parser().parse_args(argv)
-    cfg = EvalConfig(**{k: v for k, v in vars(a).items() if k != "no_progress"}, progress=not a.no_progress)
+    """defaults < --config file < flags."""
+    cfg, _ = resolve(argv)
+    return cfg
+
+
+def resolve(argv: Sequence[str] | None) -> tuple[EvalConfig, bool]:
+    argv = list(sys.argv[1:] if argv is None else argv)
+    names = {f.name for f in fields(EvalConfig)} | {"no_progress"}
+    values = layered(build_parser(), argv, names, {})
+    dry = bool(values.pop("dry_run", False))
+    if "no_progress" in values:
+        values["progress"] = not values.pop("no_progress")
+    cfg = EvalConfig(**values)
+    if not cfg.reference:
+        raise UserError("python -m evaluation: --reference is required (or 'reference' in --config)")
     if cfg.samples is None and cfg.write_reference is None:
         raise UserError("python -m evaluation: --samples is required (unless --write-reference is given)")
-    return cfg
+    return cfg, dry
 
 
 def _device(name: str) -> str:
@@ -175,7 +193,10 @@ def _describe(images, acts) -> dict[str, Any]:
 
 def main(argv: Sequence[str] | None = None) -> int:
     t_start = time.perf_counter()
-    cfg = parse_config(argv)
+    cfg, dry = resolve(argv)
+    if dry:
+        print(json.dumps(asdict(cfg), indent=2))
+        return 0
     out = Path(cfg.out).expanduser()
     if cfg.samples is not None:
         _check_out(out, "report")

@@ -21,10 +21,31 @@ def check(cond: bool, msg: str) -> None:
 
 
 def os_error_message(err: OSError, path: str | os.PathLike | None = None) -> str:
-    """One line naming the path and the reason, e.g. 'cannot write X: No space left on device'."""
+    """One line naming the path and the reason, e.g. 'X: No space left on device (12.0 KiB free)'."""
     where = path if path is not None else (err.filename or "?")
-    reason = err.strerror or errno.errorcode.get(err.errno or 0, str(err))
+    # The errno's own text: libraries such as h5py put many lines of detail in strerror.
+    reason = os.strerror(err.errno) if err.errno else (err.strerror or str(err) or type(err).__name__)
+    reason = reason.strip().splitlines()[0] if reason.strip() else type(err).__name__
+    if err.errno in (errno.ENOSPC, errno.EDQUOT) and where != "?":
+        reason += f" ({free_space(where)} free)"
     return f"{where}: {reason}"
+
+
+def free_space(path: str | os.PathLike) -> str:
+    """Free space on the filesystem holding `path` (its nearest existing parent), e.g. '12.0 KiB'."""
+    import shutil
+    p = os.path.abspath(os.fspath(path))
+    while not os.path.exists(p) and os.path.dirname(p) != p:
+        p = os.path.dirname(p)
+    try:
+        free = float(shutil.disk_usage(p).free)
+    except OSError:
+        return "unknown"
+    for unit in ("B", "KiB", "MiB", "GiB"):
+        if free < 1024 or unit == "GiB":
+            return f"{free:.0f} B" if unit == "B" else f"{free:.1f} {unit}"
+        free /= 1024
+    return "unknown"
 
 
 def run_cli(main: Callable[[Sequence[str] | None], int | None], argv: Sequence[str] | None = None) -> int:

@@ -13,6 +13,7 @@ from typing import Any, Iterator, Mapping
 import numpy as np
 
 from .errors import UserError, check
+from .faults import kill_point
 from .io import atomic_open, sha256_file
 
 KEY_RE = re.compile(r"^[A-Za-z0-9_\-]+$")
@@ -112,6 +113,8 @@ def write_shard(path: str | os.PathLike, samples: list[Mapping[str, Any]]) -> Sh
                     header = len(ti.tobuf(tar.format, tar.encoding, tar.errors))
                     index[key][ext] = [tar.offset + header, ti.size]
                     tar.addfile(ti, io.BytesIO(data))
+        f.flush()
+        kill_point("tar-before-rename")  # test hook: the whole tar is in its tmp file, not yet renamed
     return ShardInfo(path=path, keys=keys, sha256=sha256_file(path), bytes=path.stat().st_size, index=index)
 
 

@@ -27,8 +27,13 @@ def _count(s: str) -> int:
         raise argparse.ArgumentTypeError(f"expected an integer, got {s!r}") from None
 
 
+def _precision(s: str) -> str:
+    return {"auto": "default", "bf16": "fast"}.get(s, s)
+
+
 def build_parser() -> argparse.ArgumentParser:
     from .presets import ENCODERS
+    from .worker import PRECISIONS
     p = ArgumentParser(prog="python -m pipeline", description=__doc__, epilog=EXAMPLES, formatter_class=HelpFormatter)
     sub = p.add_subparsers(dest="cmd", required=True)
 
@@ -64,8 +69,13 @@ def build_parser() -> argparse.ArgumentParser:
     ru.add_argument("--batch-size", type=_count, default=64, help="images per encoder forward pass")
     ru.add_argument("--num-gpus", type=_count, default=None, help="GPU actors (None: every GPU in the cluster)")
     ru.add_argument("--num-cpus", type=_count, default=None, help="CPUs for a local Ray (None: all cores)")
-    ru.add_argument("--precision", default="auto", choices=("auto", "bf16", "fp32"),
-                    help="GPU compute: auto = bf16 autocast on CUDA, fp32 on CPU (never fp16)")
+    ru.add_argument("--cpu-actors", type=_count, default=1, help="encoder actors when the cluster has no GPU "
+                                                                 "(each writes its own shards)")
+    ru.add_argument("--precision", default="default", type=_precision, choices=PRECISIONS,
+                    help="GPU numerics. default: REPA's, the VAE in fp32 (TF32 convolutions, as PyTorch defaults) "
+                         "and the encoders under fp16 autocast; fast: bf16 autocast for both (deviation in the "
+                         "README); fp32: no autocast, no TF32. On CPU default is fp32 throughout (byte-identical "
+                         "re-runs). 'auto' and 'bf16' are accepted for default and fast")
     ru.add_argument("--ray-address", default=None, help="Ray cluster to attach to (None: $RAY_ADDRESS, "
                                                         "else start a local Ray)")
 
@@ -112,7 +122,7 @@ def main(argv: Sequence[str] | None = None) -> int:
                         encoders=[x for x in args.encoders.split(",") if x.strip()], shard_size=args.shard_size,
                         batch_size=args.batch_size, hflip=args.hflip, feature_dtype=args.feature_dtype,
                         limit=args.limit, num_gpus=args.num_gpus, num_cpus=args.num_cpus, precision=args.precision,
-                        verify=args.verify, name=args.name, ray_address=args.ray_address)
+                        verify=args.verify, name=args.name, ray_address=args.ray_address, cpu_actors=args.cpu_actors)
     path = run_extract(cfg)
     _summary(path)
     return 0

@@ -1,4 +1,4 @@
-"""The VAE and the representation encoders (DINOv2, SigLIP, tiny presets) behind one registry."""
+"""The VAE and the representation encoders (DINOv2, SigLIP, the paper's Table 2 encoders, tiny presets)."""
 from __future__ import annotations
 
 import os
@@ -9,6 +9,7 @@ import torch.nn.functional as F
 
 from manifests import SD_VAE_SCALE, SD_VAE_SHIFT, UserError
 
+from . import vit_loaders
 from .presets import (ENCODERS, IMAGENET_MEAN, IMAGENET_STD, SIGLIP_MEAN, SIGLIP_STD, TINY_SEED,
                       TINY_VAE_CONFIG, VAES, EncoderSpec, VaeSpec, _check_name, input_size, parse_spec)
 
@@ -76,6 +77,15 @@ def tiny_state_dict(spec: EncoderSpec) -> dict[str, torch.Tensor]:
     return native.state_dict()
 
 
+def _resize_rule(spec: EncoderSpec, size: int, resolution: int) -> str:
+    """The manifest's record of the pixel pipeline, in REPA train.py's order."""
+    if size == resolution:
+        return "none: x/255, normalise (input is the crop)"
+    if spec.resize_first:
+        return f"x/255, bicubic (no antialias) {resolution}->{size}, then normalise"
+    return f"x/255, normalise, then bicubic (no antialias) {resolution}->{size}"
+
+
 class Encoder(torch.nn.Module):
     """uint8 crops -> final-norm patch tokens (N, T, D), without CLS or register tokens."""
 
@@ -88,20 +98,23 @@ class Encoder(torch.nn.Module):
         self.grid = (g, g)
         self.register_buffer("mean", torch.tensor(spec.mean).view(1, 3, 1, 1), persistent=False)
         self.register_buffer("std", torch.tensor(spec.std).view(1, 3, 1, 1), persistent=False)
-        self.meta = {"name": spec.name, "weights": weights, "pretrained": not spec.tiny,
+        self.meta = {"name": spec.name, "family": spec.family, "weights": weights, "pretrained": not spec.tiny,
                      "architecture": spec.arch, "input_size": self.input_size, "patch_size": spec.patch_size,
                      "grid": list(self.grid), "mean": list(spec.mean), "std": list(spec.std),
-                     "tokens": "x_norm_patchtokens" if spec.family == "dinov2" else "final-norm patch tokens",
-                     "resize": "bicubic, no antialias, after normalisation"}
+                     "tokens": spec.tokens, "resize": _resize_rule(spec, self.input_size, resolution)}
 
     def preprocess(self, crops: torch.Tensor) -> torch.Tensor:
         """uint8 (N, H, W, 3) or (N, 3, H, W) -> normalised float (N, 3, S, S), as REPA does online."""
         if crops.shape[-1] == 3 and crops.shape[1] != 3:
             crops = crops.permute(0, 3, 1, 2)  # (N, 3, H, W)
-        x = (crops.to(self.mean.device, torch.float32) / 255.0 - self.mean) / self.std
+        x = crops.to(self.mean.device, torch.float32) / 255.0  # (N, 3, H, W) in [0, 1]
+        if not self.spec.resize_first:
+            x = (x - self.mean) / self.std
         if x.shape[-1] != self.input_size or x.shape[-2] != self.input_size:
             x = F.interpolate(x, size=(self.input_size, self.input_size), mode="bicubic", align_corners=False,
-                              antialias=False)
+                              antialias=False)  # (N, 3, S, S)
+        if self.spec.resize_first:  # CLIP: REPA resizes [0, 1] pixels, then normalises
+            x = (x - self.mean) / self.std
         return x
 
     @torch.no_grad()
@@ -120,6 +133,10 @@ def load_encoder(spec_str: str, resolution: int = 256, device: str | torch.devic
     _check_name(name, ENCODERS, "encoder", "--encoders")
     spec = ENCODERS[name]
     size = input_size(spec, resolution)
+    if spec.family in vit_loaders.FAMILIES:  # MoCo v3, MAE, I-JEPA, CLIP, DINO: their official file layouts
+        model, weights = vit_loaders.build(spec, size, path, f"--encoders {spec_str}")
+        model = model.to(device=device, dtype=dtype).eval().requires_grad_(False)
+        return Encoder(spec, model, resolution, weights).to(device)
     kwargs: dict[str, Any] = dict(num_classes=0, img_size=size, **spec.tiny_kwargs)
     if path is not None:
         if not os.path.exists(path):

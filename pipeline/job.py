@@ -1,6 +1,7 @@
 """The extract job: list inputs, plan shards, run the pending ones on Ray, assemble the manifest."""
 from __future__ import annotations
 
+import errno
 import json
 import logging
 import os
@@ -11,11 +12,12 @@ from pathlib import Path
 
 from manifests import UserError, check, load_manifest
 from manifests.codecs import CODECS, DEFAULT_CODEC
+from manifests.errors import free_space
 from manifests.io import ensure_writable_dir
 
 from .presets import ENCODERS, VAES, parse_spec
 from .sources import list_source, select
-from .worker import EncodeConfig, ShardEncoder, cpu_threads_default, decode_shard
+from .worker import PRECISIONS, EncodeConfig, ShardEncoder, cpu_threads_default, decode_shard
 from .writer import assemble_manifest, clean_tmp, fingerprint, plan_shards, shard_done
 
 RESOLUTIONS = (256, 512)
@@ -37,7 +39,8 @@ class ExtractConfig:
     limit: int | None = None
     num_gpus: int | None = None  # GPU actors; None: every GPU in the cluster (one CPU actor without GPUs)
     num_cpus: int | None = None  # local Ray only; None: all cores
-    precision: str = "auto"
+    cpu_actors: int = 1  # encoder actors when the cluster has no GPU (several write shards concurrently)
+    precision: str = "default"
     verify: bool = False
     name: str | None = None
     ray_address: str | None = None  # None: RAY_ADDRESS (set by `ray job submit`), else a new local Ray
@@ -50,8 +53,9 @@ class ExtractConfig:
         check(self.limit is None or self.limit > 0, f"--limit must be a positive count, got {self.limit}")
         check(self.num_gpus is None or self.num_gpus >= 0, f"--num-gpus must be >= 0, got {self.num_gpus}")
         check(self.num_cpus is None or self.num_cpus > 0, f"--num-cpus must be positive, got {self.num_cpus}")
+        check(self.cpu_actors > 0, f"--cpu-actors must be a positive count, got {self.cpu_actors}")
         check(self.feature_dtype in FEATURE_DTYPES, f"--feature-dtype must be one of {FEATURE_DTYPES}")
-        check(self.precision in ("auto", "bf16", "fp32"), "--precision must be auto, bf16 or fp32 (never fp16)")
+        check(self.precision in PRECISIONS, f"--precision must be one of {', '.join(PRECISIONS)}")
         check(len(self.encoders) > 0, "--encoders needs at least one encoder name")
         vname, _ = parse_spec(self.vae)
         check(vname in VAES, f"unknown VAE '{vname}' (--vae); choose one of: {', '.join(sorted(VAES))}")
@@ -133,7 +137,7 @@ def _run_ray(cfg: ExtractConfig, out: Path, fp: str, pending, total: int) -> Non
     n_gpu = gpus_avail if cfg.num_gpus is None else min(cfg.num_gpus, gpus_avail)
     check(cfg.num_gpus is None or cfg.num_gpus <= gpus_avail,
           f"--num-gpus {cfg.num_gpus} but the Ray cluster has {gpus_avail} GPU(s)")
-    actors = max(1, min(n_gpu, len(pending)))
+    actors = max(1, min(n_gpu or cfg.cpu_actors, len(pending)))
     threads = cpu_threads_default()
     enc_cfg = EncodeConfig(out=str(out), fingerprint=fp, resolution=cfg.resolution, vae=cfg.vae,
                            encoders=list(cfg.encoders), batch_size=cfg.batch_size, hflip=cfg.hflip,
@@ -159,7 +163,7 @@ def _run_ray(cfg: ExtractConfig, out: Path, fp: str, pending, total: int) -> Non
                 bar.update(int(ns) + int(nk))
                 bar.set_postfix(shards=f"{int(s)}", skipped=n_skip)
     except Exception as e:  # noqa: BLE001 - a worker's UserError (disk full, ...) surfaces as one line
-        user = _find_user_error(e)
+        user = _find_user_error(e) or _disk_full_error(e, out)
         if user is not None:
             raise user from None
         raise
@@ -182,3 +186,24 @@ def _find_user_error(e: BaseException) -> UserError | None:
         cause = getattr(cur, "cause", None)
         cur = cause if isinstance(cause, BaseException) else (cur.__cause__ or cur.__context__)
     return None
+
+
+def _disk_full_error(e: BaseException, out: Path) -> UserError | None:
+    """ENOSPC anywhere in a Ray error (an actor's write, Ray's own spill) -> one line naming --out and free space.
+
+    Ray re-raises a worker's exception as a RayTaskError whose cause may arrive only as text, so the chain and
+    the text are both searched.
+    """
+    seen, cur = set(), e
+    while cur is not None and id(cur) not in seen:
+        seen.add(id(cur))
+        if isinstance(cur, OSError) and cur.errno in (errno.ENOSPC, errno.EDQUOT):
+            break
+        if "[Errno 28]" in str(cur) or "No space left on device" in str(cur):
+            break
+        cause = getattr(cur, "cause", None)
+        cur = cause if isinstance(cause, BaseException) else (cur.__cause__ or cur.__context__)
+    else:
+        return None
+    return UserError(f"disk full while writing shards to {out}: No space left on device ({free_space(out)} free); "
+                     f"free some space and re-run the same command (finished shards are kept)")

@@ -11,6 +11,9 @@ IMAGENET_STD = (0.229, 0.224, 0.225)
 # SigLIP normalises to [-1, 1]. Hard-coded: a randomly initialised open_clip model reports CLIP's values.
 SIGLIP_MEAN = (0.5, 0.5, 0.5)
 SIGLIP_STD = (0.5, 0.5, 0.5)
+# OpenAI CLIP statistics (REPA train.py CLIP_DEFAULT_MEAN/STD; open_clip OPENAI_DATASET_MEAN/STD).
+CLIP_MEAN = (0.48145466, 0.4578275, 0.40821073)
+CLIP_STD = (0.26862954, 0.26130258, 0.27577711)
 TINY_SEED = 20240601  # every process builds the same tiny weights from this seed
 
 
@@ -35,9 +38,9 @@ TINY_VAE_CONFIG = dict(in_channels=3, out_channels=3, down_block_types=("DownEnc
 
 
 def parse_spec(spec: str) -> tuple[str, str | None]:
-    """'NAME' or 'NAME=PATH' -> (name, path or None)."""
+    """'NAME' or 'NAME=PATH' -> (lower-case name, path or None); REPA spells e.g. 'clip-vit-L'."""
     name, eq, path = spec.strip().partition("=")
-    return name.strip(), (path.strip() or None) if eq else None
+    return name.strip().lower(), (path.strip() or None) if eq else None
 
 
 def _check_name(name: str, registry: dict, what: str, flag: str) -> None:
@@ -49,7 +52,7 @@ def _check_name(name: str, registry: dict, what: str, flag: str) -> None:
 class EncoderSpec:
     """A representation encoder: timm architecture, weights tag and preprocessing."""
     name: str
-    family: str  # 'dinov2' | 'siglip'
+    family: str  # 'dinov2' | 'siglip' | 'mocov3' | 'mae' | 'jepa' | 'clip' | 'dinov1'
     arch: str  # timm architecture
     tag: str | None  # timm pretrained tag; None for tiny presets
     patch_size: int
@@ -58,15 +61,28 @@ class EncoderSpec:
     std: tuple[float, float, float]
     tiny_kwargs: dict = field(default_factory=dict)
     native_size: int = 0  # the pretrained model's image size (for the tiny's seeded 'checkpoint')
+    resize_first: bool = False  # CLIP: resize, then normalise; the others normalise first (REPA train.py)
+    tokens: str = "final-norm patch tokens"  # the token rule, recorded in the manifest
+    file_format: str = "timm checkpoint"  # what NAME=PATH expects
 
     @property
     def tiny(self) -> bool:
-        return self.tag is None
+        return self.name.startswith("tiny-")
+
+    @property
+    def embed_dim(self) -> int | None:
+        return self.tiny_kwargs.get("embed_dim")
+
+
+DINOV2_TOKENS = "x_norm_patchtokens: final-norm patch tokens, without CLS and register tokens"
 
 
 def _dino(name: str, arch: str) -> EncoderSpec:
-    return EncoderSpec(name, "dinov2", arch, "lvd142m", 14, 224, IMAGENET_MEAN, IMAGENET_STD, native_size=518)
+    return EncoderSpec(name, "dinov2", arch, "lvd142m", 14, 224, IMAGENET_MEAN, IMAGENET_STD, native_size=518,
+                       tokens=DINOV2_TOKENS)
 
+
+from .presets_repa import REPA_ENCODERS  # noqa: E402 - needs EncoderSpec above
 
 ENCODERS: dict[str, EncoderSpec] = {
     **{f"dinov2-vit-{s}": _dino(f"dinov2-vit-{s}", f"vit_{w}_patch14_dinov2")
@@ -78,10 +94,13 @@ ENCODERS: dict[str, EncoderSpec] = {
     "siglip-so400m": EncoderSpec("siglip-so400m", "siglip", "vit_so400m_patch14_siglip_224", "webli", 14, 224,
                                  SIGLIP_MEAN, SIGLIP_STD, native_size=224),
     "tiny-dinov2": EncoderSpec("tiny-dinov2", "dinov2", "vit_small_patch14_dinov2", None, 14, 224, IMAGENET_MEAN,
-                               IMAGENET_STD, dict(embed_dim=64, depth=2, num_heads=2), native_size=518),
+                               IMAGENET_STD, dict(embed_dim=64, depth=2, num_heads=2), native_size=518,
+                               tokens=DINOV2_TOKENS),
     "tiny-siglip": EncoderSpec("tiny-siglip", "siglip", "vit_base_patch16_siglip_256", None, 16, 256, SIGLIP_MEAN,
                                SIGLIP_STD, dict(embed_dim=64, depth=2, num_heads=2), native_size=256),
 }
+
+ENCODERS.update(REPA_ENCODERS)
 
 
 def input_size(spec: EncoderSpec, resolution: int) -> int:

@@ -18,6 +18,22 @@ from .transforms import BadImage, decode_crop
 from .writer import ShardPlan, write_shard_once
 
 
+# default: REPA's numerics (its EDM2-derived dataset_tools.py encodes with the VAE in fp32 under PyTorch's default
+# TF32 convolutions; its train.py runs the encoders under fp16 autocast); fast: bf16 autocast for both (never fp16
+# for the VAE: its mean reaches |mu| > 16); fp32: no autocast and no TF32.
+PRECISIONS = ("default", "fast", "fp32")
+
+
+def numerics(precision: str, device_type: str) -> tuple[object, object]:
+    """(VAE autocast dtype, encoder autocast dtype), None meaning fp32; CPU default stays fp32 (deterministic)."""
+    import torch
+    if precision == "fast":
+        return torch.bfloat16, torch.bfloat16
+    if precision == "default" and device_type == "cuda":
+        return None, torch.float16
+    return None, None
+
+
 @dataclass(kw_only=True)
 class EncodeConfig:
     """What the GPU actor needs: models, geometry and the shard-writing target."""
@@ -29,7 +45,7 @@ class EncodeConfig:
     batch_size: int = 64
     hflip: bool = False
     feature_dtype: str = DEFAULT_CODEC  # token codec (manifests/codecs.py)
-    precision: str = "auto"  # auto: bf16 autocast on CUDA, fp32 on CPU
+    precision: str = "default"  # PRECISIONS: default (REPA's numerics), fast (bf16), fp32
     cpu_threads: int = 1
 
     def to_dict(self) -> dict:
@@ -73,16 +89,9 @@ class ShardEncoder:
             # Same thread count and deterministic kernels in every run: byte-identical shards on CPU.
             torch.set_num_threads(max(1, self.cfg.cpu_threads))
             torch.use_deterministic_algorithms(True, warn_only=True)
-        else:
-            torch.backends.cudnn.benchmark = True
-            torch.backends.cuda.matmul.allow_tf32 = True
-            torch.backends.cudnn.allow_tf32 = True
-        prec = self.cfg.precision
-        self.autocast = self.device.type == "cuda" and prec in ("auto", "bf16")  # never fp16 for the VAE
         self.vae = load_vae(self.cfg.vae, device=self.device)
-        if self.device.type == "cuda":
-            self.vae = self.vae.to(memory_format=torch.channels_last)  # faster convs under bf16
         self.encoders = [load_encoder(e, self.cfg.resolution, device=self.device) for e in self.cfg.encoders]
+        self._setup_numerics()
         r8 = self.cfg.resolution // 8
         lat_c = 2 * int(self.vae.config.latent_channels)
         self.fields: dict[str, Any] = {"latent": {"dtype": "float32", "shape": [lat_c, r8, r8], "codec": "vae-moments",
@@ -92,18 +101,50 @@ class ShardEncoder:
             self.fields[enc.name] = {**token_field(self.codec.name, enc.grid[0] * enc.grid[1], enc.dim, enc.name),
                                      "codec": "patch-tokens", "encoder": enc.meta}
 
+    def _setup_numerics(self, compile_: bool | None = None) -> None:
+        """Autocast dtypes, TF32 and (on CUDA) channels-last + torch.compile of the VAE encoder and the encoders."""
+        torch = self.torch
+        self.vae_amp, self.enc_amp = numerics(self.cfg.precision, self.device.type)
+        if self.device.type != "cuda":
+            return
+        torch.backends.cudnn.benchmark = True
+        torch.backends.cudnn.allow_tf32 = self.cfg.precision != "fp32"  # PyTorch's default: TF32 convolutions
+        torch.backends.cuda.matmul.allow_tf32 = False  # PyTorch's default: fp32 matmuls (VAE attention, ViTs)
+        self.vae = self.vae.to(memory_format=torch.channels_last)
+        if compile_ if compile_ is not None else os.environ.get("REPA_COMPILE", "1") != "0":
+            self.vae.encoder = torch.compile(self.vae.encoder)
+            for enc in self.encoders:
+                enc.model.forward_features = torch.compile(enc.model.forward_features)
+
+    def _autocast(self, dtype):
+        return self.torch.autocast(self.device.type, dtype=dtype or self.torch.float32, enabled=dtype is not None)
+
+    def _to_host(self, t) -> np.ndarray:
+        """Device -> numpy through a pinned buffer on CUDA (an async copy; the caller syncs once per sub-batch)."""
+        if t.device.type != "cuda":
+            return t.numpy()
+        host = self.torch.empty(t.shape, dtype=t.dtype, pin_memory=True)
+        return host.copy_(t, non_blocking=True).numpy()
+
     def _encode_iter(self, crops: np.ndarray) -> Iterator[dict[str, np.ndarray]]:
         """uint8 (n, R, R, 3) -> per sub-batch {'latent': (b, 8, R/8, R/8) f32, name: (b, T, D) feature dtype}."""
         torch = self.torch
+        cuda = self.device.type == "cuda"
         for i in range(0, len(crops), self.cfg.batch_size):  # fixed sub-batches from the shard start: same numerics
-            x = torch.from_numpy(crops[i:i + self.cfg.batch_size]).to(self.device, non_blocking=True)  # (b, R, R, 3)
+            x = torch.from_numpy(crops[i:i + self.cfg.batch_size])  # (b, R, R, 3) uint8
+            x = x.pin_memory().to(self.device, non_blocking=True) if cuda else x
             out = {}
-            with torch.inference_mode(), torch.autocast("cuda", dtype=torch.bfloat16, enabled=self.autocast):
-                out["latent"] = self.vae_moments(self.vae, x).float().cpu().numpy()  # (b, 8, R/8, R/8)
-                for enc in self.encoders:
-                    # Encode on the device to shrink the copy to the host: fp16 (b, T, D), or int8 codes + (b, T) scales.
-                    coded = encode_fields(enc.name, enc(x), self.codec)
-                    out.update({k: v.cpu().numpy() for k, v in coded.items()})
+            with torch.inference_mode():
+                with self._autocast(self.vae_amp):
+                    out["latent"] = self._to_host(self.vae_moments(self.vae, x).float())  # (b, 8, R/8, R/8)
+                with self._autocast(self.enc_amp):
+                    for enc in self.encoders:
+                        # Encode on the device to shrink the copy to the host: fp16 (b, T, D), or int8 codes +
+                        # (b, T) scales (manifests/codecs.py).
+                        coded = encode_fields(enc.name, enc(x), self.codec)
+                        out.update({k: self._to_host(v) for k, v in coded.items()})
+            if cuda:
+                torch.cuda.current_stream(self.device).synchronize()  # the pinned copies above have landed
             yield out
 
     def _encode(self, crops: np.ndarray) -> dict[str, np.ndarray]:

@@ -9,6 +9,7 @@ from typing import Any, Iterable, Mapping
 
 from manifests import (Manifest, ShardEntry, UserError, atomic_write_json, read_json, sha256_file, write_manifest,
                        write_shard)
+from manifests.faults import kill_point
 from manifests.io import remove_tmp_files
 
 from .sources import Item
@@ -96,6 +97,7 @@ def write_shard_once(out: Path, plan: ShardPlan, fp: str, samples: Iterable[dict
         side.update(nsamples=0, keys=[], sha256="", bytes=0, index={})
     else:
         info = write_shard(path, samples)
+        kill_point("tar-before-sidecar")  # test hook: the tar is in place, its sidecar not yet written
         side.update(nsamples=len(info.keys), keys=info.keys, sha256=info.sha256, bytes=info.bytes, index=info.index)
     atomic_write_json(sidecar_path(out, plan), side)
     return side
@@ -131,5 +133,6 @@ def assemble_manifest(out: Path, plans: list[ShardPlan], *, name: str, classes: 
     m = Manifest(root=out, name=name, shardlist=entries, kind="features", num_samples=num, fields=fields or {},
                  classes=classes, preprocess=preprocess, skipped=skipped, created_by=created_by,
                  extra={"stats": stats})
+    kill_point("manifest-before-write")  # test hook: every sidecar is written, the manifest not yet
     write_manifest(m)
     return m

@@ -28,3 +28,16 @@ def tiny_features(synth_dir, tmp_path_factory) -> Path:
     run_module("pipeline", "extract", "--source", str(synth_dir), "--out", str(out), "--vae", "tiny-vae",
                "--encoders", "tiny-dinov2,tiny-siglip", "--shard-size", "8", "--batch-size", "8", check=True)
     return out
+
+
+@pytest.fixture
+def small_disk(tmp_path):
+    """A real small filesystem (a 32 MiB tmpfs, filled by the tests) for disk-full tests; skipped, saying why,
+    where it cannot be mounted."""
+    from helpers import mount_tmpfs
+    mnt = tmp_path / "disk"
+    unmount = mount_tmpfs(mnt, "32m")
+    try:
+        yield mnt
+    finally:
+        unmount()

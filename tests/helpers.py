@@ -85,3 +85,114 @@ def assert_user_error(p: subprocess.CompletedProcess, *needles: str) -> None:
     assert len([ln for ln in lines if ln.startswith("error:")]) == 1, err
     for n in needles:
         assert n in lines[-1], f"{n!r} not in {lines[-1]!r}"
+
+
+def free_port() -> int:
+    """A TCP port that is free now (for torchrun's --master-port), so overlapping runs never collide."""
+    import socket
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+def kill_group(pgid: int) -> None:
+    """SIGKILL what is left of a process group this test started in its own session (Ray or torchrun helpers)."""
+    import signal
+    try:
+        os.killpg(pgid, signal.SIGKILL)
+    except (ProcessLookupError, PermissionError):
+        pass
+
+
+def run_until_killed(cmd: list[str], point: str, log: Path, *, env: dict | None = None, timeout: float = 300,
+                     marker: str | None = None) -> str:
+    """Run `cmd` in its own session with REPA_KILL_AT=point; assert the hook SIGKILLed it there; return stderr.
+
+    The hook's arrival counter files (`<log>.kills/<point>.<n>`) show it fired, even when it fired in a Ray actor
+    whose last words never reach the driver's stderr. Processes whose command line holds `marker` (Ray's
+    temp folder) are the job's stragglers in other groups: they are killed and waited for.
+    """
+    name, _, nth = point.partition(":")
+    kills = log.with_name(log.name + ".kills")
+    full_env = {**os.environ, "OMP_NUM_THREADS": "1", "PYTHONUNBUFFERED": "1", **(env or {}), "REPA_KILL_AT": point,
+                "REPA_KILL_DIR": str(kills)}
+    with open(log, "w") as err_file:  # a file, not a pipe: helpers of the job must not keep the test waiting
+        p = subprocess.Popen(cmd, cwd=REPO, env=full_env, stdout=subprocess.DEVNULL, stderr=err_file,
+                             start_new_session=True)
+        try:
+            p.wait(timeout=timeout)
+        finally:
+            kill_group(p.pid)
+            p.wait()
+            if marker:
+                kill_marked(marker)
+    err = log.read_text()
+    assert p.returncode == -9, f"{point}: expected SIGKILL at the hook, got exit {p.returncode}:\n{err[-3000:]}"
+    assert (kills / f"{name}.{nth or 1}").exists(), f"{point}: the hook did not fire:\n{err[-3000:]}"
+    return err
+
+
+def kill_marked(marker: str, timeout: float = 30) -> None:
+    """SIGKILL every process whose command line or environment holds `marker` (this test's own Ray temp folder)."""
+    import signal
+    import time
+    end = time.time() + timeout
+    while True:
+        pids = []
+        for d in Path("/proc").iterdir():
+            if d.name.isdigit() and int(d.name) != os.getpid():
+                try:
+                    # Ray workers retitle themselves, so the inherited environment is searched too.
+                    if any(marker in (d / f).read_bytes().decode(errors="replace") for f in ("cmdline", "environ")):
+                        pids.append(int(d.name))
+                except OSError:
+                    pass
+        if not pids or time.time() > end:
+            return
+        for pid in pids:
+            try:
+                os.kill(pid, signal.SIGKILL)
+            except (ProcessLookupError, PermissionError):
+                pass
+        time.sleep(0.1)
+
+
+def fill_disk(folder: str | os.PathLike) -> None:
+    """Write a filler file into `folder` until the filesystem is really full (ENOSPC): the next write fails."""
+    import errno
+    path = Path(folder) / "filler"
+    fd = os.open(path, os.O_WRONLY | os.O_CREAT | os.O_APPEND, 0o644)
+    try:
+        for chunk in (1 << 16, 1 << 12, 1):
+            data = bytes(chunk)
+            while True:
+                try:
+                    os.write(fd, data)
+                except OSError as e:
+                    assert e.errno == errno.ENOSPC, e
+                    break
+    finally:
+        os.close(fd)
+
+
+def filled_before(fn, folder: str | os.PathLike):
+    """Wrap `fn` so that the disk holding `folder` is filled just before it runs: the real writer then meets a
+    full disk at its real write call (the wrapper only picks the moment)."""
+    def wrapper(*a, **k):
+        fill_disk(folder)
+        return fn(*a, **k)
+    return wrapper
+
+
+def mount_tmpfs(path: str | os.PathLike, size: str):
+    """Mount a tmpfs of `size` (e.g. '600k') at `path` and return an unmount function; pytest.skip (saying why)
+    where that is impossible (not root, no mount permission)."""
+    import pytest
+    Path(path).mkdir(parents=True, exist_ok=True)
+    if os.geteuid() != 0:
+        pytest.skip("disk-full tests mount a tmpfs, which needs root")
+    p = subprocess.run(["mount", "-t", "tmpfs", "-o", f"size={size}", "tmpfs", str(path)], capture_output=True,
+                       text=True)
+    if p.returncode != 0:
+        pytest.skip(f"cannot mount a tmpfs here ({p.stderr.strip() or p.returncode})")
+    return lambda: subprocess.run(["umount", "-l", str(path)], capture_output=True)

@@ -73,10 +73,51 @@ def test_demo_chain_end_to_end(tmp_path):
     assert len(losses) >= 5 and all(math.isfinite(v) for v in losses)
 
 
+def _reliability_rows(readme: str) -> list[tuple[str, list[str]]]:
+    """(fault, [file.py::test, ...]) per row of the README's Reliability table; `::test` continues the last file."""
+    section = readme.split("## Reliability", 1)[1].split("\n## ", 1)[0]
+    rows = []
+    for line in section.splitlines():
+        cells = [c.strip() for c in line.strip().strip("|").split("|")]
+        if len(cells) < 3 or cells[0] in ("Fault or input", "---"):
+            continue
+        ids, current = [], None
+        for ref in re.findall(r"`([^`]+)`", cells[-1]):
+            assert "…" not in ref and "..." not in ref, f"abbreviated test name in the README: {ref}"
+            fname, _, test = ref.partition("::")
+            current = fname or current
+            assert current and current.endswith(".py"), f"README cites {ref!r} without a test file"
+            ids.append(f"{current}::{test}" if test else current)
+        rows.append((cells[0], ids))
+    return rows
+
+
 def test_reliability_table_names_real_tests():
+    """Every row cites tests; each cited test (whole names only) is defined and collected by pytest."""
     readme = (REPO / "README.md").read_text()
+    rows = _reliability_rows(readme)
+    assert len(rows) >= 15
     sources = {p.name: p.read_text() for p in (REPO / "tests").glob("test_*.py")}
-    named = re.findall(r"(test_\w+\.py)::(test_\w+)", readme)
-    assert len(named) >= 15
-    for fname, test in named:
-        assert fname in sources and f"def {test}" in sources[fname], f"README names {fname}::{test}, which is gone"
+    ids = []
+    for fault, cited in rows:
+        assert cited, f"row without a test: {fault}"
+        for nodeid in cited:
+            fname, _, test = nodeid.partition("::")
+            assert fname in sources, f"README names {fname}, which does not exist"
+            assert not test or re.search(rf"^def {test}\(", sources[fname], flags=re.M), \
+                f"README names {nodeid}, which is gone"
+            ids.append(f"tests/{nodeid}")
+    p = subprocess.run([sys.executable, "-m", "pytest", "--collect-only", "-q", "-p", "no:cacheprovider", *ids],
+                       cwd=REPO, capture_output=True, text=True, timeout=240)
+    assert p.returncode == 0, p.stdout[-3000:] + p.stderr[-2000:]
+    collected = p.stdout
+    for nodeid in ids:
+        assert nodeid in collected, f"{nodeid} is not collected by pytest"
+
+
+def test_fid_speedup_figure_is_the_same_everywhere():
+    """The eigen-trace vs scipy.linalg.sqrtm speed-up is quoted once per place it appears, with one value."""
+    readme = (REPO / "README.md").read_text()
+    paras = [p for p in re.split(r"\n\s*\n|\n\|", readme) if "sqrtm" in p]
+    figures = {f for p in paras for f in re.findall(r"(\d+(?:\.\d+)?)×", p)}
+    assert len(paras) >= 2 and len(figures) == 1, figures

@@ -16,7 +16,7 @@ import pytest
 import torch
 from PIL import Image
 
-from helpers import REPO, make_features_manifest, run_module
+from helpers import REPO, filled_before, make_features_manifest, run_module, run_until_killed
 from manifests import sha256_file
 
 from eval_sets import N, RES, _tmp_files, evaluate, one_line_error, sets  # noqa: F401 (sets is a fixture)
@@ -94,30 +94,18 @@ def test_cache_hit_skips_the_forward_pass(sets, tmp_path, capsys, monkeypatch):
 
 @pytest.mark.slow
 def test_sigkill_while_writing_cache_is_rebuilt(sets, tmp_path, capsys):
+    """SIGKILL at a named point (REPA_KILL_AT=eval-cache-batch:3: three batches are in the tmp cache file)."""
     cache, out = tmp_path / "cache", tmp_path / "r.json"
     big = np.random.default_rng(1).integers(0, 256, (12, RES, RES, 3), dtype=np.uint8)
     np.savez(tmp_path / "big.npz", arr_0=big)
     args = ["--samples", str(tmp_path / "big.npz"), "--reference", str(tmp_path / "big.npz"), "--out", str(out)]
-    env = {**os.environ, "OMP_NUM_THREADS": "1", "PYTHONUNBUFFERED": "1"}
-    proc = subprocess.Popen([sys.executable, "-m", "evaluation", *args, "--inception-weights", "random:0",
-                             "--cache-dir", str(cache), "--batch-size", "1", "--no-progress"], cwd=REPO, env=env,
-                            stdout=subprocess.DEVNULL, stderr=subprocess.PIPE)
-    try:
-        deadline = time.time() + 120
-        while not _tmp_files(cache):
-            assert proc.poll() is None, proc.stderr.read().decode()
-            assert time.time() < deadline, "the cache tmp file never appeared"
-            time.sleep(0.05)
-        time.sleep(1.0)  # let some batches land in the half-written file
-        assert proc.poll() is None, "finished before the kill"
-        proc.send_signal(signal.SIGKILL)
-        proc.wait(30)
-    finally:
-        if proc.poll() is None:
-            proc.kill()
-        proc.stderr.close()
-    assert proc.returncode == -signal.SIGKILL
-    assert _tmp_files(cache) and not list(cache.glob("*.h5")), "only a tmp file may exist after the kill"
+    run_until_killed([sys.executable, "-m", "evaluation", *args, "--inception-weights", "random:0", "--cache-dir",
+                      str(cache), "--batch-size", "2", "--num-workers", "1", "--device", "cpu", "--no-progress"],
+                     "eval-cache-batch:3", tmp_path / "kill.log", timeout=240)
+    tmps = _tmp_files(cache)
+    assert len(tmps) == 1 and not list(cache.glob("*.h5")), "only a tmp file may exist after the kill"
+    with h5py.File(tmps[0], "r") as f:  # the killed writer's file: three batches in, never marked complete
+        assert not bool(f.attrs["complete"]) and np.abs(f["pool"][:6]).sum() > 0 and "mu" not in f
 
     rc, _, err = evaluate(capsys, *args, cache=cache)
     assert rc == 0, err
@@ -189,6 +177,18 @@ def test_disk_full_is_one_line_naming_the_path(sets, tmp_path, capsys, monkeypat
                           cache=cache)  # cache hits: only the report write fails
     one_line_error(rc, err, str(out), "No space left on device")
     assert not out.exists() and not _tmp_files(tmp_path)
+
+
+def test_real_disk_full_at_the_cache_write(sets, small_disk, tmp_path, capsys, monkeypatch):
+    """The cache on a real tmpfs, filled as the entry is about to be written: one line naming the cache file and
+    the free space (with the --no-cache hint); neither a tmp file nor an entry is left."""
+    import evaluation.features as features
+    cache = small_disk / "cache"
+    monkeypatch.setattr(features, "_write_cache", filled_before(features._write_cache, small_disk))
+    rc, _, err = evaluate(capsys, "--samples", str(sets.npz), "--reference", str(sets.ref), "--out",
+                          str(tmp_path / "r.json"), cache=cache)
+    one_line_error(rc, err, "cannot write", str(cache), "No space left on device", "B free)", "--no-cache")
+    assert not list(cache.iterdir()) and not (tmp_path / "r.json").exists()
 
 
 # ---- references -----------------------------------------------------------------------------------------------

@@ -6,7 +6,7 @@ import scipy.linalg
 import torch
 import torch.nn.functional as F
 
-from evaluation.inception import SPATIAL_DIM, InceptionFeatures, flatten_spatial, tf1_resize
+from evaluation.inception import SPATIAL_DIM, InceptionFeatures, flatten_spatial
 from evaluation.metrics import frechet_distance, inception_score, precision_recall, statistics, trace_sqrt_product
 
 
@@ -25,17 +25,40 @@ def numpy_tf1_bilinear(img: np.ndarray, out: int) -> np.ndarray:
     return top * (1 - dy[:, None]) + bot * dy[:, None]  # (C, out, out)
 
 
+class _Stop(Exception):
+    pass
+
+
+@pytest.fixture(scope="module")
+def inception():
+    return InceptionFeatures("random:0")
+
+
 @pytest.mark.parametrize("h,w", [(37, 53), (301, 7), (5, 5)])
-def test_tf1_resize_matches_numpy_and_differs_from_interpolate(h, w):
+def test_network_input_is_tf1_resize_then_scale(inception, h, w):
+    """What the product's network really feeds its first conv: the TF1 legacy resize of the uint8 image to 299,
+    then (x−128)/128 (read at Conv2d_1a_3x3, where the forward is then stopped)."""
     rng = np.random.default_rng(h * w)
-    img = rng.integers(0, 256, (3, h, w)).astype(np.float32)
-    got = tf1_resize(torch.from_numpy(img)[None], 299)[0].numpy()
-    want = numpy_tf1_bilinear(img.astype(np.float64), 299)
+    img = rng.integers(0, 256, (h, w, 3), dtype=np.uint8)
+    seen = {}
+
+    def grab(module, inputs):
+        seen["x"] = inputs[0].detach().clone()
+        raise _Stop
+    handle = inception.net.Conv2d_1a_3x3.register_forward_pre_hook(grab)
+    try:
+        with pytest.raises(_Stop):
+            inception(img[None])  # uint8 NHWC, as every caller passes it
+    finally:
+        handle.remove()
+    got = seen["x"][0].numpy()  # (3, 299, 299)
+    chw = img.transpose(2, 0, 1).astype(np.float64)
+    want = (numpy_tf1_bilinear(chw, 299) - 128) / 128
     assert got.shape == (3, 299, 299)
-    np.testing.assert_allclose(got, want, atol=1e-3)
-    torch_bilinear = F.interpolate(torch.from_numpy(img)[None], size=(299, 299), mode="bilinear",
+    np.testing.assert_allclose(got, want, atol=1e-5)
+    torch_bilinear = F.interpolate(torch.from_numpy(chw.astype(np.float32))[None], size=(299, 299), mode="bilinear",
                                    align_corners=False)[0].numpy()
-    assert np.abs(torch_bilinear - want).max() > 1.0  # half-pixel centres: a different image
+    assert np.abs((torch_bilinear - 128) / 128 - want).max() > 1 / 128  # half-pixel centres: a different image
 
 
 # ---- sFID features ------------------------------------------------------------------------------------------

@@ -155,3 +155,21 @@ def test_run_cli_exit_codes(capsys):
     assert run_cli(bug, []) == 1
     assert "Traceback" in capsys.readouterr().err
     assert run_cli(lambda argv: 0, ["--debug"]) == 0
+
+
+def test_real_disk_full_at_the_manifest_write(small_disk):
+    """Rewriting a manifest on a real full tmpfs: one-line error naming it and the free space; the old one intact."""
+    from helpers import fill_disk, make_features_manifest
+    from manifests import UserError, write_manifest
+    m = make_features_manifest(small_disk / "set", num=4, shard_size=2, latent_shape=(8, 8, 8), tokens=16,
+                               encoders={"tiny-dinov2": 4})
+    before = (small_disk / "set" / "manifest.json").read_bytes()
+    fill_disk(small_disk)
+    m.name = "renamed"
+    with pytest.raises(UserError) as e:
+        write_manifest(m)
+    msg = str(e.value)
+    assert "\n" not in msg and str(small_disk / "set" / "manifest.json") in msg and "No space left on device" in msg
+    assert "B free)" in msg, msg
+    assert (small_disk / "set" / "manifest.json").read_bytes() == before
+    assert not [p for p in (small_disk / "set").rglob(".tmp-*")]

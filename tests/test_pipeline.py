@@ -76,12 +76,16 @@ def test_bad_inputs_give_reasons():
     good = _jpeg()
     crop, size = decode_crop(good, 256)
     assert crop.shape == (256, 256, 3) and size == (400, 300)
-    cases = {b"": "zero-byte", b"hello, not an image\n": "not an image", good[: len(good) // 2]: "truncated",
-             good[:20] + bytes(200) + good[220:240]: ""}
+    dht = good.index(b"\xff\xc4")  # a Huffman table whose code counts are impossible: a valid header, bad data
+    corrupt = good[:dht + 5] + b"\xff" * 16 + good[dht + 21:]
+    cases = {b"": "zero-byte file", b"hello, not an image\n": "not an image (unrecognised format)",
+             good[: len(good) // 2]: "truncated image (image file is truncated",
+             good[:20] + bytes(200) + good[220:240]: "not an image (unrecognised format)",
+             corrupt: "corrupt image (broken data stream"}
     for data, why in cases.items():
         with pytest.raises(BadImage) as e:
             decode_crop(data, 256)
-        assert why in str(e.value)
+        assert str(e.value).startswith(why), (why, str(e.value))
 
 
 # ----------------------------------------------------------------------------------------------- encoders
@@ -190,6 +194,50 @@ def test_webdataset_source_reads_jpg_cls(tmp_path):
     row = decode_shard({"shard": 0, "resolution": 256, "items": json.dumps([it.to_dict() for it in lst.items])})
     assert row["n"] == 2 and len(row["images"]) == 2 * 256 * 256 * 3
     assert json.loads(row["meta"])["samples"][0]["size"] == [320, 300]
+
+
+def test_duplicate_keys_in_a_source_are_skipped_with_reason(tmp_path):
+    """Two inputs with one file stem: the first in sorted order is kept, the other is skipped, naming the first."""
+    src = _folder(tmp_path / "src", n=1)
+    (src / "b_cls" / "a_cls_0.png").write_bytes(_jpeg(310, 300))  # same stem as a_cls/a_cls_0.JPEG
+    lst = list_source(src)
+    assert [it.key for it in lst.items] == ["a_cls_0", "b_cls_0"]
+    assert lst.skipped == [{"key": "a_cls_0", "source": "b_cls/a_cls_0.png",
+                            "reason": "duplicate key (same file stem as a_cls/a_cls_0.JPEG)"}]
+    wds = tmp_path / "wds"  # across WebDataset tars too
+    wds.mkdir()
+    for t in range(2):
+        with tarfile.open(wds / f"shard-{t}.tar", "w") as tar:
+            for ext, data in (("cls", b"1"), ("jpg", _jpeg(300 + t, 300))):
+                ti = tarfile.TarInfo(f"same.{ext}")
+                ti.size = len(data)
+                tar.addfile(ti, io.BytesIO(data))
+    lst = list_source(wds)
+    assert [it.source for it in lst.items] == ["shard-0.tar:same.jpg"]
+    assert [(s["source"], s["reason"]) for s in lst.skipped] == [
+        ("shard-1.tar:same.jpg", "duplicate key (same file stem as shard-0.tar:same.jpg)")]
+
+
+def test_truncated_webdataset_tar_is_one_line_error(tmp_path):
+    """A source tar cut short (a broken download) stops the job before any work, naming the tar: it is not a bad
+    image to skip, as that would silently drop the rest of the tar."""
+    src = tmp_path / "wds"
+    src.mkdir()
+    with tarfile.open(src / "shard-000.tar", "w") as tar:
+        for i in range(3):
+            for ext, data in (("cls", str(i).encode()), ("jpg", _jpeg(300 + i, 300))):
+                ti = tarfile.TarInfo(f"k{i}.{ext}")
+                ti.size = len(data)
+                tar.addfile(ti, io.BytesIO(data))
+    path = src / "shard-000.tar"
+    data = path.read_bytes()
+    path.write_bytes(data[: len(data) // 2])  # inside k1.jpg
+    with pytest.raises(UserError, match="cannot read WebDataset shard .*shard-000.tar: unexpected end of data"):
+        list_source(src)
+    p = run_module("pipeline", "extract", "--source", str(src), "--out", str(tmp_path / "o"), "--vae", "tiny-vae",
+                   "--encoders", "tiny-dinov2")
+    assert_user_error(p, "cannot read WebDataset shard", str(path))
+    assert not (tmp_path / "o" / "manifest.json").exists()
 
 
 def test_missing_and_empty_sources(tmp_path):

@@ -203,3 +203,36 @@ def test_per_sample_generators_batch_free():
     assert torch.allclose(whole, parts, rtol=0, atol=1e-6)
     other = sample_sde(model, noise, y, steps=20, generator=[torch.Generator().manual_seed(7)] * 8)
     assert not torch.allclose(whole, other)
+
+
+@pytest.mark.parametrize("lo,hi", [(0.0, 0.7), (0.5, 1.0), (0.5, 0.7)])
+def test_heun_corrector_is_guided_exactly_when_its_predictor_was(lo, hi):
+    """The grid 1, .8, .6, .4, .2, 0 puts each interval edge between a predictor (t_i) and its corrector (t_i+1).
+
+    The reference decides guidance at t_cur for both Heun evaluations; deciding at t_next would guide the
+    corrector at .6 after an unguided predictor at .8 (high .7), or leave the corrector at .4 unguided after a
+    guided predictor at .6 (low .5). Both would change the output, which this sampler integrates exactly.
+    """
+    n, scale, steps = 2, 3.0, 5
+    y = torch.tensor([2, 7])
+    rec = Recorder()
+    out = sample_ode(rec, torch.zeros(n, 4, 2, 2), y, steps=steps, heun=True, cfg_scale=scale,
+                     guidance_low=lo, guidance_high=hi)
+    grid = torch.linspace(1, 0, steps + 1, dtype=torch.float64).tolist()
+    doubled = [len(ys) == 2 * n for _, ys in rec.calls]
+    ts = [t for t, _ in rec.calls]
+    k = 0
+    crossings = 0
+    for i in range(steps):
+        want = lo <= grid[i] <= hi  # decided at the predictor's time
+        assert ts[k] == pytest.approx(grid[i], abs=1e-7) and doubled[k] == want, (i, ts[k])
+        if i < steps - 1:  # the corrector at t_{i+1}: guided exactly as its predictor
+            assert ts[k + 1] == pytest.approx(grid[i + 1], abs=1e-7) and doubled[k + 1] == want, (i, ts[k + 1])
+            crossings += want != (lo <= grid[i + 1] <= hi)
+            k += 2
+        else:
+            k += 1
+    assert k == len(rec.calls) == 2 * steps - 1 and crossings >= 1  # an edge really falls inside a step
+    # Recorder: v = 2 unguided, 1 + s·(2 − 1) guided. With both Heun stages alike the step is exact.
+    want = sum((grid[i] - grid[i + 1]) * ((1 + scale) if lo <= grid[i] <= hi else 2.0) for i in range(steps))
+    assert torch.allclose(out, torch.full_like(out, -want))

@@ -17,7 +17,7 @@ import numpy as np
 import pytest
 import torch
 
-from helpers import REPO, assert_user_error, run_module
+from helpers import REPO, assert_user_error, filled_before, run_module
 from manifests import iter_shard, load_manifest, run_cli
 from trainer import sample as job
 from trainer.models import SiT_models
@@ -281,6 +281,19 @@ def test_disk_full(ckpts, tmp_path, monkeypatch, capsys):
                 "No space left on device")
     assert not (out / "samples.npz").exists() and not list(out.rglob(".tmp-*"))
     assert not (out / "manifest.json").exists()
+
+
+@pytest.mark.parametrize("writer,culprit", [("write_shard", "shards/samples-000000.tar"),
+                                            ("write_npz", "samples.npz")])
+def test_real_disk_full(ckpts, small_disk, monkeypatch, capsys, writer, culprit):
+    """A real full tmpfs at the sample shard or the npz write: one line naming it and the free space; no tmp
+    file, no partial file, no manifest."""
+    out = small_disk / "out"
+    monkeypatch.setattr(job, writer, filled_before(getattr(job, writer), small_disk))
+    extra = ["--npz"] if writer == "write_npz" else []
+    _user_error(capsys, sample(ckpts["train"], out, "--num-samples", "4", *extra), str(out / culprit),
+                "No space left on device", "B free)")
+    assert not list(out.rglob(".tmp-*")) and not (out / culprit).exists() and not (out / "manifest.json").exists()
 
 
 def _cmd(ckpt: Path, out: Path, *extra: str) -> list[str]:

@@ -118,31 +118,45 @@ def test_ntxent_hand_case_negatives_are_same_position_other_samples():
     assert torch.allclose(got, torch.tensor(math.log(1 + math.exp(-2))), atol=1e-6)
 
 
-class _Fixed(torch.nn.Module):
-    """A 'model' whose outputs are known: v_hat = 0, projections = a constant."""
-
-    def __init__(self, zhat):
-        super().__init__()
-        self.zhat = zhat
+class _Probe(torch.nn.Module):
+    """A 'model' whose outputs are known functions of its inputs, which it records: v_hat = 2·x_t + t and a
+    projection at angle t. Fed the clean x, or a t other than the one that built x_t, the checks below fail."""
 
     def forward(self, x, t, y):
-        return torch.zeros_like(x), [self.zhat]
+        self.seen = (x.detach().clone(), t.detach().clone())
+        v_hat = 2 * x + t.view(-1, 1, 1, 1)  # (N, C, H, W)
+        zhat = torch.stack([torch.cos(t), torch.sin(t)], -1)[:, None]  # (N, 1, 2)
+        return v_hat, [zhat]
 
 
 def test_repa_loss_hand_case():
-    x = torch.randn(2, 4, 8, 8)
-    zhat = torch.tensor([[[1.0, 0.0]], [[0.0, 1.0]]])  # (2, 1, 2)
-    z = torch.tensor([[[1.0, 0.0]], [[1.0, 0.0]]])  # cos 1 and 0 -> proj = -0.5
-    torch.manual_seed(3)
-    out = repa_loss(_Fixed(zhat), x, torch.zeros(2, dtype=torch.long), [z], proj_coeff=0.5)
-    torch.manual_seed(3)
-    t = torch.rand(2)
-    eps = torch.randn_like(x)
-    want = ((eps - x) ** 2).mean()  # v target = eps - x on the linear path; v_hat = 0
-    assert torch.allclose(out.denoise, want) and torch.allclose(out.proj, torch.tensor(-0.5))
-    assert torch.allclose(out.total, want - 0.25)
-    xt, v = interpolate(x, eps, t, "linear")
-    assert torch.allclose(xt, (1 - t.view(-1, 1, 1, 1)) * x + t.view(-1, 1, 1, 1) * eps)
+    """The loss recomputed by hand from what the model saw (however t and ε are drawn): x_t = (1−t)x + tε with
+    ε ~ N(0, 1), target v = ε − x, and the projection term at the same t."""
+    torch.manual_seed(0)
+    x = torch.randn(3, 4, 8, 8)
+    z = torch.tensor([[[1.0, 0.0]]]).expand(3, 1, 2)  # angle 0: cos(zhat, z) = cos(t)
+    probe = _Probe()
+    out = repa_loss(probe, x, torch.zeros(3, dtype=torch.long), [z], proj_coeff=0.5)
+    xt, t = probe.seen
+    assert ((0 < t) & (t < 1)).all()
+    tt = t.view(-1, 1, 1, 1).double()
+    eps = (xt.double() - (1 - tt) * x.double()) / tt  # the noise that built x_t, if x_t is on the linear path
+    assert abs(eps.mean()) < 0.2 and abs(eps.std() - 1) < 0.2, (eps.mean(), eps.std())  # N(0,1), not x itself
+    assert (eps - x.double()).abs().max() > 1  # the model saw noised data, not the clean x
+    want_denoise = ((2 * xt.double() + tt - (eps - x.double())) ** 2).mean()
+    want_proj = -torch.cos(t.double()).mean()
+    torch.testing.assert_close(out.denoise.double(), want_denoise, rtol=1e-4, atol=1e-5)
+    torch.testing.assert_close(out.proj.double(), want_proj, rtol=1e-5, atol=1e-6)
+    torch.testing.assert_close(out.total.double(), want_denoise + 0.5 * want_proj, rtol=1e-4, atol=1e-5)
+    # What a broken loss would give: another sample's t in the target's x_t, or t scaled by 1000 (DiT's
+    # convention) in the projection. Both are far off, so the checks above could not pass by accident.
+    eps_wrong_t = (xt.double() - (1 - tt.roll(1, 0)) * x.double()) / tt.roll(1, 0)
+    assert not torch.allclose(out.denoise.double(), ((2 * xt.double() + tt - (eps_wrong_t - x.double())) ** 2).mean(),
+                              rtol=1e-2)
+    assert not torch.allclose(out.proj.double(), -torch.cos(1000 * t.double()).mean(), rtol=1e-2)
+    xt2, v = interpolate(x, eps.float(), t, "linear")
+    torch.testing.assert_close(xt2, xt, rtol=1e-4, atol=1e-5)
+    torch.testing.assert_close(v, eps.float() - x, rtol=1e-4, atol=1e-4)
 
 
 def test_sampler_disjoint_ranks_and_exact_positions():

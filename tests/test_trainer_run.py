@@ -14,7 +14,7 @@ import numpy as np
 import pytest
 import torch
 
-from helpers import REPO, assert_user_error, make_features_manifest, run_module
+from helpers import REPO, assert_user_error, filled_before, free_port, make_features_manifest, run_module
 from manifests import load_manifest, run_cli, write_manifest, write_shard
 from manifests.shards import iter_shard
 
@@ -41,6 +41,15 @@ def stats(run) -> list[dict]:
 
 def ckpt(run, step) -> dict:
     return torch.load(Path(run) / "checkpoints" / f"{step:07d}.pt", weights_only=True)
+
+
+@pytest.fixture(scope="module", autouse=True)
+def one_thread():
+    """In-process runs on 2 shared cores: a second OMP thread only spins (a step goes from ~0.05 s to seconds)."""
+    n = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(n)
 
 
 @pytest.fixture(scope="module")
@@ -121,7 +130,7 @@ def test_sigterm_saves_at_step_boundary_and_exits_zero(feats, tmp_path):
 def test_ddp_two_ranks_disjoint_data_same_weights(feats, tmp_path):
     from trainer.data import StepSampler
     run = tmp_path / "ddp"
-    cmd = [sys.executable, "-m", "torch.distributed.run", "--nproc-per-node", "2", "--master-port", "29531",
+    cmd = [sys.executable, "-m", "torch.distributed.run", "--nproc-per-node", "2", "--master-port", str(free_port()),
            "-m", "trainer", *args(feats, run, "--trace-data", steps=3)]
     p = subprocess.run(cmd, cwd=REPO, env=ENV, capture_output=True, text=True, timeout=300)
     assert p.returncode == 0, p.stderr[-3000:]
@@ -139,21 +148,69 @@ def test_ddp_two_ranks_disjoint_data_same_weights(feats, tmp_path):
     assert stats(run)[-1]["img_per_s"] > 0 and len(stats(run)) == 3
 
 
-def test_fp16_and_bf16_agree_with_fp32(feats, tmp_path, capsys):
-    """CPU autocast in fp16 (with GradScaler) and bf16 against fp32, same data and noise, a few steps."""
-    losses = {}
-    for prec in ("fp32", "fp16", "bf16"):
-        run = tmp_path / prec
-        rc, err = run_inproc(args(feats, run, steps=2, batch=2) + ["--precision", prec], capsys)
-        assert rc == 0, err
-        losses[prec] = [r["loss"] for r in stats(run)]
-        assert stats(run)[-1]["skipped"] == 0
-    assert stats(tmp_path / "fp16")[0]["loss_scale"] == 2.0 ** 16
-    np.testing.assert_allclose(losses["fp16"], losses["fp32"], rtol=2e-3)
-    np.testing.assert_allclose(losses["bf16"], losses["fp32"], rtol=2e-2)
-    # Gradients agree too (Adam's sign-like first steps make raw weight diffs meaningless near zero grads).
-    gn = {p: [r["grad_norm"] for r in stats(tmp_path / p)] for p in losses}
-    np.testing.assert_allclose(gn["fp16"], gn["fp32"], rtol=1e-2)
+@pytest.fixture(scope="module")
+def small_feats(tmp_path_factory) -> Path:
+    """16x16 latents (64 tokens): the same code paths as the 32x32 set at a quarter of the cost per step."""
+    root = tmp_path_factory.mktemp("smallfeat")
+    make_features_manifest(root, num=16, classes=4, shard_size=8, latent_shape=(8, 16, 16), tokens=64, hflip=True)
+    return root
+
+
+@pytest.fixture(scope="module")
+def trained(small_feats, tmp_path_factory) -> Path:
+    """A run trained for 50 fp32 steps (batch 2, lr 1e-3): the SiT's output is no longer zero, Adam has history."""
+    run = tmp_path_factory.mktemp("trained") / "run"
+    rc = run_cli(trainer_main, args(small_feats, run, steps=50, batch=2) + ["--ckpt-every", "50", "--log-every",
+                                                                             "10", "--lr", "1e-3"])
+    assert rc == 0
+    return run
+
+
+def _continue_as(trained: Path, run: Path, precision: str, steps: int, *extra: str) -> None:
+    """Copy the trained run and go on from its step-50 checkpoint in `precision` (a resume normally refuses a
+    change of precision, so the saved config is edited; an fp16 run gets a fresh GradScaler state)."""
+    import shutil
+    shutil.copytree(trained, run)
+    path = run / "checkpoints" / "0000050.pt"
+    ck = torch.load(path, weights_only=True)
+    ck["config"]["train"]["precision"] = precision
+    if precision == "fp16":
+        ck["scaler"] = torch.amp.GradScaler("cpu", init_scale=2.0 ** 16).state_dict()
+    torch.save(ck, path)
+    rc = run_cli(trainer_main, args(ck["config"]["manifest"], run, steps=steps, batch=2) + [
+        "--precision", precision, "--lr", "1e-3", "--ckpt-every", str(steps), "--log-every", "1", *extra])
+    assert rc == 0
+
+
+def test_fp16_and_bf16_agree_with_fp32(trained, tmp_path):
+    """From a trained state, 20 more steps in fp16 (GradScaler) and bf16 agree with fp32 within a few ulps of
+    each dtype (eps: fp16 2^-10, bf16 2^-7) in losses and gradient norms, and the weights they reach differ
+    from fp32's by a few sqrt(eps) of the 20 steps' update."""
+    runs = {p: tmp_path / p for p in ("fp32", "fp16", "bf16")}
+    for p, run in runs.items():
+        _continue_as(trained, run, p, 70)
+    rows = {p: [r for r in stats(run) if r["step"] > 50] for p, run in runs.items()}
+    assert all([r["step"] for r in v] == list(range(51, 71)) for v in rows.values())
+    assert all(r["skipped"] == 0 for r in rows["fp16"]) and rows["fp16"][0]["loss_scale"] == 2.0 ** 16
+    w50 = ckpt(runs["fp32"], 50)["model"]
+    w = {p: ckpt(run, 70)["model"] for p, run in runs.items()}
+    flat = lambda sd: torch.cat([v.flatten().double() for k, v in sd.items() if k != "pos_embed"])  # noqa: E731
+    update = (flat(w["fp32"]) - flat(w50)).norm()
+    assert update > 0
+    for p, dt in (("fp16", torch.float16), ("bf16", torch.bfloat16)):
+        eps = torch.finfo(dt).eps
+        loss = np.array([r["loss"] for r in rows[p]])
+        loss32 = np.array([r["loss"] for r in rows["fp32"]])
+        gn, gn32 = np.array([r["grad_norm"] for r in rows[p]]), np.array([r["grad_norm"] for r in rows["fp32"]])
+        err_loss, err_gn = np.abs(loss / loss32 - 1).max(), np.abs(gn / gn32 - 1).max()
+        err_w = float((flat(w[p]) - flat(w["fp32"])).norm() / update)
+        print(f"{p}: eps {eps:.2e}; max rel loss {err_loss / eps:.2f} eps, grad norm {err_gn / eps:.2f} eps; "
+              f"weights {err_w:.2e} of the update ({err_w / eps ** 0.5:.2f} sqrt(eps))")
+        # Measured on CPU: losses within 0.25 eps, grad norms within 1 eps, weights within 1.1 sqrt(eps) of the
+        # update. Rounding in Adam's small-gradient coordinates adds up like a random walk, hence sqrt(eps).
+        assert 0 < err_loss < 2 * eps, (p, err_loss / eps)  # > 0: the low precision was really in effect
+        assert err_gn < 8 * eps, (p, err_gn / eps)  # an unscaled fp16 gradient would be 2^16 off
+        assert err_w < 4 * eps ** 0.5, (p, err_w / eps ** 0.5)
 
 
 def test_fp16_overflow_is_skipped_logged_and_counted(feats, tmp_path, capsys):
@@ -168,8 +225,8 @@ def test_fp16_overflow_is_skipped_logged_and_counted(feats, tmp_path, capsys):
     assert ckpt(run, 3)["skipped"] == rows[-1]["skipped"]  # the count survives a resume
 
 
-def _corrupt_latent(root: Path, key: str) -> None:
-    """Put a NaN into one sample's latent moments and re-list the shard (a valid but corrupt data set)."""
+def _corrupt_latent(root: Path, key: str, field: str = "latent") -> None:
+    """Put a NaN into one sample's `field` and re-list the shard (a valid but corrupt data set)."""
     m = load_manifest(root)
     for i, entry in enumerate(m.shardlist):
         samples = list(iter_shard(root / entry.url, decode=False))
@@ -178,9 +235,9 @@ def _corrupt_latent(root: Path, key: str) -> None:
         for s in samples:
             if s["__key__"] == key:
                 from manifests import decode_npy, encode_npy
-                arr = decode_npy(s["latent.npy"])
-                arr[0, 0, 0] = np.nan
-                s["latent.npy"] = encode_npy(arr)
+                arr = decode_npy(s[f"{field}.npy"])
+                arr.flat[7] = np.nan
+                s[f"{field}.npy"] = encode_npy(arr)
         info = write_shard(root / entry.url, samples)
         entry.sha256, entry.bytes = info.sha256, info.bytes
     write_manifest(m)
@@ -203,6 +260,20 @@ def test_nan_latent_stops_with_step_and_key_keeping_checkpoint(tmp_path, capsys)
     # Re-running with a different batch size in the same folder is refused, naming the setting.
     rc, err = run_inproc(args(root, run, steps=6, batch=2), capsys)
     assert rc == 2 and "train.batch_size" in err
+
+
+def test_nan_encoder_token_stops_with_step_key_and_field(small_feats, tmp_path, capsys):
+    """A NaN in one sample's encoder tokens (not the latent): the error names the step, the key and the field."""
+    import shutil
+    root = tmp_path / "feat"
+    shutil.copytree(small_feats, root)
+    bad = int(epoch_permutation(0, 0, 16)[2 * 4 + 3])  # read by optimiser step 3 (batch 4)
+    _corrupt_latent(root, f"img{bad:05d}", field="tiny-dinov2")
+    rc, err = run_inproc(args(root, tmp_path / "run", steps=6), capsys)
+    assert rc == 2, err
+    lines = [x for x in err.splitlines() if x.startswith("error:")]
+    assert len(lines) == 1 and "step 3:" in lines[0] and f"'img{bad:05d}'" in lines[0], err
+    assert "field 'tiny-dinov2'" in lines[0] and "0000002.pt" in lines[0], lines[0]
 
 
 def test_persistent_nonfinite_loss_stops_the_run(feats, tmp_path, capsys):
@@ -325,3 +396,119 @@ def test_learning_on_pipeline_features(tiny_features, tmp_path):
     den1, proj1 = np.mean([r["denoise"] for r in rows[-3:]]), np.mean([r["proj_loss"] for r in rows[-3:]])
     assert den1 < 0.6 * den0, (den0, den1)
     assert proj1 < proj0 - 0.15, (proj0, proj1)
+
+
+@pytest.mark.parametrize("writer,culprit", [("checkpoint", "checkpoints/0000002.pt"),
+                                            ("export", "export/ema-0000002.safetensors"),
+                                            ("stats", "stats.jsonl")])
+def test_real_disk_full(small_feats, small_disk, monkeypatch, capsys, writer, culprit):
+    """The run folder on a real tmpfs, filled just before one writer runs: exit 2, one line naming the file and
+    the free space, and nothing half-written (no tmp file, no partial checkpoint, no half stats line)."""
+    from trainer import checkpoint
+    import trainer.train as train_mod
+    run = small_disk / "run"
+    if writer == "checkpoint":
+        monkeypatch.setattr(checkpoint, "save", filled_before(checkpoint.save, small_disk))
+    elif writer == "export":
+        monkeypatch.setattr(checkpoint, "export_ema", filled_before(checkpoint.export_ema, small_disk))
+    else:
+        monkeypatch.setattr(train_mod, "append_line", filled_before(train_mod.append_line, small_disk))
+    rc, err = run_inproc(args(small_feats, run, steps=2, batch=2), capsys)
+    lines = [x for x in err.strip().splitlines() if x.strip()]
+    assert rc == 2 and lines[-1].startswith("error: ") and "Traceback" not in err, err
+    assert str(run / culprit) in lines[-1] and "No space left on device" in lines[-1], lines[-1]
+    assert "B free)" in lines[-1], lines[-1]  # e.g. '(0 B free)'
+    assert not [p for p in run.rglob("*") if p.name.startswith(".tmp-")]
+    if writer == "export":  # the checkpoint before it is whole and loads
+        assert ckpt(run, 2)["step"] == 2 and not (run / culprit).exists()
+    elif writer == "checkpoint":
+        assert not (run / "checkpoints" / "0000002.pt").exists()
+    else:
+        assert (run / "stats.jsonl").read_bytes() == b""  # cut back: no half line
+
+
+# ---- exact resume in every mode ---------------------------------------------------------------------------------
+
+def _same_state(a: dict, b: dict) -> None:
+    """Two checkpoints hold bit-identical model, EMA, optimiser and scaler state and the same skip count."""
+    for part in ("model", "ema"):
+        assert all(torch.equal(a[part][k], b[part][k]) for k in a[part]), part
+    for i, st in a["opt"]["state"].items():
+        for k in ("exp_avg", "exp_avg_sq"):
+            assert torch.equal(st[k], b["opt"]["state"][i][k]), (i, k)
+    assert a["scaler"] == b["scaler"] and a["skipped"] == b["skipped"] and a["step"] == b["step"]
+
+
+@pytest.mark.parametrize("mode", ["fp16-skips", "workers-change"])
+def test_resume_is_bit_identical(small_feats, tmp_path, capsys, mode):
+    """fp16: the GradScaler's scale and growth tracker and the skipped-step count survive a resume (init scale 2^40
+    makes the first steps overflow). workers-change: a resume with other --num-workers (allowed) changes nothing."""
+    if mode == "fp16-skips":
+        first, then = ["--precision", "fp16", "--loss-scale-init", str(2.0 ** 40)], None
+    else:
+        first, then = ["--num-workers", "0"], ["--num-workers", "1"]
+    a, b = tmp_path / "a", tmp_path / "b"
+    assert run_inproc(args(small_feats, a, *first, steps=6, batch=2), capsys)[0] == 0
+    assert run_inproc(args(small_feats, b, *first, steps=3, batch=2), capsys)[0] == 0
+    rc = run_cli(trainer_main, args(small_feats, b, *(then or first), steps=6, batch=2))
+    assert rc == 0 and "resuming from" in capsys.readouterr().out
+    ca, cb = ckpt(a, 6), ckpt(b, 6)
+    _same_state(ca, cb)
+    assert [r["loss"] for r in stats(a)] == [r["loss"] for r in stats(b)]
+    if mode == "fp16-skips":
+        assert ckpt(b, 3)["skipped"] >= 1 and cb["scaler"]["scale"] < 2.0 ** 40  # skips happened before the kill
+        assert [r["loss_scale"] for r in stats(a)] == [r["loss_scale"] for r in stats(b)]
+
+
+def test_resume_refuses_each_setting_the_readme_names(small_feats, tmp_path, capsys):
+    """Model, path, encoders, batch size, seed, objective, lambda, hflip and precision (and the model's geometry)
+    may not change on resume: one line naming the setting, exit 2, and the run folder is untouched."""
+    run = tmp_path / "run"
+    assert run_inproc(args(small_feats, run, steps=2, batch=2), capsys)[0] == 0
+    before = {p.name: p.read_bytes() for p in sorted((run / "checkpoints").iterdir())}
+    stats_before = (run / "stats.jsonl").read_bytes()
+    changes = [(["--model", "SiT-S/2"], "'model'"), (["--path", "cosine"], "'path'"),
+               (["--encoders", "none"], "'encoders'"), (["--seed", "1"], "'train.seed'"),
+               (["--proj-loss", "ntxent"], "'train.proj_loss'"), (["--proj-coeff", "0.25"], "'train.proj_coeff'"),
+               (["--hflip"], "'train.hflip'"), (["--precision", "bf16"], "'train.precision'"),
+               (["--enc-depth", "1"], "'model_kwargs'")]
+    for extra, needle in changes:
+        rc, err = run_inproc(args(small_feats, run, steps=4, batch=2) + extra, capsys)
+        line = err.strip().splitlines()[-1]
+        assert rc == 2 and line.startswith("error: run folder") and needle in line, (extra, err)
+    rc, err = run_inproc(args(small_feats, run, steps=4, batch=4), capsys)
+    assert rc == 2 and "'train.batch_size'" in err
+    assert {p.name: p.read_bytes() for p in sorted((run / "checkpoints").iterdir())} == before
+    assert (run / "stats.jsonl").read_bytes() == stats_before
+
+
+@pytest.mark.slow
+def test_two_rank_torchrun_killed_and_resumed_is_bit_identical(small_feats, tmp_path):
+    """2 ranks (gloo): SIGKILL the whole torchrun group while checkpoint 4 is half-written; the re-run resumes
+    from 2 and ends bit-identical to an uninterrupted 2-rank run (weights, optimiser, every rank's RNG, stats)."""
+    from helpers import kill_group
+
+    def torchrun(run: Path) -> list[str]:
+        return [sys.executable, "-m", "torch.distributed.run", "--nproc-per-node", "2", "--master-addr",
+                "127.0.0.1", "--master-port", str(free_port()), "-m", "trainer",
+                *args(small_feats, run, "--hflip", steps=6, batch=4)]
+    a, b = tmp_path / "a", tmp_path / "b"
+    p = subprocess.run(torchrun(a), cwd=REPO, env=ENV, capture_output=True, text=True, timeout=240)
+    assert p.returncode == 0, p.stderr[-3000:]
+    with open(tmp_path / "b.log", "w") as log:
+        k = subprocess.Popen(torchrun(b), cwd=REPO, env={**ENV, "REPA_TEST_SLOW_CKPT": "4:120"},
+                             stdout=log, stderr=subprocess.STDOUT, start_new_session=True)
+        try:
+            wait_for(lambda: any(x.name.startswith(".tmp-0000004.pt") for x in (b / "checkpoints").glob(".tmp-*")),
+                     180, "checkpoint 4 tmp file", k)
+        finally:
+            kill_group(k.pid)  # the launcher and both ranks, as a lost node would
+            k.wait()
+    assert k.returncode == -signal.SIGKILL and not (b / "checkpoints" / "0000004.pt").exists()
+    p = subprocess.run(torchrun(b), cwd=REPO, env=ENV, capture_output=True, text=True, timeout=240)
+    assert p.returncode == 0, p.stderr[-3000:]
+    assert "resuming from" in p.stdout and "0000002.pt" in p.stdout
+    ca, cb = ckpt(a, 6), ckpt(b, 6)
+    _same_state(ca, cb)
+    assert len(cb["rng"]) == 2 and all(torch.equal(x["cpu"], y["cpu"]) for x, y in zip(ca["rng"], cb["rng"]))
+    assert [r["loss"] for r in stats(a)] == [r["loss"] for r in stats(b)]

@@ -65,7 +65,12 @@ def save(run_dir: str | os.PathLike, step: int, payload: dict[str, Any]) -> Path
     path = ckpt_path(run_dir, step)
     slow = os.environ.get(SLOW_WRITE_ENV, "")
     with atomic_open(path, "wb") as f:
-        torch.save(payload, f)
+        try:
+            torch.save(payload, f)
+        except RuntimeError as e:  # torch's zip writer hides a failed write (disk full) behind a RuntimeError
+            if isinstance(e.__context__, OSError):
+                raise e.__context__ from None
+            raise
         if slow and int(slow.split(":")[0]) == step:
             f.flush()
             print(f"[test hook] slow checkpoint write at step {step}", file=sys.stderr, flush=True)

@@ -8,6 +8,9 @@ from typing import Any, Sequence
 
 from manifests import check
 from manifests.cli import ArgumentParser, nonneg_int, positive_float, positive_int
+from manifests.config_file import add_config_flag, layered
+
+from .repa_flags import TRAIN_ALIASES, add_train_aliases, finish_aliases
 
 from .models import SiT_models
 from .transport import PATHS, PROJ_LOSSES
@@ -34,7 +37,7 @@ class TrainConfig:
     path: str = "linear"
     # optimisation (REPA train.py defaults)
     batch_size: int = 256  # global, split across ranks
-    micro_batch: int = 0  # per-rank images per forward pass; 0 = the whole per-rank batch (no accumulation)
+    micro_batch: int | str = "auto"  # per-rank images per pass; "auto": the largest that fits (trainer/microbatch.py)
     steps: int = 400_000
     lr: float = 1e-4
     betas: tuple[float, float] = (0.9, 0.999)
@@ -44,7 +47,7 @@ class TrainConfig:
     ema_decay: float = 0.9999
     precision: str = "fp16"
     loss_scale_init: float = 2.0 ** 16  # torch GradScaler default
-    compile: bool = False
+    compile: bool | None = None  # torch.compile the model; None: on for CUDA, off for CPU
     # data
     seed: int = 0
     num_workers: int = 4
@@ -71,34 +74,50 @@ PRESETS: dict[str, dict[str, Any]] = {
                         steps=700_000, batch_size=256, proj_coeff=0.5),
     "sit-xl2-repa": dict(model="SiT-XL/2", enc_depth=8, proj_loss="cos", encoders=["dinov2-vit-b"],
                          steps=4_000_000, batch_size=256, proj_coeff=0.5),
+    # Paper Appendix J / Table 11 (ImageNet 512x512): the 256 px recipe on a 512 px manifest (64x64 latents,
+    # DINOv2 at 448 px); 200 epochs = 1M steps at batch 256 (FID 2.08 with CFG w=1.35).
+    "sit-xl2-repa-512": dict(model="SiT-XL/2", enc_depth=8, proj_loss="cos", encoders=["dinov2-vit-b"],
+                             steps=1_000_000, batch_size=256, proj_coeff=0.5),
 }
+PRESET_RESOLUTION = {"sit-xl2-repa-512": 512}  # presets that only make sense on a manifest of this resolution
 
 
 def _encoders(text: str) -> list[str]:
+    """Comma list of encoder names (lower-cased: REPA spells 'clip-vit-L'); 'none' for plain SiT."""
     if text.strip().lower() in ("", "none"):
         return []
-    return [e.strip() for e in text.split(",") if e.strip()]
+    return [e.strip().lower() for e in text.split(",") if e.strip()]
+
+
+def _micro_batch(text: str) -> int | str:
+    if text.strip().lower() == "auto":
+        return "auto"
+    return nonneg_int(text)
 
 
 def build_parser() -> argparse.ArgumentParser:
     d = TrainConfig()
+    # conflict_handler="resolve": a flag added after the REPA aliases replaces the alias of the same name.
     p = ArgumentParser(prog="python -m trainer train", formatter_class=argparse.RawDescriptionHelpFormatter,
+                conflict_handler="resolve",
                 description="Train SiT + REPA on precomputed VAE moments and encoder features (DESIGN §4).",
                 epilog="example:\n  python -m trainer train --manifest feats/ --run-dir runs/xl --preset sit-xl2-repa\n"
                        "  torchrun --nproc-per-node 8 -m trainer train --manifest feats/ --run-dir runs/xl "
                        "--preset sit-xl2-repa\nRe-running the same command resumes from the last checkpoint.\n"
                        "Flags given explicitly override the preset; the preset overrides the defaults shown.")
     g = p.add_argument_group("input and output")
-    g.add_argument("--manifest", required=True, help="features manifest.json (or its folder)")
-    g.add_argument("--run-dir", required=True, help="run folder: checkpoints/, export/, stats.jsonl, loss.png")
-    g.add_argument("--preset", choices=sorted(PRESETS), help="paper Table 7 setting")
+    g.add_argument("--manifest", help="features manifest.json (or its folder); required")
+    g.add_argument("--run-dir", help="run folder: checkpoints/, export/, stats.jsonl, loss.png; required")
+    g.add_argument("--preset", choices=sorted(PRESETS), help="paper setting (Table 7; -512: Table 11)")
+    add_config_flag(g)
     g.add_argument("--init-from", help="start from weights: our checkpoint/export, or an official REPA .pt")
     g.add_argument("--dry-run", action="store_true", help="print the resolved config and exit")
     g = p.add_argument_group("model")
     g.add_argument("--model", choices=sorted(SiT_models), help=f"(default {d.model})")
     g.add_argument("--encoders", type=_encoders, help="comma list of encoder fields, or 'none' "
                    "(default: every encoder field of the manifest)")
-    g.add_argument("--enc-depth", type=positive_int, help="align after this block, 1-based (default 8)")
+    g.add_argument("--encoder-depth", "--enc-depth", dest="enc_depth", type=positive_int,
+                   help="align after this block, 1-based (default 8)")
     g.add_argument("--projector-dim", type=positive_int, help="(default 2048)")
     g.add_argument("--class-dropout-prob", type=float, help=f"label drop for CFG (default {d.class_dropout_prob})")
     g = p.add_argument_group("objective")
@@ -108,15 +127,22 @@ def build_parser() -> argparse.ArgumentParser:
     g.add_argument("--path", choices=PATHS, help=f"interpolant (default {d.path})")
     g = p.add_argument_group("optimisation")
     g.add_argument("--batch-size", type=positive_int, help=f"global batch (default {d.batch_size})")
-    g.add_argument("--micro-batch", type=nonneg_int, help="per-GPU images per pass; smaller than the per-GPU "
-                   "batch means grad accumulation (default 0 = no accumulation)")
+    g.add_argument("--micro-batch", type=_micro_batch, help="per-GPU images per pass, or 'auto': the largest "
+                   "divisor of the per-GPU batch whose forward+backward fits the memory budget (GPU memory, or "
+                   "$REPA_MEMORY_BUDGET_GB if lower); smaller than the per-GPU batch means grad accumulation, same "
+                   "optimiser step (default auto; 0 = the whole per-GPU batch)"),
     g.add_argument("--steps", type=positive_int, help=f"(default {d.steps})")
     g.add_argument("--lr", type=positive_float, help=f"(default {d.lr})")
+    g.add_argument("--adam-beta1", type=float, help=f"AdamW beta1 (default {d.betas[0]})")
+    g.add_argument("--adam-beta2", type=float, help=f"AdamW beta2 (default {d.betas[1]})")
+    g.add_argument("--weight-decay", type=float, help=f"AdamW weight decay (default {d.weight_decay})")
+    g.add_argument("--adam-eps", type=positive_float, help=f"AdamW epsilon (default {d.adam_eps})")
     g.add_argument("--grad-clip", type=positive_float, help=f"(default {d.grad_clip})")
     g.add_argument("--ema-decay", type=float, help=f"(default {d.ema_decay})")
     g.add_argument("--precision", choices=PRECISIONS, help=f"(default {d.precision})")
     g.add_argument("--loss-scale-init", type=positive_float, help=f"fp16 GradScaler init (default {d.loss_scale_init:g})")
-    g.add_argument("--compile", action="store_true", default=None, help="torch.compile the model")
+    g.add_argument("--compile", action=argparse.BooleanOptionalAction, default=None,
+                   help="torch.compile the model (default: on for CUDA, off for CPU)")
     g = p.add_argument_group("data")
     g.add_argument("--seed", type=int, help=f"(default {d.seed})")
     g.add_argument("--num-workers", type=nonneg_int, help=f"loader workers per rank (default {d.num_workers})")
@@ -128,26 +154,39 @@ def build_parser() -> argparse.ArgumentParser:
     g.add_argument("--max-nonfinite", type=positive_int, help=f"consecutive non-finite losses that stop "
                    f"the run (default {d.max_nonfinite})")
     g.add_argument("--trace-data", action="store_true", default=None, help="log each step's sample keys per rank")
+    add_train_aliases(p)  # last: aliases take the dest/type of whatever flags exist by now
     return p
 
 
 def resolve(argv: Sequence[str]) -> tuple[TrainConfig, bool]:
-    """Parse argv; defaults < preset < explicit flags. Returns (config, dry_run)."""
-    ns = vars(build_parser().parse_args(list(argv)))
-    dry = ns.pop("dry_run")
-    values: dict[str, Any] = {}
-    if ns.get("preset"):
-        values.update(PRESETS[ns["preset"]])
-    values.update({k: v for k, v in ns.items() if v is not None})
+    """Parse argv; defaults < preset < --config file < explicit flags. Returns (config, dry_run)."""
+    names = {f.name for f in fields(TrainConfig)}
+    values = layered(build_parser(), argv, names, PRESETS, section="train")
+    dry = bool(values.pop("dry_run", False))
+    values = finish_aliases(values)
+    values = {k: v for k, v in values.items() if v is not None}
+    unknown = sorted(set(values) - names)
+    check(not unknown, f"unknown train setting(s) {unknown}")
+    if "betas" in values:
+        values["betas"] = tuple(values["betas"])
+    check(values.get("manifest"), "python -m trainer train: --manifest is required (or 'manifest' in --config)")
+    check(values.get("run_dir"), "python -m trainer train: --run-dir is required (or 'run_dir' in --config; "
+                                 "REPA: --output-dir + --exp-name)")
     cfg = TrainConfig(**values)
     validate(cfg)
+    want = PRESET_RESOLUTION.get(cfg.preset or "")
+    if want:  # a 512 px recipe on 256 px features would silently train the wrong model
+        from manifests import load_manifest
+        have = load_manifest(cfg.manifest).preprocess.get("resolution")
+        check(have == want, f"--preset {cfg.preset} is a {want} px recipe, but manifest {cfg.manifest} is {have} px")
     return cfg, dry
 
 
 def validate(cfg: TrainConfig) -> None:
     check(cfg.model in SiT_models, f"unknown model {cfg.model!r}; choose from {sorted(SiT_models)}")
     check(cfg.batch_size > 0 and cfg.steps > 0 and cfg.ckpt_every > 0, "batch size, steps, ckpt-every must be > 0")
-    check(cfg.micro_batch >= 0, f"--micro-batch must be >= 0, got {cfg.micro_batch}")
+    check(cfg.micro_batch == "auto" or (isinstance(cfg.micro_batch, int) and cfg.micro_batch >= 0),
+          f"--micro-batch must be 'auto' or an integer >= 0, got {cfg.micro_batch!r}")
     check(0 <= cfg.class_dropout_prob < 1, f"--class-dropout-prob must be in [0, 1), got {cfg.class_dropout_prob}")
     check(0 <= cfg.ema_decay < 1, f"--ema-decay must be in [0, 1), got {cfg.ema_decay}")
     check(cfg.proj_coeff >= 0, f"--proj-coeff must be >= 0, got {cfg.proj_coeff}")
@@ -166,4 +205,5 @@ def dumps(cfg: TrainConfig) -> str:
     return json.dumps(cfg.to_json(), indent=2)
 
 
-__all__ = ["TrainConfig", "PRESETS", "PRECISIONS", "build_parser", "resolve", "validate", "from_json", "dumps"]
+__all__ = ["TrainConfig", "PRESETS", "PRESET_RESOLUTION", "PRECISIONS", "TRAIN_ALIASES", "build_parser", "resolve",
+           "validate", "from_json", "dumps"]

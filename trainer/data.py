@@ -16,6 +16,8 @@ from manifests import Manifest, UserError, atomic_write_json, check, index_shard
 from manifests.codecs import CODECS, decode, field_codec, scale_field
 from manifests.shards import CLS, npy_ext
 
+from .steprng import flip_bits
+
 LATENT = "latent"
 INDEX_VERSION = 1
 PREFETCH = 4  # batches in flight per loader worker
@@ -189,7 +191,7 @@ class StepSampler:
 
 
 class FeatureBatches(torch.utils.data.Dataset):
-    """Reads one micro-batch by tar offsets and draws z = (mean + std*eps)*scale + shift per sample.
+    """Reads one micro-batch by tar offsets: VAE moments (the step draws the latent on the device), labels, tokens.
 
     Token fields are shipped as stored (float16, or 8-bit codes plus a float16 scale per token); the train step
     decodes them on the device with `tokens_to_device`, so host and host-to-device copies carry the stored bytes.
@@ -256,29 +258,19 @@ class FeatureBatches(torch.utils.data.Dataset):
 
     def __getitem__(self, item: tuple[int, np.ndarray, np.ndarray]) -> dict[str, Any]:
         step, positions, ids = item
-        sp, n = self.spec, len(ids)
-        c, h = sp.in_channels, sp.input_size
+        n = len(ids)
         x, zs, scales, tag = self._slot(n)
         xn, zn = x.numpy(), [z.numpy() for z in zs]
         sn = [None if s is None else s.numpy() for s in scales]
-        moments = np.empty((2 * c, h, h), np.float32)
         cls = []
-        # Noise and flips come from (seed, first global position, size): independent of the worker that reads
-        # the batch, so the data stream is a pure function of (seed, step, rank) and resumes exactly.
-        rng = np.random.default_rng([self.seed, int(positions[0]), n, 0xDA7A])
-        flips = rng.integers(2, size=n).astype(bool) & self.hflip
-        noise = rng.standard_normal((n, c, h, h), dtype=np.float32)
+        # Flips hash the global position (seed, step*batch + index): independent of the worker, the rank and
+        # the micro-batch size, so the data stream is a pure function of (seed, step) and resumes exactly.
+        flips = flip_bits(self.seed, positions) & self.hflip
         for j, sid in enumerate(ids):
             sid, flip = int(sid), bool(flips[j])
-            self._read_npy_into(sid, npy_ext(LATENT, flip), moments)  # (2C, H, W): mean then std
-            eps = noise[j]
-            np.multiply(moments[c:], eps, out=eps)
-            np.add(moments[:c], eps, out=eps)
-            np.multiply(eps, sp.scale, out=xn[j])
-            if sp.shift:
-                xn[j] += sp.shift  # z = (mean + std*eps)*scale + shift: (C, H, W)
+            self._read_npy_into(sid, npy_ext(LATENT, flip), xn[j])  # (2C, H, W): mean then std
             cls.append(int(self._read(sid, CLS).decode().strip()))
-            for k, name in enumerate(sp.encoders):
+            for k, name in enumerate(self.spec.encoders):
                 self._read_npy_into(sid, npy_ext(name, flip), zn[k][j])  # (T, D) values or 8-bit codes
                 if sn[k] is not None:  # and their per-token scales (T,) float16
                     self._read_npy_into(sid, npy_ext(scale_field(name), flip), sn[k][j])
@@ -309,7 +301,7 @@ class FeatureBatches(torch.utils.data.Dataset):
             sp = self.spec
             shared = torch.utils.data.get_worker_info() is not None
             alloc = _shared_empty if shared else _empty
-            self._ring[n] = [(alloc((n, sp.in_channels, sp.input_size, sp.input_size), torch.float32),
+            self._ring[n] = [(alloc((n, 2 * sp.in_channels, sp.input_size, sp.input_size), torch.float32),
                               [alloc((n, sp.tokens, d), _TORCH_DTYPES[self.enc_dtypes[k]])
                                for k, d in enumerate(sp.z_dims)],
                               [alloc((n, sp.tokens), torch.float16) if cd.scaled else None for cd in self.codecs],

@@ -100,8 +100,11 @@ class LabelEmbedder(nn.Module):
         self.embedding_table = nn.Embedding(num_classes + int(dropout_prob > 0), hidden_size)
         self.num_classes, self.dropout_prob = num_classes, dropout_prob
 
-    def forward(self, labels: torch.Tensor, train: bool) -> torch.Tensor:
-        if train and self.dropout_prob > 0:
+    def forward(self, labels: torch.Tensor, train: bool, force_drop_ids: torch.Tensor | None = None) -> torch.Tensor:
+        """`force_drop_ids` (N,) bool: the trainer's drops, drawn per sample outside any compiled region."""
+        if force_drop_ids is not None:
+            labels = torch.where(force_drop_ids, torch.full_like(labels, self.num_classes), labels)
+        elif train and self.dropout_prob > 0:
             # The only place labels are dropped (once, p=class_dropout_prob), as in the official SiT.
             drop = torch.rand(labels.shape[0], device=labels.device) < self.dropout_prob
             labels = torch.where(drop, torch.full_like(labels, self.num_classes), labels)
@@ -213,11 +216,12 @@ class SiT(nn.Module):
         x = torch.einsum("nhwpqc->nchpwq", x)
         return x.reshape(x.shape[0], c, h * p, w * p)
 
-    def forward(self, x: torch.Tensor, t: torch.Tensor, y: torch.Tensor) -> tuple[torch.Tensor, list[torch.Tensor]]:
+    def forward(self, x: torch.Tensor, t: torch.Tensor, y: torch.Tensor, force_drop_ids: torch.Tensor | None = None
+                ) -> tuple[torch.Tensor, list[torch.Tensor]]:
         """x (N, C, H, W) latents, t (N,) in [0, 1], y (N,) labels -> (velocity (N, C, H, W), zs)."""
         x = self.x_embedder(x) + self.pos_embed  # (N, T, D)
         n, tokens, d = x.shape
-        c = self.t_embedder(t) + self.y_embedder(y, self.training)  # (N, D)
+        c = self.t_embedder(t) + self.y_embedder(y, self.training, force_drop_ids)  # (N, D)
         zs: list[torch.Tensor] = []
         for i, block in enumerate(self.blocks):
             x = block(x, c)  # (N, T, D)

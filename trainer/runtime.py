@@ -18,11 +18,13 @@ from manifests.io import atomic_write_bytes, atomic_write_json, ensure_writable_
 from . import checkpoint
 from .config import TrainConfig
 from .data import (DataSpec, FeatureBatches, StepSampler, build_index, make_loader, needed_exts, resolve_fields)
+from .microbatch import probe_batch, probe_micro
 from .models import SiT, SiT_models
 from .plot import read_stats
+from .steprng import StepRandom
 
 # Keys of config.json that must match to resume a run (the rest, e.g. steps or workers, may change).
-RESUME_KEYS = ("model", "model_kwargs", "path", "encoders")
+RESUME_KEYS = ("model", "path", "encoders", "model_kwargs")  # most telling first
 RESUME_TRAIN_KEYS = ("batch_size", "seed", "proj_loss", "proj_coeff", "hflip", "precision")
 
 
@@ -46,6 +48,10 @@ class Run:
     local_batch: int
     n_micro: int
     stats_path: Path
+    micro: int = 0  # images per pass (local_batch // n_micro)
+    rand: StepRandom | None = None  # the per-sample randomness of each global batch (trainer/steprng.py)
+    latent_scale: float = 1.0
+    latent_shift: float = 0.0
     resume_state: dict[str, Any] = field(default_factory=dict)
 
     def no_sync(self, skip: bool) -> ContextManager:
@@ -57,6 +63,26 @@ class Run:
     @property
     def net_ddp(self) -> torch.nn.Module:
         return getattr(self.net, "_orig_mod", self.net)
+
+    def optimizer_step(self, bad: torch.Tensor) -> None:
+        """The update, skipped when `bad` (non-finite gradients) is set; decided on the device where possible.
+
+        GradScaler and fused AdamW skip through `found_inf` without a host sync. Without a scaler (bf16, fp32) a
+        fused optimiser is handed the flag the way GradScaler hands it; a CPU optimiser just reads it.
+        """
+        if self.scaler.is_enabled():
+            self.scaler.step(self.opt)  # skips the update itself when it found inf/NaN
+            self.scaler.update()
+        elif getattr(self.opt, "_step_supports_amp_scaling", False):  # fused: GradScaler's contract
+            self.opt.grad_scale, self.opt.found_inf = None, bad.float().reshape(1)
+            self.opt.step()
+        elif not bool(bad):
+            self.opt.step()
+
+    def loss_scale(self) -> torch.Tensor:
+        """The current loss scale as a device tensor (reading it costs no sync); 1 without a scaler."""
+        s = getattr(self.scaler, "_scale", None) if self.scaler.is_enabled() else None
+        return s.detach().clone().reshape(()) if s is not None else torch.ones((), device=self.device)
 
     @torch.no_grad()
     def update_ema(self) -> None:
@@ -171,7 +197,7 @@ def setup(cfg: TrainConfig, dry_run: bool = False) -> Run | None:
         print("note: no GPU; fp16 autocast on CPU is slow (--precision fp32 or bf16 is faster there)", flush=True)
     check(cfg.batch_size % world == 0, f"--batch-size {cfg.batch_size} is not divisible by {world} ranks")
     local_batch = cfg.batch_size // world
-    micro = cfg.micro_batch or local_batch
+    micro = local_batch if cfg.micro_batch in ("auto", 0) else int(cfg.micro_batch)
     check(micro <= local_batch and local_batch % micro == 0,
           f"--micro-batch {cfg.micro_batch} must divide the per-rank batch {local_batch}")
     run_dir = ensure_writable_dir(cfg.run_dir, "run folder (--run-dir)")
@@ -209,19 +235,28 @@ def setup(cfg: TrainConfig, dry_run: bool = False) -> Run | None:
         if cfg.init_from:
             load_init(model, cfg.init_from, cfg)
             ema.load_state_dict(model.state_dict())
-        torch.manual_seed(cfg.seed + 1_000_003 * (rank + 1))  # per-rank noise/time/label-drop streams
-        if rank == 0:
-            trim_stats(stats_path, None)
-            atomic_write_json(run_dir / "config.json", run_cfg)
+        torch.manual_seed(cfg.seed + 1_000_003 * (rank + 1))  # the step's draws come from trainer/steprng.py
+    amp_dtype = {"fp16": torch.float16, "bf16": torch.bfloat16}.get(cfg.precision)
+    amp = ((lambda: torch.autocast(device.type, dtype=amp_dtype)) if amp_dtype is not None
+           else contextlib.nullcontext)
+    if cfg.micro_batch == "auto":
+        micro = auto_micro(cfg, spec, model, ema, opt, amp, local_batch, world, rank, device)
+    run_cfg["micro_batch"] = micro  # the choice; the requested value stays in train.micro_batch
+    if found is None and rank == 0:
+        trim_stats(stats_path, None)
+        atomic_write_json(run_dir / "config.json", run_cfg)
     net: torch.nn.Module = model
     if world > 1:
         net = torch.nn.parallel.DistributedDataParallel(model, device_ids=[device.index] if device.type == "cuda"
                                                         else None)
-    if cfg.compile:
+    compiled = cfg.compile if cfg.compile is not None else device.type == "cuda"
+    if compiled:
         net = torch.compile(net)
-    amp_dtype = {"fp16": torch.float16, "bf16": torch.bfloat16}.get(cfg.precision)
-    amp = ((lambda: torch.autocast(device.type, dtype=amp_dtype)) if amp_dtype is not None
-           else contextlib.nullcontext)
+    if rank == 0:
+        print(f"per-rank batch {local_batch} in {local_batch // micro} micro-batch(es) of {micro}; "
+              f"torch.compile {'on' if compiled else 'off'} ({device.type})", flush=True)
+    rand = StepRandom(cfg.seed, cfg.batch_size, (spec.in_channels, spec.input_size, spec.input_size),
+                      cfg.class_dropout_prob, device)
     ds = FeatureBatches(index, spec, cfg.seed, cfg.hflip)
     sampler = StepSampler(len(index), cfg.batch_size, rank, world, micro, cfg.seed, start, cfg.steps)
     loader = make_loader(ds, sampler, cfg.num_workers, pin=device.type == "cuda")
@@ -229,5 +264,24 @@ def setup(cfg: TrainConfig, dry_run: bool = False) -> Run | None:
         dist.barrier()
     return Run(cfg=cfg, run_dir=run_dir, run_cfg=run_cfg, rank=rank, world=world, device=device, model=model,
                ema=ema, net=net, opt=opt, scaler=scaler, amp=amp, loader=loader, start_step=start,
-               local_batch=local_batch, n_micro=local_batch // micro, stats_path=stats_path,
-               resume_state=resume_state)
+               local_batch=local_batch, n_micro=local_batch // micro, stats_path=stats_path, micro=micro,
+               rand=rand, latent_scale=spec.scale, latent_shift=spec.shift, resume_state=resume_state)
+
+
+def auto_micro(cfg: TrainConfig, spec: DataSpec, model: SiT, ema: SiT, opt: torch.optim.Optimizer, amp,
+               local_batch: int, world: int, rank: int, device: torch.device) -> int:
+    """--micro-batch auto: probe this rank, then agree on the smallest choice across ranks."""
+    loss_kw = dict(path=cfg.path, proj_coeff=cfg.proj_coeff, proj_loss=cfg.proj_loss, ntxent_tau=cfg.ntxent_tau)
+    probe = probe_micro(model, ema, opt, local_batch, probe_batch(spec, device, cfg.class_dropout_prob > 0),
+                        loss_kw, amp, device, extra=(sum(p.numel() * p.element_size() for p in model.parameters())
+                                                     if world > 1 else 0))  # DDP's gradient buckets
+    micro = probe.micro
+    if world > 1:
+        t = torch.full((1,), micro, device=device, dtype=torch.int64)
+        dist.all_reduce(t, op=dist.ReduceOp.MIN)
+        micro = int(t.item())
+        while local_batch % micro:  # a smaller rank's choice divides the same per-rank batch: kept for safety
+            micro -= 1
+    if rank == 0:
+        print(probe.describe(local_batch) + (f"; {micro} on every rank" if micro != probe.micro else ""), flush=True)
+    return micro

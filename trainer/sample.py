@@ -24,7 +24,7 @@ from manifests.io import ensure_writable_dir, remove_tmp_files
 
 from .official import check_state_dict, load_sit_weights
 from .sample_io import decode, png_bytes, write_grid, write_npz
-from .sample_config import SampleConfig, parse
+from .sample_config import SampleConfig, check_resolution, dumps, parse, per_rank_batch, resolve
 from .samplers import nfe, sample_ode, sample_sde
 
 SHARD_NAME = "samples-{:06d}"
@@ -41,6 +41,7 @@ class Loaded:
     model: torch.nn.Module
     meta: dict[str, Any]
     info: dict[str, Any]  # model name, path, vae, latent scale/shift, resolution, classes
+    velocity: Any = None  # the prepared (cast, compiled) forward, made once per process in run()
 
 
 def load_model(cfg: SampleConfig) -> Loaded:
@@ -97,15 +98,28 @@ def load_model(cfg: SampleConfig) -> Loaded:
 
 
 class Velocity:
-    """The sampler's view of the model: fp32 in, first output out, bf16 autocast if asked."""
+    """The sampler's view of the model: fp32 in, first output out; bf16 and torch.compile on CUDA prepared once.
 
-    def __init__(self, model: torch.nn.Module, device: torch.device, precision: str):
+    With bf16 the matmul and conv weights are cast to bf16 once, here, and the forward runs under bf16 autocast,
+    which then has no weights left to cast per call; norms, embeddings and the residual stream stay as autocast
+    keeps them, so the numbers are the per-call autocast ones. On CUDA the forward is compiled (one graph per
+    batch shape: the plain and the CFG-doubled batch); REPA_COMPILE=0 turns that off.
+    """
+
+    def __init__(self, model: torch.nn.Module, device: torch.device, precision: str, compile_: bool | None = None):
         self.model, self.device, self.num_classes = model, device, model.num_classes
         self.bf16 = precision == "bf16"
+        if self.bf16:
+            for m in model.modules():
+                if isinstance(m, (torch.nn.Linear, torch.nn.Conv2d)):
+                    m.to(torch.bfloat16)
+        if compile_ is None:
+            compile_ = device.type == "cuda" and os.environ.get("REPA_COMPILE", "1") != "0"
+        self.forward = torch.compile(model, dynamic=False) if compile_ else model
 
     def __call__(self, x: torch.Tensor, t: torch.Tensor, y: torch.Tensor):
         with torch.autocast(self.device.type, dtype=torch.bfloat16, enabled=self.bf16):
-            v = self.model(x, t, y=y)[0]
+            v = self.forward(x, t, y=y)[0]
         return v.float(), ()
 
 
@@ -168,7 +182,7 @@ def run_shard(cfg: SampleConfig, k: int, idx: range, lm: Loaded, vae, device: to
               balanced: np.ndarray | None, bar) -> None:
     model, info = lm.model, lm.info
     shape = (model.in_channels, model.input_size, model.input_size)
-    fn = Velocity(model, device, cfg.precision)
+    fn = lm.velocity or Velocity(model, device, cfg.precision)
     samples = []
     for a in range(idx.start, idx.stop, cfg.batch_size):
         sub = range(a, min(a + cfg.batch_size, idx.stop))
@@ -222,8 +236,12 @@ def _barrier(world: int) -> None:
 
 def main(argv: Sequence[str] | None = None) -> int:
     argv = list(sys.argv[1:] if argv is None else argv)
-    cfg = parse(argv)
+    cfg, dry = resolve(argv)
+    if dry:
+        print(dumps(cfg))
+        return 0
     rank, world, local = _dist()
+    cfg.batch_size = per_rank_batch(cfg, world)  # --batch-size is global, as in train
     try:
         run(cfg, argv, rank, world, local)
     finally:
@@ -243,9 +261,11 @@ def run(cfg: SampleConfig, argv: list[str], rank: int, world: int, local: int) -
     if device.type == "cuda":
         torch.cuda.set_device(device)
     lm = load_model(cfg)
+    check_resolution(cfg, lm.info["resolution"])
     lm.meta["sha256"] = sha256_file(lm.meta["path"])
     lm.info["vae"] = cfg.vae or lm.info["vae"]
     lm.model.to(device)
+    lm.velocity = Velocity(lm.model, device, cfg.precision)
     vae = load_vae(lm.info["vae"], device=device)
     balanced = balanced_labels(cfg.seed, cfg.num_samples, lm.model.num_classes) if cfg.balanced else None
     fp = fingerprint_of(cfg, lm)

@@ -2,15 +2,32 @@
 from __future__ import annotations
 
 import argparse
-from dataclasses import dataclass
-from typing import Sequence
+import json
+from dataclasses import asdict, dataclass, fields
+from typing import Any, Sequence
 
 from manifests import UserError
 from manifests.cli import ArgumentParser, HelpFormatter, nonneg_int, positive_int
+from manifests.config_file import add_config_flag, layered
 
+from .repa_flags import add_sample_aliases
 from .samplers import PATHS
 
 DEFAULT_STEPS = {"sde": 250, "ode": 50}  # REPA generate.py: SDE 250 (paper), ODE 50
+
+# The paper's sampling settings (SDE, 250 steps, 50K samples). `resolution`: the checkpoint must be at it.
+PRESETS: dict[str, dict[str, Any]] = {
+    # Table 4 (*, guidance interval) / Table 10: FID 1.42 at 4M steps.
+    "paper-cfg": dict(mode="sde", steps=250, cfg_scale=1.8, guidance_low=0.0, guidance_high=0.7),
+    # Table 3 / Table 7: no guidance (FID 7.9 at 400K, 5.9 at 4M).
+    "paper-nocfg": dict(mode="sde", steps=250, cfg_scale=1.0, guidance_low=0.0, guidance_high=1.0),
+    # Table 4 without the interval: w = 1.35 on every step (FID 1.80 at 4M).
+    "paper-cfg-1.35": dict(mode="sde", steps=250, cfg_scale=1.35, guidance_low=0.0, guidance_high=1.0),
+    # Table 11 (ImageNet 512x512): w = 1.35, no interval (FID 2.08 at 200 epochs).
+    "paper-512-cfg": dict(mode="sde", steps=250, cfg_scale=1.35, guidance_low=0.0, guidance_high=1.0,
+                          expect_resolution=512),
+}
+REPA_VAES = {"ema": "sd-vae-ft-ema", "mse": "sd-vae-ft-mse"}  # REPA generate.py --vae ema|mse
 
 
 @dataclass(kw_only=True)
@@ -18,6 +35,8 @@ class SampleConfig:
     """Everything that decides the images (batch size and world size do not)."""
     ckpt: str
     out: str
+    preset: str | None = None
+    expect_resolution: int | None = None  # set by 512 px presets: the checkpoint must be at this resolution
     num_samples: int = 50_000
     mode: str = "sde"
     steps: int | None = None  # None: 250 for sde, 50 for ode
@@ -47,12 +66,16 @@ def build_parser() -> argparse.ArgumentParser:
                 description="Generate images from a SiT checkpoint into PNG shards and a samples manifest.",
                 epilog="example (the paper's FID 1.42 setting):\n  torchrun --nproc-per-node 8 -m trainer sample "
                        "--ckpt RUN --out samples --num-samples 50000 --mode sde --steps 250 --cfg-scale 1.8 "
-                       "--guidance-high 0.7 --npz\n"
+                       "--guidance-high 0.7 --npz\n  (the same: --ckpt RUN --out samples --preset paper-cfg --npz)\n"
                        "an official REPA file:\n  python -m trainer sample --out samples --ckpt SiT-XL-2-256.pt "
                        "--model SiT-XL/2 --encoder-depth 8 --projector-embed-dims 768")
     io_ = p.add_argument_group("input/output")
-    io_.add_argument("--ckpt", required=True, help="our .pt / export .safetensors / run folder / official REPA file")
-    io_.add_argument("--out", required=True, help="output folder (shards/, manifest.json, grid.png)")
+    io_.add_argument("--ckpt", help="our .pt / export .safetensors / run folder / official REPA file; required")
+    io_.add_argument("--out", help="output folder (shards/, manifest.json, grid.png); required")
+    io_.add_argument("--preset", choices=sorted(PRESETS), help="the paper's sampling settings: paper-cfg (SDE 250, "
+                     "CFG 1.8 on [0, 0.7]), paper-nocfg, paper-cfg-1.35, paper-512-cfg (Table 11)")
+    add_config_flag(io_)
+    io_.add_argument("--dry-run", action="store_true", help="print the resolved settings and exit")
     io_.add_argument("--npz", action="store_true", help="also write samples.npz (arr_0, N×H×W×3 uint8) for ADM")
     io_.add_argument("--shard-size", type=positive_int, default=1000, help="samples per tar shard (the resume unit)")
     s = p.add_argument_group("sampling")
@@ -66,11 +89,13 @@ def build_parser() -> argparse.ArgumentParser:
     s.add_argument("--seed", type=nonneg_int, default=0, help="sample i's label and noise come from (seed, i)")
     s.add_argument("--balanced", action="store_true", help="an equal number of samples per class")
     r = p.add_argument_group("runtime")
-    r.add_argument("--batch-size", type=positive_int, default=64, help="per rank; does not change the images")
+    r.add_argument("--batch-size", type=positive_int, default=64, help="global, split across ranks as in train; "
+                   "does not change the images")
     r.add_argument("--precision", choices=("fp32", "tf32", "bf16"), default="tf32",
                    help="SiT matmuls; the state stays float64 (tf32 is the reference's setting)")
     r.add_argument("--device", default=None, help="default: cuda:LOCAL_RANK if available, else cpu")
-    r.add_argument("--vae", default=None, help="NAME[=PATH]; default: the checkpoint's VAE, else sd-vae-ft-ema")
+    r.add_argument("--vae", default=None, help="NAME[=PATH] (REPA's ema|mse work); default: the checkpoint's VAE, "
+                   "else sd-vae-ft-ema")
     m = p.add_argument_group("model (official checkpoints; ours carry config.json)")
     m.add_argument("--model", default=None, help="e.g. SiT-XL/2 (default for official files)")
     m.add_argument("--encoder-depth", type=positive_int, default=None, help="default 8 for official files")
@@ -78,11 +103,26 @@ def build_parser() -> argparse.ArgumentParser:
     m.add_argument("--resolution", type=positive_int, default=None, help="default 256 for official files")
     m.add_argument("--num-classes", type=positive_int, default=None, help="default 1000 for official files")
     m.add_argument("--path", choices=PATHS, default=None, help="interpolant; default from the checkpoint")
+    add_sample_aliases(p)
     return p
 
 
 def parse(argv: Sequence[str]) -> SampleConfig:
-    cfg = SampleConfig(**vars(build_parser().parse_args(list(argv))))
+    """defaults < --preset < --config file < flags."""
+    cfg, _ = resolve(argv)
+    return cfg
+
+
+def resolve(argv: Sequence[str]) -> tuple[SampleConfig, bool]:
+    names = {f.name for f in fields(SampleConfig)}
+    values = layered(build_parser(), argv, names, PRESETS)
+    dry = bool(values.pop("dry_run", False))
+    for flag in ("ckpt", "out"):
+        if not values.get(flag):
+            raise UserError(f"python -m trainer sample: --{flag} is required (or '{flag}' in --config)")
+    cfg = SampleConfig(**values)
+    if cfg.vae in REPA_VAES:
+        cfg.vae = REPA_VAES[cfg.vae]
     if cfg.steps is None:
         cfg.steps = DEFAULT_STEPS[cfg.mode]
     if cfg.heun and cfg.mode != "ode":
@@ -92,4 +132,20 @@ def parse(argv: Sequence[str]) -> SampleConfig:
     if not 0.0 <= cfg.guidance_low <= cfg.guidance_high <= 1.0:
         raise UserError(f"need 0 <= --guidance-low <= --guidance-high <= 1, got {cfg.guidance_low}, "
                         f"{cfg.guidance_high}")
-    return cfg
+    return cfg, dry
+
+
+def per_rank_batch(cfg: SampleConfig, world: int) -> int:
+    """--batch-size is global (as in train): each rank's share, at least 1."""
+    return max(1, -(-cfg.batch_size // max(1, world)))
+
+
+def check_resolution(cfg: SampleConfig, resolution: int) -> None:
+    """A 512 px preset on a 256 px checkpoint is a mistake, not a setting."""
+    if cfg.expect_resolution and resolution != cfg.expect_resolution:
+        raise UserError(f"--preset {cfg.preset} is a {cfg.expect_resolution} px setting, but the checkpoint "
+                        f"is {resolution} px ({cfg.ckpt})")
+
+
+def dumps(cfg: SampleConfig) -> str:
+    return json.dumps(asdict(cfg), indent=2)

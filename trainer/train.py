@@ -12,13 +12,13 @@ import torch
 import torch.distributed as dist
 from tqdm import tqdm
 
-from manifests import UserError
-
 from . import checkpoint
 from .config import resolve
 from .data import nonfinite_rows, tokens_to_device
+from .health import Health
 from .plot import draw_loss_png
-from .runtime import Run, setup, sync_flag
+from .runtime import Run, setup
+from .steprng import posterior
 from .transport import repa_loss
 
 
@@ -53,6 +53,28 @@ def save(r: Run, step: int, state: dict) -> None:
     state["last_ckpt"] = str(checkpoint.ckpt_path(r.cfg.run_dir, step))  # every rank names it in errors
 
 
+def append_line(path, line: str) -> None:
+    """Append one line whole or not at all: on a full disk the file is cut back and the error names it."""
+    import os
+    from manifests.errors import os_error_message
+    data = (line + "\n").encode()
+    try:
+        fd = os.open(path, os.O_WRONLY | os.O_APPEND | os.O_CREAT, 0o644)
+        try:
+            start = os.fstat(fd).st_size
+            try:
+                view = memoryview(data)
+                while view:
+                    view = view[os.write(fd, view):]
+            except OSError:
+                os.ftruncate(fd, start)  # no half line for readers of stats.jsonl
+                raise
+        finally:
+            os.close(fd)
+    except OSError as e:
+        raise UserError(f"cannot write {os_error_message(e, path)}") from e
+
+
 def params_digest(model: torch.nn.Module) -> str:
     h = hashlib.sha256()
     for k, v in model.state_dict().items():
@@ -85,40 +107,48 @@ def train(r: Run) -> int:
 
 def _loop(r: Run, cfg, step: int, state: dict, pbar, trace) -> int:
     """Report, checkpoint, stop?, step -- until done; returns the final step."""
-    streak, last_saved, due = 0, step, False
+    last_saved, due = step, False
+    health = Health(r.device, r.rank, cfg.max_nonfinite, cfg.precision == "fp16", skipped=state["skipped"])
+    health.last_ckpt = state["last_ckpt"]
     acc = torch.zeros(4, device=r.device, dtype=torch.float64)  # loss, denoise, proj sums; steps since report
-    steps_since, images, data_wait, skipped_since, t_report = 0, 0, 0.0, 0, time.perf_counter()
-    grad_norm, loader = float("nan"), iter(r.loader)
+    steps_since, images, data_wait, t_report = 0, 0, 0.0, time.perf_counter()
+    loader = iter(r.loader)
     while True:
-        stop = sync_flag(r, _Term.requested)
+        # The step's flags are read back a step late (no sync); a boundary that reports or may save reads them all.
+        if (step >= cfg.steps or step % cfg.log_every == 0 or step % cfg.ckpt_every == 0 or due
+                or health.stop or (r.world == 1 and _Term.requested)):
+            health.settle()
+        stop = _Term.requested if r.world == 1 else health.stop  # with ranks: all-reduced, so all stop together
+        state["skipped"] = health.skipped
         # 1. Report status.
         if steps_since and (step % cfg.log_every == 0 or step >= cfg.steps or stop):
             if r.world > 1:
                 dist.all_reduce(acc)
-            n = max(acc[3].item(), 1.0)
+            loss, denoise, proj, n = acc.tolist()  # one sync per report
+            n = max(n, 1.0)
             now = time.perf_counter()
-            row = {"step": step, "loss": acc[0].item() / n, "denoise": acc[1].item() / n,
-                   "proj_loss": acc[2].item() / n, "grad_norm": grad_norm, "loss_scale": r.scaler.get_scale()
-                   if r.scaler.is_enabled() else 1.0, "skipped": state["skipped"], "skipped_interval": skipped_since,
-                   "lr": cfg.lr, "img_per_s": images * r.world / (now - t_report), "data_wait_s": data_wait,
-                   "time": time.time()}
+            row = {"step": step, "loss": loss / n, "denoise": denoise / n, "proj_loss": proj / n,
+                   "grad_norm": health.grad_norm, "loss_scale": r.scaler.get_scale() if r.scaler.is_enabled()
+                   else 1.0, "skipped": health.skipped, "skipped_interval": health.take_interval(), "lr": cfg.lr,
+                   "img_per_s": images * r.world / (now - t_report), "data_wait_s": data_wait,
+                   "micro_batch": r.micro, "time": time.time()}
             if r.rank == 0:
-                with open(r.stats_path, "a") as f:
-                    f.write(json.dumps(row) + "\n")
+                append_line(r.stats_path, json.dumps(row))
                 pbar.set_postfix(loss=f"{row['loss']:.4f}", proj=f"{row['proj_loss']:.4f}",
                                  img_s=f"{row['img_per_s']:.1f}")
             acc.zero_()
-            steps_since, images, data_wait, skipped_since, t_report = 0, 0, 0.0, 0, time.perf_counter()
+            steps_since, images, data_wait, t_report = 0, 0, 0.0, time.perf_counter()
         # 2. Save a checkpoint; 3. done?
         due = due or (step != last_saved and step % cfg.ckpt_every == 0)
         # A periodic checkpoint waits while steps are being skipped, so the last one saved stays a good one.
-        if step != last_saved and ((due and streak == 0) or step >= cfg.steps or stop):
+        if step != last_saved and ((due and health.streak == 0) or step >= cfg.steps or stop):
             save(r, step, state)
-            last_saved, due = step, False
+            last_saved, due, health.last_ckpt = step, False, state["last_ckpt"]
         if step >= cfg.steps or stop:
             break
-        # 4. One optimiser step over this rank's micro-batches (grad accumulation when more than one).
-        inputs_bad = []
+        # 4. One optimiser step over this rank's micro-batches (grad accumulation when more than one). Its
+        # randomness is the global batch's, drawn from (seed, step); this rank keeps its own rows.
+        noise, inputs = r.rand.draw(step), []
         for micro in range(r.n_micro):
             t0 = time.perf_counter()
             batch = next(loader)
@@ -126,55 +156,44 @@ def _loop(r: Run, cfg, step: int, state: dict, pbar, trace) -> int:
             assert batch["step"] == step, f"loader at step {batch['step']}, loop at {step}"
             if trace is not None:
                 trace.write(json.dumps({"step": step, "micro": micro, "keys": batch["keys"]}) + "\n")
-            x = batch["x"].to(r.device, non_blocking=True)  # (n, C, H, W)
+            moments = batch["x"].to(r.device, non_blocking=True)  # (n, 2C, H, W): VAE mean then std
             y = batch["y"].to(r.device, non_blocking=True)  # (n,)
             zs = tokens_to_device(batch, r.device)  # (n, T, z_dim) fp32 each, 8-bit codes decoded on the device
+            n = moments.shape[0]
+            nz = noise.rows(r.rank * r.local_batch + micro * r.micro, n)
+            x = posterior(moments, nz.post, r.latent_scale, r.latent_shift)  # (n, C, H, W)
             # Checked on the device; only read back when the step turns out non-finite (no sync otherwise).
-            inputs_bad.append((batch["keys"], nonfinite_rows(x, zs, cfg.encoders)))
+            inputs.append((batch["keys"], nonfinite_rows(moments, zs, cfg.encoders)))
             with r.no_sync(micro < r.n_micro - 1):
-                out = repa_loss(r.net, x, y, zs, path=cfg.path, proj_coeff=cfg.proj_coeff,
-                                proj_loss=cfg.proj_loss, ntxent_tau=cfg.ntxent_tau, amp=r.amp)
-                r.scaler.scale(out.total * (x.shape[0] / r.local_batch)).backward()
+                out = repa_loss(r.net, x, y, zs, path=cfg.path, proj_coeff=cfg.proj_coeff, proj_loss=cfg.proj_loss,
+                                ntxent_tau=cfg.ntxent_tau, amp=r.amp, t=nz.t, eps=nz.eps, drop=nz.drop)
+                r.scaler.scale(out.total * (n / r.local_batch)).backward()
             # The loader reuses its buffers (a ring): make sure this one was not overwritten while in use.
             assert int(batch["tag"]) == batch["pos0"], "loader buffer overwritten while in use"
-            w = x.shape[0] / r.local_batch
-            acc[:3] += torch.stack([out.total.detach(), out.denoise.detach(), out.proj.detach()]).double() * w
-            images += x.shape[0]
+            acc[:3] += torch.stack([out.total.detach(), out.denoise.detach(), out.proj.detach()]).double() * (
+                n / r.local_batch)
+            images += n
         r.scaler.unscale_(r.opt)
-        gn = torch.nn.utils.clip_grad_norm_(r.model.parameters(), cfg.grad_clip)
-        finite = bool(torch.isfinite(gn))  # identical on every rank: grads are already all-reduced
-        scale = r.scaler.get_scale() if r.scaler.is_enabled() else 1.0
-        if r.scaler.is_enabled():
-            r.scaler.step(r.opt)  # skips the update itself when it found inf/NaN
-            r.scaler.update()
-        elif finite:
-            r.opt.step()
+        gn = torch.nn.utils.clip_grad_norm_(r.model.parameters(), cfg.grad_clip)  # identical on every rank
+        scale_before = r.loss_scale()
+        r.optimizer_step(~torch.isfinite(gn))  # skipped on the device when non-finite
         r.opt.zero_grad(set_to_none=True)
         r.update_ema()
+        health.record(step + 1, gn, scale_before, r.loss_scale(), stop_flag(r, _Term.requested), inputs)
         step += 1
         acc[3] += 1
         steps_since += 1
         pbar.update(1)
-        if finite:
-            streak, grad_norm = 0, gn.item()
-            continue
-        for keys, fields in inputs_bad:  # corrupt data (a NaN latent, say) stops the run, naming the sample
-            for field, rows in fields:
-                if bool(rows.any()):
-                    key = keys[int(rows.nonzero()[0, 0])]
-                    raise UserError(f"step {step}: sample '{key}' has non-finite values in field '{field}' "
-                                    f"(corrupt shard?); last good checkpoint: {state['last_ckpt']}")
-        streak += 1
-        skipped_since += 1
-        state["skipped"] += 1
-        if r.rank == 0:
-            what = (f"fp16 overflow, loss scale {scale:g} -> {r.scaler.get_scale():g}" if r.scaler.is_enabled()
-                    else "non-finite gradients")
-            tqdm.write(f"step {step}: {what}; update skipped ({state['skipped']} skipped so far)", file=sys.stderr)
-        if streak >= cfg.max_nonfinite:
-            raise UserError(f"step {step}: loss/gradients non-finite for {streak} consecutive steps (since step "
-                            f"{step - streak + 1}); stopping. Last good checkpoint: {state['last_ckpt']}")
+        health.settle(keep=1)  # the previous step's flags: the GPU is busy with this one meanwhile
     return step
+
+
+def stop_flag(r: Run, flag: bool) -> torch.Tensor:
+    """This rank's SIGTERM flag, all-reduced (max) on the device; read back with the step's other flags."""
+    t = torch.full((), float(flag), device=r.device)
+    if r.world > 1:
+        dist.all_reduce(t, op=dist.ReduceOp.MAX)
+    return t
 
 
 def main(argv: Sequence[str] | None = None) -> int:

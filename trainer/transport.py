@@ -69,14 +69,19 @@ class LossOut:
 
 def repa_loss(model, x: torch.Tensor, y: torch.Tensor, zs: list[torch.Tensor], *, path: str = "linear",
               proj_coeff: float = 0.5, proj_loss: str = "cos", ntxent_tau: float = 0.1,
-              amp: Callable[[], ContextManager] = contextlib.nullcontext) -> LossOut:
-    """Denoising MSE on the velocity plus proj_coeff * alignment of the projector outputs with `zs`."""
+              amp: Callable[[], ContextManager] = contextlib.nullcontext, t: torch.Tensor | None = None,
+              eps: torch.Tensor | None = None, drop: torch.Tensor | None = None) -> LossOut:
+    """Denoising MSE on the velocity plus proj_coeff * alignment of the projector outputs with `zs`.
+
+    The trainer passes `t`, `eps` and the label `drop` drawn per sample (trainer/steprng.py), so a compiled
+    model sees the same randomness as an eager one; without them they are drawn here from the global RNG.
+    """
     n = x.shape[0]
-    t = sample_time(n, x.device)  # (N,)
-    eps = torch.randn_like(x)  # (N, C, H, W)
+    t = sample_time(n, x.device) if t is None else t  # (N,)
+    eps = torch.randn_like(x) if eps is None else eps  # (N, C, H, W)
     x_t, v = interpolate(x, eps, t, path)
     with amp():  # autocast covers the model only; the losses below are fp32
-        v_hat, zs_hat = model(x_t, t, y)
+        v_hat, zs_hat = model(x_t, t, y) if drop is None else model(x_t, t, y, force_drop_ids=drop)
     denoise = ((v_hat.float() - v) ** 2).mean()
     if zs:
         proj = cos_proj_loss(zs_hat, zs) if proj_loss == "cos" else ntxent_proj_loss(zs_hat, zs, ntxent_tau)

@@ -1,7 +1,7 @@
 """GPU benchmark: a full ADM-style evaluation, 50k PNG samples (samples manifest) against a 10k reference .npz.
 
 Random Inception weights (the pipeline is what is timed, not the numbers). PNG decoding, the forward pass,
-statistics and precision/recall are all included; target: <= 3 minutes end to end on one H100.
+statistics and precision/recall are all included; target: <= 90 s end to end on one H100.
 
     python tests/benchmarks/gpu_evaluation.py                      # 50k vs 10k on CUDA
     python tests/benchmarks/gpu_evaluation.py --device cpu --n 48 --ref-n 24   # CPU dry run of the same code
@@ -24,7 +24,7 @@ import numpy as np
 
 REPO = Path(__file__).resolve().parents[2]
 sys.path.insert(0, str(REPO))
-TARGET_S = 180.0  # issue #5: at most 3 minutes end to end on one H100
+TARGET_S = 90.0  # issue 11: at most 90 s end to end on one H100
 
 
 def _image(seed: int, res: int) -> np.ndarray:
@@ -86,6 +86,7 @@ def main() -> int:
     ap.add_argument("--num-workers", type=int, default=max(1, (os.cpu_count() or 2) - 2))
     ap.add_argument("--pr-dtype", default="float16", choices=["float16", "float32"])
     ap.add_argument("--workdir", help="keep the generated data here (default: a tmp folder, deleted)")
+    ap.add_argument("--json", help="write the result here")
     args, _ = ap.parse_known_args()
     import torch
     if args.device == "cuda" and not torch.cuda.is_available():
@@ -121,8 +122,11 @@ def main() -> int:
         print(f"  decode wait {t['decode_wait_s']:.1f}s | forward {t['forward_s']:.1f}s "
               f"({(args.n + args.ref_n) / max(t['forward_s'], 1e-9):.0f} img/s) | statistics {t['statistics_s']:.1f}s"
               f" | FID+sFID+IS {t['fid_is_s']:.1f}s | P/R {t['pr_s']:.1f}s | in-process total {t['total_s']:.1f}s")
-        print(json.dumps({"bench": "gpu_evaluation", "device": gpu, "n": args.n, "ref_n": args.ref_n,
-                          "wall_s": round(wall, 2), "decode_only_s": round(t_decode, 2), **t}))
+        result = {"bench": "gpu_evaluation", "device": gpu, "n": args.n, "ref_n": args.ref_n,
+                  "wall_s": round(wall, 2), "decode_only_s": round(t_decode, 2), **t}
+        print(json.dumps(result))
+        if args.json:
+            Path(args.json).write_text(json.dumps(result, indent=2))
         if args.device == "cuda" and args.n >= 50_000 and wall > TARGET_S:
             print(f"WARNING: {wall:.0f}s is over the {TARGET_S:.0f}s target")
         return 0

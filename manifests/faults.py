@@ -1,0 +1,58 @@
+"""Deterministic fault injection for tests: `REPA_KILL_AT=<point>[:n]` SIGKILLs the job at a named point.
+
+Writers call `kill_point("<point>")` at the moments a crash is most harmful (a tar written but not renamed, a
+tar renamed but without its sidecar, every sidecar but no manifest). With the variable unset this is one
+dictionary lookup. When the n-th arrival (default 1, counted over every process of the job, so it also works
+with several Ray actors) reaches the point, the hook SIGKILLs its whole process group, as a machine that dies
+would: the driver, Ray's helpers and every actor together. Tests must therefore start the job in its own
+session (`subprocess.Popen(..., start_new_session=True)`). Ray puts each worker in its own group, so the first
+process that imports this module records its group in the environment, which Ray's workers inherit, and a hook
+firing in an actor kills that group (the driver's) as well as its own.
+"""
+from __future__ import annotations
+
+import os
+import signal
+import sys
+import tempfile
+from pathlib import Path
+
+KILL_ENV = "REPA_KILL_AT"
+# Folder for the arrival counter shared by the job's processes; default: a folder named after the group.
+COUNT_DIR_ENV = "REPA_KILL_DIR"
+ROOT_GROUP_ENV = "REPA_KILL_PGID"  # the job's process group: the driver's, inherited by Ray workers
+
+if os.environ.get(KILL_ENV) and not os.environ.get(ROOT_GROUP_ENV):
+    os.environ[ROOT_GROUP_ENV] = str(os.getpgid(0))
+
+
+def _arrival(point: str) -> int:
+    """This arrival's number at `point` over every process of the group: 1, 2, ... (one O_EXCL file each)."""
+    group = os.environ.get(ROOT_GROUP_ENV) or os.getpgid(0)
+    folder = Path(os.environ.get(COUNT_DIR_ENV) or Path(tempfile.gettempdir()) / f"repa-kill-{group}")
+    folder.mkdir(parents=True, exist_ok=True)
+    i = 1
+    while True:
+        try:
+            os.close(os.open(folder / f"{point}.{i}", os.O_CREAT | os.O_EXCL | os.O_WRONLY))
+            return i
+        except FileExistsError:
+            i += 1
+
+
+def kill_point(point: str) -> None:
+    """SIGKILL this process group if REPA_KILL_AT names `point` and this is its n-th arrival."""
+    spec = os.environ.get(KILL_ENV)
+    if not spec:
+        return
+    name, _, nth = spec.partition(":")
+    if name != point:
+        return
+    n = _arrival(point)
+    if n != int(nth or 1):
+        return
+    own, root = os.getpgid(0), int(os.environ.get(ROOT_GROUP_ENV) or os.getpgid(0))
+    print(f"[test hook] {KILL_ENV}={spec}: killing process groups {sorted({root, own})}", file=sys.stderr, flush=True)
+    if root != own:
+        os.killpg(root, signal.SIGKILL)
+    os.killpg(own, signal.SIGKILL)

@@ -1,0 +1,100 @@
+"""The training loader's output against the shards read independently (plain tarfile + numpy.load)."""
+from __future__ import annotations
+
+import io
+import tarfile
+import warnings
+from pathlib import Path
+
+import numpy as np
+import pytest
+import torch
+
+from helpers import make_features_manifest
+from manifests import load_manifest
+from trainer.data import FeatureBatches, StepSampler, build_index, make_loader, needed_exts, resolve_fields
+
+NUM, BATCH, STEPS = 24, 4, 16  # 16 batches: 8 per worker with 2 workers, more than a worker's ring of 6
+
+
+@pytest.fixture(scope="module")
+def feats(tmp_path_factory) -> Path:
+    root = tmp_path_factory.mktemp("loaderfeat")
+    make_features_manifest(root, num=NUM, classes=3, shard_size=10, latent_shape=(8, 8, 8), tokens=16,
+                           encoders={"enc-a": 8, "enc-b": 4}, hflip=True, seed=5)
+    return root
+
+
+def read_tars(root: Path) -> dict[str, dict[str, object]]:
+    """key -> member ext -> value, straight from the tar files the manifest lists."""
+    m = load_manifest(root)
+    out: dict[str, dict[str, object]] = {}
+    for entry in m.shardlist:
+        with tarfile.open(root / entry.url) as tar:
+            for ti in tar:
+                key, _, ext = ti.name.partition(".")
+                data = tar.extractfile(ti).read()
+                val = np.load(io.BytesIO(data), allow_pickle=False) if ext.endswith("npy") else data
+                out.setdefault(key, {})[ext] = val
+    return out
+
+
+@pytest.mark.parametrize("workers,hflip,pin", [(0, False, False), (2, True, False), (1, True, True)])
+def test_loader_returns_the_shard_arrays(feats, workers, hflip, pin):
+    m = load_manifest(feats)
+    spec = resolve_fields(m, None, 2, hflip)
+    truth = read_tars(feats)
+    dtypes = {name: np.dtype(m.fields[name]["dtype"]) for name in spec.encoders}  # whatever the codec stores
+    ds = FeatureBatches(build_index(m, needed_exts(spec, hflip)), spec, seed=11, hflip=hflip)
+    sampler = StepSampler(NUM, BATCH, 0, 1, BATCH, 11, 0, STEPS)
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore")  # pin_memory without an accelerator: torch warns and skips pinning
+        loader = make_loader(ds, sampler, workers, pin=pin)
+        ring = ds.ring_size  # buffers per worker (or in-process)
+        assert STEPS // max(workers, 1) > ring  # each ring wraps at least once
+        batches = 0
+        flips_seen, ptrs, eps_all = set(), [], []
+        for (step, _, ids), batch in zip(sampler, loader):
+            assert batch["step"] == step and int(batch["tag"]) == batch["pos0"]
+            keys = batch["keys"]
+            assert keys == [f"img{i:05d}" for i in ids]  # the sampler's samples, in its order
+            x, y, zs = batch["x"].numpy(), batch["y"].numpy(), [z.numpy() for z in batch["zs"]]
+            assert x.dtype == np.float32 and x.shape == (BATCH, 4, 8, 8)
+            ptrs.append(batch["x"].data_ptr())
+            for j, key in enumerate(keys):
+                t = truth[key]
+                assert y[j] == int(t["cls"].decode())
+                # The tokens pick the flipped twin or not, exactly; the latent must follow the same choice.
+                flip = [k for k in (False, True) if np.array_equal(zs[0][j], t["enc-a.flip.npy" if k else "enc-a.npy"])]
+                assert len(flip) == 1, key
+                flip = flip[0]
+                flips_seen.add(flip)
+                sfx = ".flip.npy" if flip else ".npy"
+                for k, name in enumerate(spec.encoders):
+                    assert zs[k].dtype == dtypes[name]
+                    np.testing.assert_array_equal(zs[k][j], t[name + sfx])
+                moments = t["latent" + sfx]  # (8, H, W): mean then std
+                mean, std = moments[:4], moments[4:]
+                # x = (mean + std·ε)·scale + shift: recover ε; it must look like N(0, 1) under this choice only.
+                eps = ((x[j] - spec.shift) / spec.scale - mean) / std
+                eps_all.append(eps)
+                other = t["latent" + (".npy" if flip else ".flip.npy")][:4]
+                assert np.abs(((x[j] - spec.shift) / spec.scale - other) / std).std() > 3, key
+            batches += 1
+    assert batches == STEPS
+    eps = np.stack(eps_all)  # (STEPS*BATCH, 4, 8, 8)
+    assert abs(eps.mean()) < 0.05 and abs(eps.std() - 1) < 0.05  # the posterior draw uses the std half
+    assert np.abs(np.corrcoef(eps.reshape(len(eps), -1))[np.triu_indices(len(eps), 1)]).max() < 0.5  # fresh noise
+    assert flips_seen == ({False, True} if hflip else {False})
+    # The ring wrapped: buffers were reused (no more distinct buffers than the rings hold), and the data above
+    # stayed right after every wrap.
+    assert len(set(ptrs)) <= ring * max(workers, 1), (ring, len(set(ptrs)))
+
+
+def test_pin_memory_needs_an_accelerator():
+    """On a CPU-only machine torch accepts pin=True but skips pinning (the CUDA trainer path is GPU-only)."""
+    t = torch.zeros(4)
+    if torch.cuda.is_available():
+        pytest.skip("this machine has a GPU: pinning really happens")
+    with pytest.raises(RuntimeError):
+        t.pin_memory()
