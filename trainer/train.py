@@ -17,7 +17,7 @@ from manifests import UserError
 from . import checkpoint
 from .config import resolve
 from .data import nonfinite_rows
-from .plot import draw_loss_png
+from .monitor import Monitor
 from .runtime import Run, setup, sync_flag
 from .transport import repa_loss
 
@@ -35,19 +35,20 @@ class _Term:
 
 
 def save(r: Run, step: int, state: dict) -> None:
-    """Every rank hands in its RNG state; rank 0 writes the checkpoint, the EMA export and loss.png."""
+    """Every rank hands in its RNG state; rank 0 writes the checkpoint and the EMA export, then prunes old ones."""
     rng = checkpoint.rng_state(r.device)
     rngs = [rng]
     if r.world > 1:
         rngs = [None] * r.world
         dist.all_gather_object(rngs, rng)
     if r.rank == 0:
+        r.monitor.before_save()
         payload = {"model": r.model.state_dict(), "ema": r.ema.state_dict(), "opt": r.opt.state_dict(),
                    "scaler": r.scaler.state_dict(), "step": step, "rng": rngs, "config": r.run_cfg,
                    "skipped": state["skipped"]}
         checkpoint.save(r.cfg.run_dir, step, payload)
         checkpoint.export_ema(r.cfg.run_dir, step, r.ema.state_dict(), r.run_cfg)
-        draw_loss_png(r.stats_path, r.run_dir / "loss.png")
+        r.monitor.saved(step)  # retention (only now that the new one is durable), log.txt, loss.png
     if r.world > 1:
         dist.barrier()
     state["last_ckpt"] = str(checkpoint.ckpt_path(r.cfg.run_dir, step))  # every rank names it in errors
@@ -68,13 +69,18 @@ def train(r: Run) -> int:
     if cfg.trace_data:  # debugging aid: which samples each rank saw at each step, and its final weights
         (r.run_dir / "trace").mkdir(exist_ok=True)
         trace = open(r.run_dir / "trace" / f"rank{r.rank}.jsonl", "a")
+    r.monitor = Monitor(r)  # log.txt, tracker, sample grids, loss.png, DONE (rank 0)
     pbar = tqdm(total=cfg.steps, initial=step, unit="step", disable=r.rank != 0, dynamic_ncols=True, desc="train")
     try:
         step = _loop(r, cfg, step, state, pbar, trace)
+    except Exception as e:
+        r.monitor.log.line(f"error: {e}")
+        raise
     finally:
         pbar.close()
         if trace is not None:
             trace.close()
+        r.monitor.close(step)
     if trace is not None:
         with open(r.run_dir / "trace" / f"rank{r.rank}.jsonl", "a") as f:
             f.write(json.dumps({"step": step, "params_sha256": params_digest(r.model)}) + "\n")
@@ -92,6 +98,7 @@ def _loop(r: Run, cfg, step: int, state: dict, pbar, trace) -> int:
     while True:
         stop = sync_flag(r, _Term.requested)
         # 1. Report status.
+        r.monitor.preview(step)  # EMA sample grid every --sample-every steps
         if steps_since and (step % cfg.log_every == 0 or step >= cfg.steps or stop):
             if r.world > 1:
                 dist.all_reduce(acc)
@@ -103,6 +110,7 @@ def _loop(r: Run, cfg, step: int, state: dict, pbar, trace) -> int:
                    "lr": cfg.lr, "img_per_s": images * r.world / (now - t_report), "data_wait_s": data_wait,
                    "time": time.time()}
             if r.rank == 0:
+                r.monitor.report(row)  # adds the grid time; tracker, log.txt, loss.png
                 with open(r.stats_path, "a") as f:
                     f.write(json.dumps(row) + "\n")
                 pbar.set_postfix(loss=f"{row['loss']:.4f}", proj=f"{row['proj_loss']:.4f}",
@@ -170,7 +178,7 @@ def _loop(r: Run, cfg, step: int, state: dict, pbar, trace) -> int:
         if r.rank == 0:
             what = (f"fp16 overflow, loss scale {scale:g} -> {r.scaler.get_scale():g}" if r.scaler.is_enabled()
                     else "non-finite gradients")
-            tqdm.write(f"step {step}: {what}; update skipped ({state['skipped']} skipped so far)", file=sys.stderr)
+            r.monitor.warn(f"step {step}: {what}; update skipped ({state['skipped']} skipped so far)")
         if streak >= cfg.max_nonfinite:
             raise UserError(f"step {step}: loss/gradients non-finite for {streak} consecutive steps (since step "
                             f"{step - streak + 1}); stopping. Last good checkpoint: {state['last_ckpt']}")
