@@ -53,6 +53,7 @@ class WatchConfig:
     eval_batch_size: int = 100
     device: str = "auto"
     report_to: str | None = None
+    cache_dir: str | None = None
     keep_samples: bool = False
 
 
@@ -91,6 +92,7 @@ def build_parser() -> argparse.ArgumentParser:
     g.add_argument("--device", choices=("auto", "cpu", "cuda"), default=d.device, help="(default %(default)s)")
     g.add_argument("--report-to", choices=("tensorboard", "wandb", "none"), help="tracker (default: the run's "
                    "--report-to)")
+    g.add_argument("--cache-dir", help="HDF5 activation cache (default: python -m evaluation's)")
     g.add_argument("--keep-samples", action="store_true", help="keep RUN/eval/work/STEP/samples after its row")
     return p
 
@@ -191,6 +193,8 @@ def evaluate(cfg: WatchConfig, step: int, export: Path, log) -> dict[str, Any] |
             "--batch-size", str(cfg.eval_batch_size), "--device", cfg.device, "--num-samples", str(cfg.num_samples)]
     if cfg.inception_weights:
         args += ["--inception-weights", cfg.inception_weights]
+    if cfg.cache_dir:
+        args += ["--cache-dir", cfg.cache_dir]
     metrics_main(args)
     report = read_json(report_path, "evaluation report")
     t_eval = time.perf_counter() - t0
