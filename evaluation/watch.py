@@ -213,7 +213,8 @@ def run_config(run: Path) -> dict[str, Any]:
 def fid_figure(rows: list[dict[str, Any]]):
     """FID (and sFID) against training step on a log axis, with IS and precision/recall beside it."""
     from matplotlib.figure import Figure
-    fig = Figure(figsize=(11, 3.8), dpi=100, layout="constrained")
+    from matplotlib.ticker import FormatStrFormatter, MaxNLocator
+    fig = Figure(figsize=(11, 4), dpi=100, layout="constrained")
     ax_fid, ax_is, ax_pr = fig.subplots(1, 3)
     steps = [r["step"] for r in rows]
     n = rows[-1].get("num_samples") if rows else None
@@ -230,14 +231,19 @@ def fid_figure(rows: list[dict[str, Any]]):
         ax.set_xlabel("training step")
         ax.set_ylabel(unit)
         ax.grid(True, alpha=0.3)
+        ax.xaxis.set_major_locator(MaxNLocator(integer=True))
         if log and ax.lines:
             ax.set_yscale("log")
+            ax.yaxis.set_major_formatter(FormatStrFormatter("%.3g"))  # 1.97, not 1.97x10^0
+            ax.yaxis.set_minor_formatter(FormatStrFormatter("%.3g"))
+        else:
+            ax.ticklabel_format(axis="y", useOffset=False)
         if len(keys) > 1 and ax.lines:
             ax.legend(frameon=False)
         ax.ticklabel_format(axis="x", style="sci", scilimits=(-3, 4), useMathText=True)
     comparable = all(r.get("comparable", True) for r in rows)
     fig.suptitle(f"EMA model over training ({n} samples per point)" +
-                 ("" if comparable else "  -  random Inception weights: not comparable to published numbers"))
+                 ("" if comparable else "\nrandom Inception weights: not comparable to published numbers"))
     return fig
 
 

@@ -9,6 +9,7 @@ from __future__ import annotations
 import json
 import os
 import platform
+import shlex
 import sys
 import time
 from pathlib import Path
@@ -26,7 +27,7 @@ PLOT_BUDGET = 0.05  # loss.png at every log interval, unless drawing would take 
 
 
 class Monitor:
-    def __init__(self, r, argv: list[str] | None = None):
+    def __init__(self, r):
         self.r, self.cfg, self.on = r, r.cfg, r.rank == 0
         self.log = RunLog(r.run_dir / "log.txt" if self.on else None)
         self.tracker: Tracker = Tracker()
@@ -37,7 +38,7 @@ class Monitor:
         if not self.on:
             return
         cfg, start = self.cfg, r.start_step
-        self.log.line(f"start: python -m trainer train {' '.join(argv or sys.argv[2:])}".rstrip())
+        self.log.line(f"start: {shlex.join(sys.argv)}")
         self.log.line(f"host {platform.node()} pid {os.getpid()} ranks {r.world} device {r.device} "
                       f"torch {_torch_version()}")
         self.log.line("resolved config: " + json.dumps(r.run_cfg, sort_keys=True))

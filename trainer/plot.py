@@ -54,6 +54,7 @@ def series(rows: list[dict], key: str, positive: bool) -> tuple[list[int], list[
 def loss_figure(rows: list[dict], title: str = ""):
     """A 2x2 matplotlib Figure of PANELS against step."""
     from matplotlib.figure import Figure
+    from matplotlib.ticker import FormatStrFormatter, MaxNLocator
     fig = Figure(figsize=(10, 6.4), dpi=100, layout="constrained")
     axes = fig.subplots(2, 2).ravel()
     for ax, (key, name, unit, log) in zip(axes, PANELS):
@@ -72,12 +73,14 @@ def loss_figure(rows: list[dict], title: str = ""):
             ax.legend(loc="best", fontsize=8, frameon=False)
         else:
             ax.plot(steps, vals, "o", color="C0")
+        ax.xaxis.set_major_locator(MaxNLocator(integer=True))
         if log:
             ax.set_yscale("log")
             if max(vals) < 10 * min(vals):  # under a decade: plain tick labels, not 1.05x10^0
-                from matplotlib.ticker import FormatStrFormatter
                 ax.yaxis.set_major_formatter(FormatStrFormatter("%.3g"))
                 ax.yaxis.set_minor_formatter(FormatStrFormatter("%.3g"))
+        else:
+            ax.ticklabel_format(axis="y", useOffset=False)
         ax.ticklabel_format(axis="x", style="sci", scilimits=(-3, 4), useMathText=True)
     last = rows[-1]["step"] if rows else 0
     fig.suptitle(title or f"training curves (up to step {last:,})")
