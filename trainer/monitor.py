@@ -12,7 +12,7 @@ import platform
 import shlex
 import sys
 import time
-from pathlib import Path
+from concurrent.futures import Future, ThreadPoolExecutor
 from typing import Any
 
 from manifests import atomic_write_json
@@ -34,6 +34,8 @@ class Monitor:
         self.preview_s = 0.0  # grid time since the last stats row (reported there as sample_grid_s)
         self.rows: list[dict] = []
         self.plot_s, self.t_plot, self.last_draw_s = 0.0, 0.0, 0.0
+        self.pool = ThreadPoolExecutor(max_workers=1, thread_name_prefix="loss-png")  # Agg + Figure: thread-safe
+        self.drawing: Future | None = None
         self.grids: Preview | None = None
         if not self.on:
             return
@@ -92,12 +94,25 @@ class Monitor:
         self.plot(force=False)
 
     def plot(self, force: bool) -> None:
-        """Redraw loss.png: at every log interval unless that costs more than PLOT_BUDGET of the wall time."""
-        now = time.perf_counter()
-        if not force and self.t_plot and self.last_draw_s > PLOT_BUDGET * (now - self.t_plot):
+        """Redraw loss.png in a background thread (the loop never waits for matplotlib): at every log interval,
+        unless the last draw took more than PLOT_BUDGET of the time since; force=True waits for the draw."""
+        busy = self.drawing is not None and not self.drawing.done()
+        if not force and (busy or (self.t_plot and self.last_draw_s > PLOT_BUDGET * (time.perf_counter() -
+                                                                                      self.t_plot))):
             return
-        draw_loss_png(self.r.stats_path, self.r.run_dir / "loss.png", rows=self.rows)
-        self.t_plot, self.last_draw_s = time.perf_counter(), time.perf_counter() - now
+        if busy:
+            self.drawing.result()
+        self.drawing = self.pool.submit(self._draw, list(self.rows))
+        if force:
+            self.drawing.result()
+
+    def _draw(self, rows: list[dict]) -> None:
+        t0 = time.perf_counter()
+        try:
+            draw_loss_png(self.r.stats_path, self.r.run_dir / "loss.png", rows=rows)
+        except Exception as e:  # noqa: BLE001 - a plot must never stop a run
+            self.log.line(f"warning: loss.png not drawn: {e}")
+        self.t_plot, self.last_draw_s = time.perf_counter(), time.perf_counter() - t0
         self.plot_s += self.last_draw_s
 
     # ---- 2. save -----------------------------------------------------------------------------------------
@@ -106,7 +121,7 @@ class Monitor:
         self.tracker.flush()
 
     def saved(self, step: int) -> None:
-        """After checkpoint and export are durable: retention, the log line, loss.png."""
+        """After checkpoint and export are durable: retention and the log line."""
         if not self.on:
             return
         gone = checkpoint.prune(self.r.run_dir, self.cfg.keep_last, self.cfg.keep_every)
@@ -114,7 +129,6 @@ class Monitor:
         self.log.line(f"step {step}: saved {checkpoint.ckpt_path(self.r.run_dir, step)}"
                       + (f"; pruned {', '.join(p.name for p in gone)}" if gone else "")
                       + f"; kept steps {kept}")
-        self.plot(force=True)
 
     # ---- anything else -------------------------------------------------------------------------------------
     def warn(self, text: str) -> None:
@@ -125,6 +139,8 @@ class Monitor:
     def close(self, step: int) -> None:
         if not self.on:
             return
+        self.plot(force=True)
+        self.pool.shutdown()
         if step >= self.cfg.steps:
             atomic_write_json(self.r.run_dir / DONE, {"step": step, "time": time.time()})
             self.log.line(f"step {step}: done (wrote {DONE})")

@@ -48,7 +48,7 @@ def save(r: Run, step: int, state: dict) -> None:
                    "skipped": state["skipped"]}
         checkpoint.save(r.cfg.run_dir, step, payload)
         checkpoint.export_ema(r.cfg.run_dir, step, r.ema.state_dict(), r.run_cfg)
-        r.monitor.saved(step)  # retention (only now that the new one is durable), log.txt, loss.png
+        r.monitor.saved(step)  # retention (only now that the new one is durable), log.txt
     if r.world > 1:
         dist.barrier()
     state["last_ckpt"] = str(checkpoint.ckpt_path(r.cfg.run_dir, step))  # every rank names it in errors
