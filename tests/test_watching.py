@@ -200,6 +200,7 @@ def test_pixel_vae_round_trip_and_interface():
     assert vae_meta("pixel-vae")["pretrained"] is False and "analytic" in vae_meta("pixel-vae")["weights"]
 
 
+@pytest.mark.slow
 def test_watch_evaluates_each_export_once_and_resumes_after_a_failure(pix, tmp_path, monkeypatch, capsys):
     """--once rows for every export; a failure after sampling leaves no row; the re-run reuses the shards."""
     from PIL import Image
