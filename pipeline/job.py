@@ -19,7 +19,7 @@ from .sources import list_source, select
 from .worker import PRECISIONS, EncodeConfig, ShardEncoder, cpu_threads_default, decode_shard
 from .writer import assemble_manifest, clean_tmp, fingerprint, plan_shards, shard_done
 
-RESOLUTIONS = (256, 512)
+RESOLUTIONS = (128, 256, 512)  # 128: the CPU demo (an 8x8 token grid for the tiny encoders and SiT/2)
 FEATURE_DTYPES = ("float16", "float32")  # .npy has no bfloat16
 
 

@@ -1,6 +1,9 @@
-"""The whole REPA chain on CPU in minutes: synth -> extract -> train -> sample -> evaluate -> align.
+"""The whole REPA chain on CPU in minutes: synth -> extract -> train -> sample -> evaluate -> align -> watch.
 
-Tiny random-init encoders and VAE give meaningless pictures: this shows the machinery, not the quality.
+The analytic `pixel-vae` (area-downsampling and a fixed colour transform, no weights) stands in for the SD VAE,
+so the SiT's samples are pictures a person can judge: RUN/samples/step-*.png shows the same classes and noise
+sharpening into each class's shape, colour and place over training. The encoders are tiny and random-init,
+so the REPA term aligns to noise, and the metrics use random Inception weights: both mean nothing.
 `DEMO_FAST=1` shrinks every step so the test suite can run the same chain.
 """
 from __future__ import annotations
@@ -27,15 +30,18 @@ class DemoSize:
     batch_size: int
     ckpt_every: int
     log_every: int
+    sample_every: int
     num_samples: int
     sample_steps: int
     align_images: int
+    watch_samples: int
 
 
-FULL = DemoSize(classes=10, per_class=20, steps=300, batch_size=16, ckpt_every=100, log_every=10, num_samples=64,
-                sample_steps=50, align_images=64)
-FAST = DemoSize(classes=4, per_class=6, steps=30, batch_size=8, ckpt_every=15, log_every=5, num_samples=16,
-                sample_steps=10, align_images=24)
+RESOLUTION = 128  # a 16x16 latent: 64 tokens for SiT-Debug/2 and an 8x8 grid for the tiny encoders
+FULL = DemoSize(classes=8, per_class=24, steps=600, batch_size=16, ckpt_every=200, log_every=10, sample_every=100,
+                num_samples=64, sample_steps=50, align_images=64, watch_samples=64)
+FAST = DemoSize(classes=4, per_class=6, steps=30, batch_size=8, ckpt_every=15, log_every=5, sample_every=15,
+                num_samples=16, sample_steps=10, align_images=24, watch_samples=16)
 
 
 def run(step: str, args: list[str], log: list[tuple[str, float]]) -> None:
@@ -61,33 +67,40 @@ def main() -> int:
     data, feats, run_dir = out / "data", out / "features", out / "run"
     samples, report, align = out / "samples", out / "report.json", out / "align"
     encoders = "tiny-dinov2,tiny-siglip"
-    print("REPA demo on CPU with tiny RANDOM-INIT VAE and encoders: the pictures are meaningless by design.\n"
+    print("REPA demo on CPU: the analytic pixel-vae lets you watch the SiT learn (RUN/samples/step-*.png);\n"
+          "the encoders are tiny RANDOM-INIT ones, so alignment and metrics are meaningless by design.\n"
           f"For real ones use pretrained weights: {REAL_FLAGS} (hub cache or NAME=PATH); see README.")
     t_start, log = time.time(), []
-    run("1/6 synthesise the embedded dataset",
+    run("1/7 synthesise the embedded dataset",
         ["pipeline", "synth", "--out", str(data), "--classes", str(size.classes), "--per-class", str(size.per_class)],
         log)
-    run("2/6 extract latents + encoder features (local Ray)",
-        ["pipeline", "extract", "--source", str(data), "--out", str(feats), "--vae", "tiny-vae",
-         "--encoders", encoders, "--shard-size", "64", "--batch-size", "16"], log)
-    run("3/6 train SiT-Debug/2 with REPA",
+    run("2/7 extract latents (analytic pixel-vae) + encoder features (local Ray)",
+        ["pipeline", "extract", "--source", str(data), "--out", str(feats), "--vae", "pixel-vae",
+         "--resolution", str(RESOLUTION), "--encoders", encoders, "--shard-size", "64", "--batch-size", "16"], log)
+    run("3/7 train SiT-Debug/2 with REPA (sample grids in run/samples/, TensorBoard in run/tb/)",
         ["trainer", "train", "--manifest", str(feats / "manifest.json"), "--run-dir", str(run_dir),
          "--model", "SiT-Debug/2", "--encoders", encoders, "--enc-depth", "2", "--steps", str(size.steps),
          "--batch-size", str(size.batch_size), "--ckpt-every", str(size.ckpt_every),
          "--log-every", str(size.log_every), "--precision", "fp32", "--num-workers", "0",
-         # a short run: EMA 0.9999 would still be ~97% the initial weights after 300 steps
-         "--ema-decay", "0.99"], log)
+         # a short CPU run: a larger step than the paper's 1e-4, and an EMA that forgets within ~50 steps
+         # (0.9999 would still be ~94% the initial weights after 600 steps)
+         "--lr", "1e-3", "--ema-decay", "0.98", "--sample-every", str(size.sample_every),
+         "--sample-grid", str(2 * size.classes), "--sample-steps", "32"], log)
     ckpt = sorted((run_dir / "checkpoints").glob("*.pt"))[-1]
-    run("4/6 sample (SDE, CFG interval)",
+    run("4/7 sample (SDE, CFG interval)",
         ["trainer", "sample", "--ckpt", str(ckpt), "--out", str(samples), "--num-samples", str(size.num_samples),
          "--steps", str(size.sample_steps), "--cfg-scale", "1.8", "--guidance-high", "0.7", "--batch-size", "16",
          "--precision", "fp32"], log)
-    run("5/6 evaluate (random Inception weights: NOT comparable to published numbers)",
+    run("5/7 evaluate (random Inception weights: NOT comparable to published numbers)",
         ["evaluation", "--samples", str(samples), "--reference", str(data), "--out", str(report),
          "--inception-weights", "random:0", "--batch-size", "16"], log)
-    run("6/6 alignment analysis (CKNNA + linear probe per layer)",
+    run("6/7 alignment analysis (CKNNA + linear probe per layer)",
         ["evaluation", "align", "--ckpt", str(ckpt), "--manifest", str(feats / "manifest.json"),
          "--num-images", str(size.align_images), "--out", str(align), "--epochs", "20"], log)
+    run("7/7 FID watcher, once, on the final EMA export (random Inception: meaningless numbers)",
+        ["evaluation", "watch", str(run_dir), "--reference", str(data), "--latest", "--num-samples",
+         str(size.watch_samples), "--steps", "32", "--batch-size", "16", "--inception-weights", "random:0",
+         "--eval-batch-size", "16"], log)
     print(f"\n=== demo finished in {time.time() - t_start:.0f}s")
     for step, secs in log:
         print(f"  {secs:6.1f}s  {step}")
@@ -96,13 +109,20 @@ def main() -> int:
         print("  metrics (random Inception, meaningless): " + json.dumps(metrics))
     except (OSError, ValueError):
         pass
+    grids = sorted((run_dir / "samples").glob("step-*.png"))
     print("\nWhere everything is:")
     for what, p in [("dataset", data), ("features manifest", feats / "manifest.json"),
-                    ("loss curve", run_dir / "loss.png"), ("checkpoints", run_dir / "checkpoints"),
+                    ("training log", run_dir / "log.txt"), ("loss curve", run_dir / "loss.png"),
+                    ("grids (first)", grids[0] if grids else run_dir / "samples" / "step-*.png"),
+                    ("grids (last)", grids[-1] if grids else run_dir / "samples" / "step-*.png"),
+                    ("TensorBoard", run_dir / "tb"), ("checkpoints", run_dir / "checkpoints"),
                     ("samples manifest", samples / "manifest.json"), ("sample grid", samples / "grid.png"),
-                    ("evaluation report", report), ("alignment", align / "alignment.png")]:
+                    ("evaluation report", report), ("alignment", align / "alignment.png"),
+                    ("FID over training", run_dir / "eval" / "fid.png")]:
         print(f"  {what:18s} {p}{'' if p.exists() else '   (missing!)'}")
-    print("\nThese pictures come from tiny random encoders and a VAE that was never trained: meaningless.\n"
+    print(f"\nWatch the grids sharpen: {len(grids)} grids in {run_dir / 'samples'} (one column per class, the same "
+          f"noise in each), or: tensorboard --logdir {run_dir / 'tb'}\n"
+          "The encoders are tiny and random, so alignment and metrics are meaningless here.\n"
           f"Real runs: python -m pipeline extract ... {REAL_FLAGS}  (README: Reproducing the paper)")
     return 0
 

@@ -53,6 +53,7 @@ class Run:
     latent_scale: float = 1.0
     latent_shift: float = 0.0
     resume_state: dict[str, Any] = field(default_factory=dict)
+    monitor: Any = None  # trainer.monitor.Monitor, set by train()
 
     def no_sync(self, skip: bool) -> ContextManager:
         """Skip the DDP all-reduce on all but the last micro-batch of a step."""
@@ -213,7 +214,7 @@ def setup(cfg: TrainConfig, dry_run: bool = False) -> Run | None:
                             eps=cfg.adam_eps, fused=device.type == "cuda")
     scaler = torch.amp.GradScaler(device.type, init_scale=cfg.loss_scale_init, enabled=cfg.precision == "fp16")
     start, resume_state, stats_path = 0, {}, run_dir / "stats.jsonl"
-    found = checkpoint.latest(run_dir)
+    found = checkpoint.find_resume(run_dir, cfg.resume_from)
     if found is not None:
         ck, path = found
         check_compatible(ck["config"], run_cfg, run_dir)
@@ -231,6 +232,8 @@ def setup(cfg: TrainConfig, dry_run: bool = False) -> Run | None:
         if rank == 0:
             print(f"resuming from {path} (step {start})", flush=True)
             trim_stats(stats_path, start)
+            if cfg.resume_from is not None:
+                checkpoint.abandon_newer(run_dir, start)
     else:
         if cfg.init_from:
             load_init(model, cfg.init_from, cfg)
