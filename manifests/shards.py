@@ -12,8 +12,9 @@ from typing import Any, Iterator, Mapping
 
 import numpy as np
 
+from . import storage
 from .errors import UserError, check
-from .io import atomic_open, sha256_file
+from .io import atomic_path, sha256_file
 
 KEY_RE = re.compile(r"^[A-Za-z0-9_\-]+$")
 # Member extensions (DESIGN §2). Encoder fields are "<encoder>.npy"; flipped twins "<field>.flip.npy".
@@ -93,10 +94,10 @@ def write_shard(path: str | os.PathLike, samples: list[Mapping[str, Any]]) -> Sh
     Members are in sample order then sorted extension order, with mtime 0, uid/gid 0 and mode 0o444,
     so the same samples always give the same bytes.
     """
-    path = Path(path)
+    path = storage.path(path)
     index: dict[str, dict[str, list[int]]] = {}
     keys: list[str] = []
-    with atomic_open(path, "wb") as f:
+    with atomic_path(path) as tmp, open(tmp, "wb") as f:
         with tarfile.open(fileobj=f, mode="w", format=tarfile.USTAR_FORMAT) as tar:
             for s in samples:
                 key = check_key(str(s["__key__"]))
@@ -112,7 +113,10 @@ def write_shard(path: str | os.PathLike, samples: list[Mapping[str, Any]]) -> Sh
                     header = len(ti.tobuf(tar.format, tar.encoding, tar.errors))
                     index[key][ext] = [tar.offset + header, ti.size]
                     tar.addfile(ti, io.BytesIO(data))
-    return ShardInfo(path=path, keys=keys, sha256=sha256_file(path), bytes=path.stat().st_size, index=index)
+        f.flush()
+        # Checksum the local bytes before they move (an object store would otherwise be read back).
+        digest, nbytes = sha256_file(tmp), os.fstat(f.fileno()).st_size
+    return ShardInfo(path=path, keys=keys, sha256=digest, bytes=nbytes, index=index)
 
 
 def _split_member(name: str, shard: str | os.PathLike) -> tuple[str, str]:
@@ -130,7 +134,7 @@ def index_shard(path: str | os.PathLike) -> dict[str, dict[str, list[int]]]:
     """Scan tar headers only and return key -> ext -> [data offset, size], in file order."""
     index: dict[str, dict[str, list[int]]] = {}
     try:
-        with tarfile.open(path, mode="r:") as tar:
+        with _open_tar(path) as tar:
             for ti in tar:
                 if not ti.isfile():
                     continue
@@ -147,7 +151,7 @@ def iter_shard(path: str | os.PathLike, decode: bool = True) -> Iterator[dict[st
     """Yield samples of one shard in file order as {'__key__': key, ext: value}."""
     cur: dict[str, Any] | None = None
     try:
-        with tarfile.open(path, mode="r:") as tar:
+        with _open_tar(path) as tar:
             for ti in tar:
                 if not ti.isfile():
                     continue
@@ -165,6 +169,14 @@ def iter_shard(path: str | os.PathLike, decode: bool = True) -> Iterator[dict[st
         raise UserError(f"shard not found: {path}") from e
     if cur is not None:
         yield cur
+
+
+def _open_tar(path: str | os.PathLike) -> tarfile.TarFile:
+    """A tar reader over a local file, or over an object read ahead in large blocks."""
+    p = storage.path(path)
+    if isinstance(p, storage.ObjectPath):
+        return tarfile.open(fileobj=p.open("rb"), mode="r:")
+    return tarfile.open(p, mode="r:")
 
 
 def read_member(f, offset: int, size: int, what: str = "member") -> bytes:

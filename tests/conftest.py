@@ -28,3 +28,6 @@ def tiny_features(synth_dir, tmp_path_factory) -> Path:
     run_module("pipeline", "extract", "--source", str(synth_dir), "--out", str(out), "--vae", "tiny-vae",
                "--encoders", "tiny-dinov2,tiny-siglip", "--shard-size", "8", "--batch-size", "8", check=True)
     return out
+
+
+from s3_fixture import s3_bucket, s3_server  # noqa: E402,F401 - the moto S3 server fixtures
