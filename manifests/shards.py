@@ -134,7 +134,7 @@ def index_shard(path: str | os.PathLike) -> dict[str, dict[str, list[int]]]:
     """Scan tar headers only and return key -> ext -> [data offset, size], in file order."""
     index: dict[str, dict[str, list[int]]] = {}
     try:
-        with _open_tar(path) as tar:
+        with open_tar(path) as tar:
             for ti in tar:
                 if not ti.isfile():
                     continue
@@ -151,7 +151,7 @@ def iter_shard(path: str | os.PathLike, decode: bool = True) -> Iterator[dict[st
     """Yield samples of one shard in file order as {'__key__': key, ext: value}."""
     cur: dict[str, Any] | None = None
     try:
-        with _open_tar(path) as tar:
+        with open_tar(path) as tar:
             for ti in tar:
                 if not ti.isfile():
                     continue
@@ -171,7 +171,7 @@ def iter_shard(path: str | os.PathLike, decode: bool = True) -> Iterator[dict[st
         yield cur
 
 
-def _open_tar(path: str | os.PathLike) -> tarfile.TarFile:
+def open_tar(path: str | os.PathLike) -> tarfile.TarFile:
     """A tar reader over a local file, or over an object read ahead in large blocks."""
     p = storage.path(path)
     if isinstance(p, storage.ObjectPath):

@@ -42,6 +42,12 @@ def path(loc: str | os.PathLike | "ObjectPath") -> "Path | ObjectPath":
     return Path(s)
 
 
+def resolve(loc: str | os.PathLike | "ObjectPath") -> "Path | ObjectPath":
+    """storage.path(), made absolute when local (what logs and manifests record)."""
+    p = path(loc)
+    return p.resolve() if isinstance(p, Path) else p
+
+
 def filesystem(protocol: str):
     """The fsspec filesystem of a protocol, one per process (credentials from the standard environment)."""
     key = (protocol, os.getpid())  # async clients do not survive fork: a new process gets its own
@@ -151,6 +157,9 @@ class ObjectPath:
 
     def __hash__(self) -> int:
         return hash(self.url)
+
+    def __lt__(self, other: "ObjectPath") -> bool:
+        return self.url < other.url
 
     def __truediv__(self, part: str) -> "ObjectPath":
         return ObjectPath(f"{self.protocol}://{(self._p / str(part)).as_posix()}")
