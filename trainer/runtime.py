@@ -20,6 +20,8 @@ from .config import TrainConfig
 from .data import (DataSpec, FeatureBatches, StepSampler, build_index, make_loader, needed_exts, resolve_fields)
 from .models import SiT, SiT_models
 from .plot import read_stats
+from .remote_data import build_remote_index, is_remote, make_dataset
+from .stream_data import StreamBatches, make_stream_loader
 
 # Keys of config.json that must match to resume a run (the rest, e.g. steps or workers, may change).
 RESUME_KEYS = ("model", "model_kwargs", "path", "encoders")
@@ -178,7 +180,8 @@ def setup(cfg: TrainConfig, dry_run: bool = False) -> Run | None:
     if cfg.verify:
         from manifests import verify_shards
         verify_shards(m, progress=rank == 0)
-    index = build_index(m, needed_exts(spec, cfg.hflip), cache_dir=run_dir / "index")
+    index = (None if cfg.stream else build_remote_index(m, needed_exts(spec, cfg.hflip)) if is_remote(m)
+             else build_index(m, needed_exts(spec, cfg.hflip), cache_dir=run_dir / "index"))
 
     torch.manual_seed(cfg.seed)  # the same initial weights on every rank
     model = build_model(cfg, run_cfg["model_kwargs"], device).train()
@@ -222,9 +225,14 @@ def setup(cfg: TrainConfig, dry_run: bool = False) -> Run | None:
     amp_dtype = {"fp16": torch.float16, "bf16": torch.bfloat16}.get(cfg.precision)
     amp = ((lambda: torch.autocast(device.type, dtype=amp_dtype)) if amp_dtype is not None
            else contextlib.nullcontext)
-    ds = FeatureBatches(index, spec, cfg.seed, cfg.hflip)
-    sampler = StepSampler(len(index), cfg.batch_size, rank, world, micro, cfg.seed, start, cfg.steps)
-    loader = make_loader(ds, sampler, cfg.num_workers, pin=device.type == "cuda")
+    if cfg.stream:  # sequential webdataset reads (weaker shuffle and resume, see trainer/stream_data.py)
+        check(not cfg.hflip, "--stream reads no flipped twins; drop --hflip or --stream")
+        loader = make_stream_loader(StreamBatches(m, spec, cfg.seed, rank, world, cfg.batch_size, micro, start,
+                                                  cfg.steps), cfg.num_workers, pin=device.type == "cuda")
+    else:
+        ds = make_dataset(m, index, spec, cfg.seed, cfg.hflip, cfg.cache_dir, cfg.cache_gb)  # local or ranged GETs
+        sampler = StepSampler(len(index), cfg.batch_size, rank, world, micro, cfg.seed, start, cfg.steps)
+        loader = make_loader(ds, sampler, cfg.num_workers, pin=device.type == "cuda")
     if world > 1:
         dist.barrier()
     return Run(cfg=cfg, run_dir=run_dir, run_cfg=run_cfg, rank=rank, world=world, device=device, model=model,
