@@ -185,6 +185,9 @@ class ObjectPath:
     def with_name(self, name: str) -> "ObjectPath":
         return ObjectPath(f"{self.protocol}://{self._p.with_name(name).as_posix()}")
 
+    def with_suffix(self, suffix: str) -> "ObjectPath":
+        return ObjectPath(f"{self.protocol}://{self._p.with_suffix(suffix).as_posix()}")
+
     def resolve(self) -> "ObjectPath":
         return self
 

@@ -12,7 +12,7 @@ from typing import Any, Callable, ContextManager
 import torch
 import torch.distributed as dist
 
-from manifests import UserError, check, load_manifest
+from manifests import UserError, check, load_manifest, storage
 from manifests.io import atomic_write_bytes, atomic_write_json, ensure_writable_dir
 
 from . import checkpoint
@@ -20,6 +20,7 @@ from .config import TrainConfig
 from .data import (DataSpec, FeatureBatches, StepSampler, build_index, make_loader, needed_exts, resolve_fields)
 from .models import SiT, SiT_models
 from .plot import read_stats
+from . import remote_run
 from .remote_data import build_remote_index, is_remote, make_dataset
 from .stream_data import StreamBatches, make_stream_loader
 
@@ -49,6 +50,7 @@ class Run:
     n_micro: int
     stats_path: Path
     resume_state: dict[str, Any] = field(default_factory=dict)
+    run_url: str | None = None  # --run-dir on an object store: run_dir is its local mirror (trainer/remote_run.py)
 
     def no_sync(self, skip: bool) -> ContextManager:
         """Skip the DDP all-reduce on all but the last micro-batch of a step."""
@@ -176,6 +178,9 @@ def setup(cfg: TrainConfig, dry_run: bool = False) -> Run | None:
     micro = cfg.micro_batch or local_batch
     check(micro <= local_batch and local_batch % micro == 0,
           f"--micro-batch {cfg.micro_batch} must divide the per-rank batch {local_batch}")
+    run_url = cfg.run_dir if storage.is_url(cfg.run_dir) else None
+    if run_url:  # train in a local mirror, push each checkpoint to the bucket
+        cfg.run_dir = str(remote_run.pull(run_url))  # every rank: each node needs the checkpoint to resume
     run_dir = ensure_writable_dir(cfg.run_dir, "run folder (--run-dir)")
     if cfg.verify:
         from manifests import verify_shards
@@ -238,4 +243,4 @@ def setup(cfg: TrainConfig, dry_run: bool = False) -> Run | None:
     return Run(cfg=cfg, run_dir=run_dir, run_cfg=run_cfg, rank=rank, world=world, device=device, model=model,
                ema=ema, net=net, opt=opt, scaler=scaler, amp=amp, loader=loader, start_step=start,
                local_batch=local_batch, n_micro=local_batch // micro, stats_path=stats_path,
-               resume_state=resume_state)
+               resume_state=resume_state, run_url=run_url)

@@ -14,7 +14,7 @@ from tqdm import tqdm
 
 from manifests import UserError
 
-from . import checkpoint
+from . import checkpoint, remote_run
 from .config import resolve
 from .data import nonfinite_rows
 from .plot import draw_loss_png
@@ -48,6 +48,8 @@ def save(r: Run, step: int, state: dict) -> None:
         checkpoint.save(r.cfg.run_dir, step, payload)
         checkpoint.export_ema(r.cfg.run_dir, step, r.ema.state_dict(), r.run_cfg)
         draw_loss_png(r.stats_path, r.run_dir / "loss.png")
+        if r.run_url:
+            remote_run.push(r.run_dir, r.run_url)  # --run-dir s3://…: whole objects, checkpoint first
     if r.world > 1:
         dist.barrier()
     state["last_ckpt"] = str(checkpoint.ckpt_path(r.cfg.run_dir, step))  # every rank names it in errors
