@@ -63,6 +63,8 @@ def localize(loc: str | os.PathLike, what: str = "input") -> Path:
     ckpts = sorted(k for k in listing if k.startswith("checkpoints/") and k.endswith(".pt"))
     pick = exports[-1:] + (["export/config.json"] if exports and "export/config.json" in listing else []) \
         if exports else ckpts[-1:]
+    if not pick and what in ("samples", "reference"):  # an image folder under a prefix: mirror all of it
+        pick = sorted(listing)
     if not pick:
         raise UserError(f"{what} {obj} holds neither a manifest.json nor checkpoints")
     for k in pick:
