@@ -62,13 +62,15 @@ def main() -> None:
     ap.add_argument("--samples", type=int, default=256)
     ap.add_argument("--batch", type=int, default=32)
     ap.add_argument("--workers", type=int, default=2)
+    ap.add_argument("--shard-size", type=int, default=64, help="samples per shard (moto copies the whole object "
+                    "for every ranged GET, so smaller shards show the client side better)")
     a = ap.parse_args()
     server, info = start_server()
     os.environ.update(info.env)
     try:
         with tempfile.TemporaryDirectory() as tmp:
             local = Path(tmp) / "feats"
-            m = make_features_manifest(local, num=a.samples, shard_size=64, encoders={"dinov2-vit-b": 768})
+            m = make_features_manifest(local, num=a.samples, shard_size=a.shard_size, encoders={"dinov2-vit-b": 768})
             storage.filesystem("s3").mkdir("bench")
             url = "s3://bench/feats"
             for p in sorted(local.rglob("*")):
@@ -76,7 +78,7 @@ def main() -> None:
                     (storage.path(url) / p.relative_to(local).as_posix()).upload(p)
             mb = sum(e.bytes for e in m.shardlist) / a.samples / 1024
             print(f"loader, {a.samples} samples of {mb:.0f} KiB (latent 8x32x32 fp32 + 256x768 fp16 tokens), "
-                  f"batch {a.batch}, one epoch each")
+                  f"{a.shard_size} per shard, batch {a.batch}, one epoch each")
             rows = [("local disk, pread", indexed(str(local), a.batch, 0)),
                     (f"local disk, pread, {a.workers} workers", indexed(str(local), a.batch, a.workers)),
                     ("S3 (moto), ranged GETs", indexed(url, a.batch, 0)),
