@@ -254,6 +254,7 @@ def main(argv: Sequence[str] | None = None) -> int:
     write_report(out, report)
     if remote_cache:
         sync_up(cache_dir, remote_cache, ".h5")
-    print(format_table(str(samples.path), samples.count, metrics, model.comparable))
+    shown = cfg.samples if storage.is_url(cfg.samples) else samples.path  # a URL as given, not its local copy
+    print(format_table(str(shown), samples.count, metrics, model.comparable))
     print(f"report: {out}", file=sys.stderr)
     return 0
