@@ -14,7 +14,7 @@ import numpy as np
 
 from . import storage
 from .errors import UserError, check
-from .io import atomic_path, sha256_file
+from .io import atomic_open, sha256_file
 
 KEY_RE = re.compile(r"^[A-Za-z0-9_\-]+$")
 # Member extensions (DESIGN §2). Encoder fields are "<encoder>.npy"; flipped twins "<field>.flip.npy".
@@ -97,7 +97,7 @@ def write_shard(path: str | os.PathLike, samples: list[Mapping[str, Any]]) -> Sh
     path = storage.path(path)
     index: dict[str, dict[str, list[int]]] = {}
     keys: list[str] = []
-    with atomic_path(path) as tmp, open(tmp, "wb") as f:
+    with atomic_open(path, "wb") as f:
         with tarfile.open(fileobj=f, mode="w", format=tarfile.USTAR_FORMAT) as tar:
             for s in samples:
                 key = check_key(str(s["__key__"]))
@@ -114,8 +114,8 @@ def write_shard(path: str | os.PathLike, samples: list[Mapping[str, Any]]) -> Sh
                     index[key][ext] = [tar.offset + header, ti.size]
                     tar.addfile(ti, io.BytesIO(data))
         f.flush()
-        # Checksum the local bytes before they move (an object store would otherwise be read back).
-        digest, nbytes = sha256_file(tmp), os.fstat(f.fileno()).st_size
+        # Checksum the local tmp bytes before they move (an object store would otherwise be read back).
+        digest, nbytes = sha256_file(f.name), os.fstat(f.fileno()).st_size
     return ShardInfo(path=path, keys=keys, sha256=digest, bytes=nbytes, index=index)
 
 
