@@ -72,7 +72,7 @@ def main() -> int:
         data_src, feats_u, run_u = f"{bucket}/data", f"{bucket}/features", f"{bucket}/run"
         samples_u, report_u = f"{bucket}/samples", f"{bucket}/report.json"
     else:
-        data_src, feats_u, run_u, samples_u, report_u = (str(data), str(feats / "manifest.json"), str(run_dir),
+        data_src, feats_u, run_u, samples_u, report_u = (str(data), str(feats), str(run_dir),
                                                          str(samples), str(report))
     try:
         return chain(a, size, out, data, data_src, feats_u, run_u, samples_u, report_u, align)
