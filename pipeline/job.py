@@ -10,7 +10,7 @@ import time
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
 
-from manifests import UserError, check, load_manifest
+from manifests import UserError, check, load_manifest, storage
 from manifests.errors import free_space
 from manifests.io import ensure_writable_dir
 
@@ -76,7 +76,7 @@ def run_extract(cfg: ExtractConfig) -> Path:
     cfg.validate()
     listing = list_source(cfg.source)
     items = select(listing.items, cfg.limit)
-    out = ensure_writable_dir(Path(cfg.out).resolve())
+    out = ensure_writable_dir(storage.resolve(cfg.out))  # a folder, or s3://bucket/prefix written by every actor
     ensure_writable_dir(out / "shards", "shard folder")
     removed = clean_tmp(out)
     if removed:
@@ -88,7 +88,7 @@ def run_extract(cfg: ExtractConfig) -> Path:
           file=sys.stderr)
     if pending:
         _run_ray(cfg, out, fp, pending, total=len(items))
-    m = assemble_manifest(out, plans, name=cfg.name or f"{Path(cfg.source).resolve().name}{cfg.resolution}-features",
+    m = assemble_manifest(out, plans, name=cfg.name or f"{storage.resolve(cfg.source.split('{')[0]).name}{cfg.resolution}-features",
                           classes=listing.classes,
                           preprocess={"resolution": cfg.resolution, "crop": "adm-center", "hflip": cfg.hflip,
                                       "source": listing.kind, "limit": cfg.limit},

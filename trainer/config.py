@@ -54,6 +54,9 @@ class TrainConfig:
     num_workers: int = 4
     hflip: bool = False
     verify: bool = False
+    cache_dir: str | None = None  # object-store manifests: local folder that keeps whole shards once read
+    cache_gb: float = 100.0  # bound of --cache-dir
+    stream: bool = False  # sequential webdataset reads; resume at shard + sample offset (trainer/stream_data.py)
     # run
     ckpt_every: int = 50_000
     log_every: int = 100
@@ -157,6 +160,13 @@ def build_parser() -> argparse.ArgumentParser:
     g.add_argument("--num-workers", type=nonneg_int, help=f"loader workers per rank (default {d.num_workers})")
     g.add_argument("--hflip", action="store_true", default=None, help="use the flipped twins (p=0.5)")
     g.add_argument("--verify", action="store_true", default=None, help="check shard sha256 before step 0")
+    g.add_argument("--cache-dir", help="with an s3:// or gs:// --manifest: keep each shard read once in this local "
+                   "folder (checked against the manifest's sha256), reads then come from local disk")
+    g.add_argument("--cache-gb", type=positive_float, help=f"size bound of --cache-dir in GiB, oldest-used shards "
+                   f"evicted first (default {d.cache_gb:g})")
+    g.add_argument("--stream", action="store_true", default=None,
+                   help="read shards sequentially with webdataset instead of indexed reads: no global shuffle "
+                        "(seeded shard order per rank), resume at shard level plus a sample offset")
     g = p.add_argument_group("run")
     g.add_argument("--ckpt-every", type=positive_int, help=f"(default {d.ckpt_every})")
     g.add_argument("--log-every", type=positive_int, help=f"stats.jsonl interval (default {d.log_every})")

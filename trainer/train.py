@@ -12,7 +12,7 @@ import torch
 import torch.distributed as dist
 from tqdm import tqdm
 
-from . import checkpoint
+from . import checkpoint, remote_run
 from .config import resolve
 from .data import nonfinite_rows
 from .health import Health
@@ -49,6 +49,8 @@ def save(r: Run, step: int, state: dict) -> None:
         checkpoint.save(r.cfg.run_dir, step, payload)
         checkpoint.export_ema(r.cfg.run_dir, step, r.ema.state_dict(), r.run_cfg)
         r.monitor.saved(step)  # retention (only now that the new one is durable), log.txt
+        if r.run_url:
+            remote_run.push(r.run_dir, r.run_url)  # --run-dir s3://…: whole objects, checkpoint first
     if r.world > 1:
         dist.barrier()
     state["last_ckpt"] = str(checkpoint.ckpt_path(r.cfg.run_dir, step))  # every rank names it in errors
