@@ -1,4 +1,4 @@
-"""`python -m evaluation [align] ...`: the metrics job, or the alignment analysis with `align`."""
+"""`python -m evaluation [align|watch] ...`: the metrics job, the alignment analysis, or the FID watcher."""
 from __future__ import annotations
 
 import sys
@@ -12,6 +12,9 @@ def main(argv: Sequence[str] | None = None) -> int:
     if args and args[0] == "align":
         from evaluation.align_cli import main as align_main  # lazy: the metrics job never imports it
         return int(align_main(args[1:]) or 0)
+    if args and args[0] == "watch":
+        from evaluation.watch import main as watch_main  # lazy, as align
+        return int(watch_main(args[1:]) or 0)
     from evaluation.job import main as metrics_main
     return int(metrics_main(args) or 0)
 

@@ -6,6 +6,7 @@ from dataclasses import dataclass
 import numpy as np
 from tqdm import tqdm
 
+from manifests import storage
 from manifests import SD_VAE_SCALE, SD_VAE_SHIFT, Manifest, UserError, check, decode_member, index_shard, read_member
 from manifests.codecs import decode_arrays, field_codec, scale_field
 
@@ -64,7 +65,7 @@ def read_align_data(m: Manifest, encoder: str, num_images: int | None, seed: int
         index = index_shard(path)
         check(len(index) == entry.nsamples,
               f"shard '{entry.url}' holds {len(index)} samples, manifest says {entry.nsamples}")
-        with open(path, "rb") as f:
+        with storage.open_read(path) as f:  # a local file or an object (read ahead in large blocks)
             for key, members in index.items():
                 if pos in chosen:
                     sample = _read_sample(f, key, members, encoder, entry.url, field_codec(encoder, enc))

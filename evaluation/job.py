@@ -15,8 +15,10 @@ import numpy as np
 
 from manifests import UserError, atomic_open
 from manifests.cli import ArgumentParser, positive_int
+from manifests import storage
 from manifests.config_file import add_config_flag, layered
 from manifests.io import ensure_writable_dir
+from manifests.remote_inputs import localize, sync_down, sync_up
 
 EXAMPLE = """examples:
   python -m evaluation --samples samples/ --reference VIRTUAL_imagenet256_labeled.npz --out report.json
@@ -121,7 +123,15 @@ def _device(name: str) -> str:
     return name
 
 
+def _outpath(loc: str) -> Path:
+    """An output file: an object-store URL as is, else a local path with ~ expanded."""
+    return storage.path(loc) if storage.is_url(loc) else Path(loc).expanduser()  # type: ignore[return-value]
+
+
 def _check_out(path: Path, what: str) -> None:
+    if storage.is_url(path):  # an object: the bucket must take a write
+        ensure_writable_dir(storage.path(path).parent, f"{what} folder")
+        return
     ensure_writable_dir(path.parent if str(path.parent) else Path("."), f"{what} folder")
     if path.is_dir():
         raise UserError(f"{what} {path} is a folder, expected a file name")
@@ -197,12 +207,17 @@ def main(argv: Sequence[str] | None = None) -> int:
     if dry:
         print(json.dumps(asdict(cfg), indent=2))
         return 0
-    out = Path(cfg.out).expanduser()
+    out = _outpath(cfg.out)
+    urls = (cfg.samples, cfg.reference)  # recorded in the report as given
+    # Object-store inputs are fetched once into a local cache (sha256-checked shard sets, files by size).
+    cfg.samples = None if cfg.samples is None else str(localize(cfg.samples, "samples"))
+    cfg.reference = str(localize(cfg.reference, "reference"))
     if cfg.samples is not None:
         _check_out(out, "report")
     if cfg.write_reference:
-        _check_out(Path(cfg.write_reference).expanduser(), "--write-reference")
+        _check_out(_outpath(cfg.write_reference), "--write-reference")
     samples, ref = _open_inputs(cfg)
+    cfg.samples, cfg.reference = urls
     ref_stats, ref_tag = _load_reference_stats(ref.path) if ref.kind == "npz" else ({}, None)
     device = _device(cfg.device)
 
@@ -211,7 +226,9 @@ def main(argv: Sequence[str] | None = None) -> int:
     from .metrics import frechet_distance, inception_score, precision_recall
     from .report import NOT_COMPARABLE, format_table, write_report
     model = InceptionFeatures(cfg.inception_weights, device=device)
-    cache_dir = None if cfg.no_cache else Path(cfg.cache_dir).expanduser()
+    remote_cache = None if cfg.no_cache or not storage.is_url(cfg.cache_dir) else cfg.cache_dir
+    cache_dir = (None if cfg.no_cache else sync_down(remote_cache, ".h5") if remote_cache
+                 else Path(cfg.cache_dir).expanduser())
     kw = dict(batch_size=cfg.batch_size, num_workers=cfg.num_workers, cache_dir=cache_dir, progress=cfg.progress)
 
     ref_acts = compute_activations(ref, model, desc="reference", **kw)
@@ -222,8 +239,10 @@ def main(argv: Sequence[str] | None = None) -> int:
         for k, v in stored.items():
             setattr(ref_acts, k, v)
     if cfg.write_reference:
-        _write_reference(Path(cfg.write_reference).expanduser(), ref, ref_acts, model, cfg)
+        _write_reference(_outpath(cfg.write_reference), ref, ref_acts, model, cfg)
     if samples is None:
+        if remote_cache:
+            sync_up(cache_dir, remote_cache, ".h5")
         return 0
 
     smp_acts = compute_activations(samples, model, desc="samples", **kw)
@@ -254,6 +273,9 @@ def main(argv: Sequence[str] | None = None) -> int:
         "created_by": {"command": "python -m evaluation " + shlex.join(list(argv or sys.argv[1:]))},
     }
     write_report(out, report)
-    print(format_table(str(samples.path), samples.count, metrics, model.comparable))
+    if remote_cache:
+        sync_up(cache_dir, remote_cache, ".h5")
+    shown = cfg.samples if storage.is_url(cfg.samples) else samples.path  # a URL as given, not its local copy
+    print(format_table(str(shown), samples.count, metrics, model.comparable))
     print(f"report: {out}", file=sys.stderr)
     return 0

@@ -9,6 +9,7 @@ import tempfile
 from pathlib import Path
 from typing import Any, Iterator
 
+from . import storage
 from .errors import UserError, os_error_message
 
 TMP_MARK = ".tmp-"  # every half-written file carries this in its name; re-runs delete them
@@ -26,6 +27,8 @@ def is_tmp(path: str | os.PathLike) -> bool:
 
 def remove_tmp_files(folder: str | os.PathLike) -> int:
     """Delete half-written tmp files left by a killed writer; returns how many."""
+    if storage.is_url(folder):  # nothing half-written is visible there: drop dead staging files and uploads
+        return storage.remove_stale_staging() + storage.abort_uploads(storage.path(folder))
     n = 0
     for p in Path(folder).glob(f"{TMP_MARK}*"):
         with contextlib.suppress(FileNotFoundError):
@@ -38,7 +41,12 @@ def remove_tmp_files(folder: str | os.PathLike) -> int:
 def atomic_path(path: str | os.PathLike, what: str = "") -> Iterator[Path]:
     """Yield a tmp path next to `path` for a writer that needs a file name (h5py, tarfile); on clean exit fsync
     it and os.replace it into place. On any error the tmp file is removed and an OSError becomes a one-line
-    UserError naming `path` (`what` is appended, e.g. a hint)."""
+    UserError naming `path` (`what` is appended, e.g. a hint). For an object-store URL the tmp file is local
+    and becomes the object in one whole upload (manifests.storage)."""
+    if storage.is_url(path):
+        with _staged(storage.path(path)) as tmp:
+            yield tmp
+        return
     path = Path(path)
     hint = f" {what}" if what else ""
     try:
@@ -60,6 +68,18 @@ def atomic_path(path: str | os.PathLike, what: str = "") -> Iterator[Path]:
             tmp.unlink()
         raise
     fsync_dir(path.parent)
+
+
+@contextlib.contextmanager
+def _staged(obj: "storage.ObjectPath") -> Iterator[Path]:
+    """A local staging file that is uploaded whole to `obj` on clean exit and deleted either way."""
+    tmp = storage.staging_dir() / f"{obj.name}.{os.getpid()}.{os.urandom(4).hex()}.staging"
+    try:
+        yield tmp
+        obj.upload(tmp)
+    finally:
+        with contextlib.suppress(OSError):
+            tmp.unlink()
 
 
 @contextlib.contextmanager
@@ -91,6 +111,16 @@ def atomic_write_json(path: str | os.PathLike, obj: Any) -> None:
 
 def read_json(path: str | os.PathLike, what: str = "file") -> Any:
     """Read JSON or raise a one-line UserError naming the file."""
+    if storage.is_url(path):
+        obj = storage.path(path)
+        if not obj.is_file():
+            obj.check_bucket()
+            raise UserError(f"{what} not found: {obj}")
+        text = obj.read_text()
+        try:
+            return json.loads(text)
+        except json.JSONDecodeError as e:
+            raise UserError(f"{what} {obj} is not valid JSON (line {e.lineno}: {e.msg})") from e
     path = Path(path)
     try:
         text = path.read_text()
@@ -108,7 +138,7 @@ def read_json(path: str | os.PathLike, what: str = "file") -> Any:
 
 def sha256_file(path: str | os.PathLike, bufsize: int = 1 << 22) -> str:
     h = hashlib.sha256()
-    with open(path, "rb") as f:
+    with storage.open_read(storage.path(path)) as f:
         while chunk := f.read(bufsize):
             h.update(chunk)
     return h.hexdigest()
@@ -120,6 +150,13 @@ def sha256_bytes(data: bytes) -> str:
 
 def ensure_writable_dir(path: str | os.PathLike, what: str = "output folder") -> Path:
     """Create `path` if needed and check we can write there, else a one-line UserError."""
+    if storage.is_url(path):  # the bucket must exist and take a write (a probe object, deleted again)
+        obj = storage.path(path)
+        obj.mkdir()
+        probe = obj / f"{TMP_MARK}probe-{os.getpid()}-{os.urandom(4).hex()}"
+        probe.write_bytes(b"")
+        probe.unlink(missing_ok=True)
+        return obj  # type: ignore[return-value]
     p = Path(path)
     try:
         p.mkdir(parents=True, exist_ok=True)

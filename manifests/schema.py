@@ -6,6 +6,7 @@ from dataclasses import asdict, dataclass, field
 from pathlib import Path, PurePosixPath
 from typing import Any, Iterable, Sequence
 
+from . import storage
 from .codecs import field_codec
 from .errors import UserError, check
 from .io import atomic_write_json, read_json, sha256_file
@@ -94,8 +95,10 @@ def safe_relpath(url: str, what: str) -> str:
 
 
 def manifest_path(path: str | os.PathLike) -> Path:
-    """Accept a manifest file or the folder that holds it."""
-    p = Path(path)
+    """Accept a manifest file or the folder that holds it (a plain path or a storage URL)."""
+    p = storage.path(path)
+    if isinstance(p, storage.ObjectPath):  # a folder on an object store is just a prefix: one HEAD decides
+        return p if p.name.endswith(".json") else p / MANIFEST_NAME
     return p / MANIFEST_NAME if p.is_dir() else p
 
 
@@ -126,6 +129,8 @@ def load_manifest(path: str | os.PathLike, *, kind: str | None = None, verify: b
     shardlist = raw.get("shardlist")
     check(isinstance(shardlist, list), f"{where}: 'shardlist' must be a list")
     root = mpath.parent
+    # On an object store one listing gives every size (instead of a HEAD per shard).
+    sizes = {str(o): n for o, n in root.find()} if check_exists and isinstance(root, storage.ObjectPath) else None
     entries: list[ShardEntry] = []
     for i, s in enumerate(shardlist):
         check(isinstance(s, dict) and "url" in s, f"{where}: shardlist[{i}] has no 'url'")
@@ -137,11 +142,13 @@ def load_manifest(path: str | os.PathLike, *, kind: str | None = None, verify: b
             raise UserError(f"{where}: shard '{url}' has a bad or missing 'nsamples'") from e
         if check_exists:
             sp = root / url
-            check(sp.is_file(), f"{where}: shard '{url}' does not exist ({sp})")
+            check(str(sp) in sizes if sizes is not None else sp.is_file(),
+                  f"{where}: shard '{url}' does not exist ({sp})")
             if entry.bytes >= 0:
-                size = sp.stat().st_size
+                size = sizes[str(sp)] if sizes is not None else sp.stat().st_size
                 check(size == entry.bytes,
-                      f"shard '{url}' is {size} bytes on disk, manifest says {entry.bytes} (truncated or replaced?)")
+                      f"shard '{url}' is {size} bytes on disk, manifest says {entry.bytes} (truncated or replaced?)"
+                      + (f": {sp}" if sizes is not None else ""))
         entries.append(entry)
     total = sum(e.nsamples for e in entries)
     check(total == int(repa["num_samples"]),

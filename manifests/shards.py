@@ -12,6 +12,7 @@ from typing import Any, Iterator, Mapping
 
 import numpy as np
 
+from . import storage
 from .errors import UserError, check
 from .faults import kill_point
 from .io import atomic_open, sha256_file
@@ -94,7 +95,7 @@ def write_shard(path: str | os.PathLike, samples: list[Mapping[str, Any]]) -> Sh
     Members are in sample order then sorted extension order, with mtime 0, uid/gid 0 and mode 0o444,
     so the same samples always give the same bytes.
     """
-    path = Path(path)
+    path = storage.path(path)
     index: dict[str, dict[str, list[int]]] = {}
     keys: list[str] = []
     with atomic_open(path, "wb") as f:
@@ -114,8 +115,10 @@ def write_shard(path: str | os.PathLike, samples: list[Mapping[str, Any]]) -> Sh
                     index[key][ext] = [tar.offset + header, ti.size]
                     tar.addfile(ti, io.BytesIO(data))
         f.flush()
+        # Checksum the local tmp bytes before they move (an object store would otherwise be read back).
+        digest, nbytes = sha256_file(f.name), os.fstat(f.fileno()).st_size
         kill_point("tar-before-rename")  # test hook: the whole tar is in its tmp file, not yet renamed
-    return ShardInfo(path=path, keys=keys, sha256=sha256_file(path), bytes=path.stat().st_size, index=index)
+    return ShardInfo(path=path, keys=keys, sha256=digest, bytes=nbytes, index=index)
 
 
 def _split_member(name: str, shard: str | os.PathLike) -> tuple[str, str]:
@@ -133,7 +136,7 @@ def index_shard(path: str | os.PathLike) -> dict[str, dict[str, list[int]]]:
     """Scan tar headers only and return key -> ext -> [data offset, size], in file order."""
     index: dict[str, dict[str, list[int]]] = {}
     try:
-        with tarfile.open(path, mode="r:") as tar:
+        with open_tar(path) as tar:
             for ti in tar:
                 if not ti.isfile():
                     continue
@@ -150,7 +153,7 @@ def iter_shard(path: str | os.PathLike, decode: bool = True) -> Iterator[dict[st
     """Yield samples of one shard in file order as {'__key__': key, ext: value}."""
     cur: dict[str, Any] | None = None
     try:
-        with tarfile.open(path, mode="r:") as tar:
+        with open_tar(path) as tar:
             for ti in tar:
                 if not ti.isfile():
                     continue
@@ -168,6 +171,14 @@ def iter_shard(path: str | os.PathLike, decode: bool = True) -> Iterator[dict[st
         raise UserError(f"shard not found: {path}") from e
     if cur is not None:
         yield cur
+
+
+def open_tar(path: str | os.PathLike) -> tarfile.TarFile:
+    """A tar reader over a local file, or over an object read ahead in large blocks."""
+    p = storage.path(path)
+    if isinstance(p, storage.ObjectPath):
+        return tarfile.open(fileobj=p.open("rb"), mode="r:")
+    return tarfile.open(p, mode="r:")
 
 
 def read_member(f, offset: int, size: int, what: str = "member") -> bytes:

@@ -55,9 +55,9 @@ def build_parser() -> argparse.ArgumentParser:
     io.add_argument("--verify", action="store_true", help="re-hash finished shards before trusting them, "
                                                           "and verify the manifest's sha256 at the end")
     mo = e.add_argument_group("models and preprocessing")
-    mo.add_argument("--resolution", type=int, default=256, help="ADM centre-crop size (256 or 512)")
+    mo.add_argument("--resolution", type=int, default=256, help="ADM centre-crop size: 256 or 512 (128 for the CPU demo)")
     mo.add_argument("--vae", default="sd-vae-ft-ema", help="VAE preset NAME or NAME=PATH (sd-vae-ft-ema, "
-                                                          "sd-vae-ft-mse, tiny-vae)")
+                                                          "sd-vae-ft-mse, tiny-vae, pixel-vae)")
     mo.add_argument("--encoders", default="dinov2-vit-b",
                     help=f"comma list of NAME or NAME=PATH; names: {', '.join(sorted(ENCODERS))}")
     mo.add_argument("--hflip", action="store_true", help="also store horizontally flipped twins (*.flip.npy)")

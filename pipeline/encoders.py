@@ -26,11 +26,16 @@ def _hub_error(what: str, where: str, e: Exception) -> UserError:
 
 def load_vae(spec: str = "sd-vae-ft-ema", device: str | torch.device = "cpu",
              dtype: torch.dtype = torch.float32):
-    """Load a diffusers AutoencoderKL by preset name, 'NAME=PATH', or build the seeded tiny preset."""
-    from diffusers import AutoencoderKL
+    """Load a diffusers AutoencoderKL by preset name, 'NAME=PATH', or build the seeded tiny or analytic preset."""
     name, path = parse_spec(spec)
     _check_name(name, VAES, "VAE", "--vae")
     preset = VAES[name]
+    if preset.analytic:
+        if path is not None:
+            raise UserError(f"--vae {spec}: {name} is analytic and takes no weights path")
+        from .pixel_vae import PixelVAE
+        return PixelVAE().to(device=device, dtype=dtype).eval().requires_grad_(False)
+    from diffusers import AutoencoderKL
     if preset.tiny and path is None:
         with torch.random.fork_rng(devices=[]):
             torch.manual_seed(TINY_SEED)
@@ -53,8 +58,9 @@ def vae_meta(spec: str) -> dict[str, Any]:
     name, path = parse_spec(spec)
     _check_name(name, VAES, "VAE", "--vae")
     preset = VAES[name]
-    return {"name": name, "weights": path or preset.hub_id or f"random-init(seed={TINY_SEED})",
-            "scaling_factor": SD_VAE_SCALE, "shift": SD_VAE_SHIFT, "pretrained": not preset.tiny}
+    weights = "analytic (no weights)" if preset.analytic else path or preset.hub_id or f"random-init(seed={TINY_SEED})"
+    return {"name": name, "weights": weights, "scaling_factor": SD_VAE_SCALE, "shift": SD_VAE_SHIFT,
+            "pretrained": not (preset.tiny or preset.analytic)}
 
 
 @torch.no_grad()

@@ -10,7 +10,7 @@ import time
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
 
-from manifests import UserError, check, load_manifest
+from manifests import UserError, check, load_manifest, storage
 from manifests.codecs import CODECS, DEFAULT_CODEC
 from manifests.errors import free_space
 from manifests.io import ensure_writable_dir
@@ -20,7 +20,7 @@ from .sources import list_source, select
 from .worker import PRECISIONS, EncodeConfig, ShardEncoder, cpu_threads_default, decode_shard
 from .writer import assemble_manifest, clean_tmp, fingerprint, plan_shards, shard_done
 
-RESOLUTIONS = (256, 512)
+RESOLUTIONS = (128, 256, 512)  # 128: the CPU demo (an 8x8 token grid for the tiny encoders and SiT/2)
 FEATURE_DTYPES = tuple(CODECS)  # token codecs (manifests/codecs.py); .npy has no bfloat16
 
 
@@ -77,7 +77,7 @@ def run_extract(cfg: ExtractConfig) -> Path:
     cfg.validate()
     listing = list_source(cfg.source)
     items = select(listing.items, cfg.limit)
-    out = ensure_writable_dir(Path(cfg.out).resolve())
+    out = ensure_writable_dir(storage.resolve(cfg.out))  # a folder, or s3://bucket/prefix written by every actor
     ensure_writable_dir(out / "shards", "shard folder")
     removed = clean_tmp(out)
     if removed:
@@ -89,7 +89,7 @@ def run_extract(cfg: ExtractConfig) -> Path:
           file=sys.stderr)
     if pending:
         _run_ray(cfg, out, fp, pending, total=len(items))
-    m = assemble_manifest(out, plans, name=cfg.name or f"{Path(cfg.source).resolve().name}{cfg.resolution}-features",
+    m = assemble_manifest(out, plans, name=cfg.name or f"{storage.resolve(cfg.source.split('{')[0]).name}{cfg.resolution}-features",
                           classes=listing.classes,
                           preprocess={"resolution": cfg.resolution, "crop": "adm-center", "hflip": cfg.hflip,
                                       "source": listing.kind, "limit": cfg.limit},

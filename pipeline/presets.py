@@ -23,12 +23,14 @@ class VaeSpec:
     name: str
     hub_id: str | None
     tiny: bool = False
+    analytic: bool = False  # weight-free (pipeline/pixel_vae.py): pictures a CPU demo can judge
 
 
 VAES: dict[str, VaeSpec] = {
     "sd-vae-ft-ema": VaeSpec("sd-vae-ft-ema", "stabilityai/sd-vae-ft-ema"),
     "sd-vae-ft-mse": VaeSpec("sd-vae-ft-mse", "stabilityai/sd-vae-ft-mse"),
     "tiny-vae": VaeSpec("tiny-vae", None, tiny=True),
+    "pixel-vae": VaeSpec("pixel-vae", None, analytic=True),
 }
 # Same library class and geometry as SD's VAE (4 downsampling levels -> factor 8, 4 latent channels), tiny widths.
 TINY_VAE_CONFIG = dict(in_channels=3, out_channels=3, down_block_types=("DownEncoderBlock2D",) * 4,

@@ -6,8 +6,9 @@ import tarfile
 from dataclasses import asdict, dataclass
 from pathlib import Path
 
-from manifests import UserError, sanitize_key
+from manifests import UserError, sanitize_key, storage
 from manifests.errors import os_error_message
+from manifests.shards import open_tar
 
 WDS_IMAGE_EXTS = ("jpg", "jpeg", "png", "webp")
 
@@ -26,7 +27,10 @@ class Item:
         return asdict(self)
 
     def read(self) -> bytes:
-        """The raw encoded bytes (raises OSError if unreadable)."""
+        """The raw encoded bytes (raises OSError if unreadable; a remote object is one (ranged) GET)."""
+        if storage.is_url(self.path):
+            obj = storage.path(self.path)
+            return obj.read_bytes() if self.offset < 0 else obj.read_range(self.offset, self.size)
         with open(self.path, "rb") as f:
             if self.offset < 0:
                 return f.read()
@@ -45,6 +49,9 @@ class Listing:
 
 def list_source(source: str | os.PathLike) -> Listing:
     """List an ImageFolder tree (class folders) or WebDataset tars; a missing/empty source is a UserError."""
+    if storage.is_url(source):  # s3://bucket/prefix or a brace pattern of tar URLs
+        from .remote_source import list_remote
+        return _dedupe(list_remote(str(source)))
     root = Path(source)
     if not root.exists():
         raise UserError(f"source not found: {root} (--source)")
@@ -91,7 +98,7 @@ def _list_wds(tars: list[Path]) -> Listing:
         groups: dict[str, dict[str, tarfile.TarInfo]] = {}
         order: list[str] = []
         try:
-            with tarfile.open(tar_path, "r:") as tar:
+            with open_tar(tar_path) as tar:
                 for ti in tar:
                     if not ti.isfile():
                         continue

@@ -1,4 +1,4 @@
-"""The embedded demo dataset: an ImageNet-style ImageFolder of JPEGs with visibly distinct classes."""
+"""The embedded demo dataset: an ImageNet-style ImageFolder of JPEGs whose classes differ in shape, colour and layout."""
 from __future__ import annotations
 
 import io
@@ -12,7 +12,10 @@ from manifests import atomic_write_bytes, check
 from manifests.io import ensure_writable_dir
 
 SHAPES = ("disc", "square", "triangle", "cross", "ring", "stripes", "diamond", "checker", "star", "bars")
-# A hue per class, spread around the colour wheel so classes differ in colour as well as shape.
+# A hue per class, spread around the colour wheel so classes differ in colour as well as shape; a place per
+# class (fractions of the centre square) so they differ in layout as well.
+ANCHORS = ((0.5, 0.5), (0.3, 0.3), (0.7, 0.7), (0.7, 0.3), (0.3, 0.7), (0.5, 0.3), (0.5, 0.7), (0.3, 0.5),
+           (0.7, 0.5))
 SIZE_RANGE = (300, 600)  # ImageNet-like sides (px)
 
 
@@ -26,16 +29,25 @@ def _colour(c: int, classes: int) -> tuple[int, int, int]:
     return tuple(int(255 * (0.5 + 0.5 * math.cos(2 * math.pi * (h + k / 3)))) for k in range(3))
 
 
+def _layout(c: int) -> tuple[float, float]:
+    """The class's anchor inside the centre square (what the ADM crop keeps): classes differ in layout too."""
+    return ANCHORS[c % len(ANCHORS)]
+
+
 def _draw(c: int, classes: int, w: int, h: int, rng: np.random.Generator) -> Image.Image:
-    """One image of class c: a noisy background plus the class's shape in the class's colour."""
-    bg = rng.integers(0, 80, size=3)
-    grad = np.linspace(0, 60, w)[None, :, None] + np.linspace(0, 40, h)[:, None, None]
-    arr = np.clip(bg + grad + rng.normal(0, 12, size=(h, w, 3)), 0, 255).astype(np.uint8)
+    """One image of class c: a class-tinted noisy background, and the class's shape, colour and place."""
+    col = _colour(c, classes)
+    tint = np.array(_colour(c + classes / 2, classes)) * 0.3  # the opposite hue, dark: a class background
+    bg = tint + rng.integers(0, 30, size=3)
+    grad = np.linspace(0, 40, w)[None, :, None] + np.linspace(0, 25, h)[:, None, None]
+    arr = np.clip(bg + grad + rng.normal(0, 10, size=(h, w, 3)), 0, 255).astype(np.uint8)
     img = Image.fromarray(arr, "RGB")
     d = ImageDraw.Draw(img)
-    col = _colour(c, classes)
-    s = int(min(w, h) * rng.uniform(0.25, 0.4))
-    cx, cy = int(w * rng.uniform(0.4, 0.6)), int(h * rng.uniform(0.4, 0.6))
+    m = min(w, h)  # the centre square; the ADM crop keeps it, so a layout anchor survives the crop
+    ax, ay = _layout(c)
+    s = int(m * rng.uniform(0.16, 0.24))
+    cx = int((w - m) / 2 + m * (ax + rng.uniform(-0.04, 0.04)))
+    cy = int((h - m) / 2 + m * (ay + rng.uniform(-0.04, 0.04)))
     box = (cx - s, cy - s, cx + s, cy + s)
     shape = SHAPES[c % len(SHAPES)]
     if shape == "disc":

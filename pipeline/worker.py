@@ -6,13 +6,14 @@ import os
 import queue
 import threading
 from dataclasses import asdict, dataclass, field
-from pathlib import Path
 from typing import Any, Iterator
 
 import numpy as np
 
+from manifests import storage
 from manifests.codecs import DEFAULT_CODEC, encode_fields, get_codec, token_field
 
+from .remote_source import read_items
 from .sources import Item
 from .transforms import BadImage, decode_crop
 from .writer import ShardPlan, write_shard_once
@@ -56,13 +57,11 @@ def decode_shard(row: dict[str, Any]) -> dict[str, Any]:
     """One shard's inputs -> stacked uint8 crops (as bytes) plus per-sample metadata and skip reasons."""
     resolution = int(row["resolution"])
     crops, samples, skipped = [], [], []
-    for d in json.loads(row["items"]):
-        it = Item(**d)
+    items = [Item(**d) for d in json.loads(row["items"])]
+    for it, data in zip(items, read_items(items)):  # remote inputs: concurrent GETs
         try:
-            try:
-                data = it.read()
-            except OSError as e:
-                raise BadImage(f"unreadable file ({e.strerror or e})") from None
+            if isinstance(data, Exception):
+                raise BadImage(f"unreadable file ({getattr(data, 'strerror', None) or data})")
             crop, size = decode_crop(data, resolution)
         except BadImage as e:
             skipped.append({"key": it.key, "source": it.source, "reason": str(e)})
@@ -175,7 +174,7 @@ class ShardEncoder:
 
         If encoding fails, the writer is aborted, so no partial tar is ever renamed into place.
         """
-        out, fp = Path(self.cfg.out), self.cfg.fingerprint
+        out, fp = storage.path(self.cfg.out), self.cfg.fingerprint
         if not metas:
             return write_shard_once(out, plan, fp, [], skipped, self.fields)
         q: queue.Queue = queue.Queue(maxsize=4)

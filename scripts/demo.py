@@ -1,7 +1,12 @@
-"""The whole REPA chain on CPU in minutes: synth -> extract -> train -> sample -> evaluate -> align.
+"""The whole REPA chain on CPU in minutes: synth -> extract -> train -> sample -> evaluate -> align -> watch.
 
-Tiny random-init encoders and VAE give meaningless pictures: this shows the machinery, not the quality.
+The analytic `pixel-vae` (area-downsampling and a fixed colour transform, no weights) stands in for the SD VAE,
+so the SiT's samples are pictures a person can judge: RUN/samples/step-*.png shows the same classes and noise
+sharpening into each class's shape, colour and place over training. The encoders are tiny and random-init,
+so the REPA term aligns to noise, and the metrics use random Inception weights: both mean nothing.
 `DEMO_FAST=1` shrinks every step so the test suite can run the same chain.
+`--store s3` (or DEMO_STORE=s3) starts a local S3 server (moto, needs `pip install '.[s3]'`) and keeps the
+dataset, features, run, samples and report in a bucket, so every stage reads and writes s3:// URLs.
 """
 from __future__ import annotations
 
@@ -27,15 +32,18 @@ class DemoSize:
     batch_size: int
     ckpt_every: int
     log_every: int
+    sample_every: int
     num_samples: int
     sample_steps: int
     align_images: int
+    watch_samples: int
 
 
-FULL = DemoSize(classes=10, per_class=20, steps=300, batch_size=16, ckpt_every=100, log_every=10, num_samples=64,
-                sample_steps=50, align_images=64)
-FAST = DemoSize(classes=4, per_class=6, steps=30, batch_size=8, ckpt_every=15, log_every=5, num_samples=16,
-                sample_steps=10, align_images=24)
+RESOLUTION = 128  # a 16x16 latent: 64 tokens for SiT-Debug/2 and an 8x8 grid for the tiny encoders
+FULL = DemoSize(classes=8, per_class=24, steps=600, batch_size=16, ckpt_every=200, log_every=10, sample_every=100,
+                num_samples=64, sample_steps=50, align_images=64, watch_samples=64)
+FAST = DemoSize(classes=4, per_class=6, steps=30, batch_size=8, ckpt_every=15, log_every=5, sample_every=15,
+                num_samples=16, sample_steps=10, align_images=24, watch_samples=16)
 
 
 def run(step: str, args: list[str], log: list[tuple[str, float]]) -> None:
@@ -55,54 +63,125 @@ def main() -> int:
     ap.add_argument("--out", default="demo", help="folder for every artefact of the chain (default: demo)")
     ap.add_argument("--fast", action="store_true", default=os.environ.get("DEMO_FAST") == "1",
                     help="tiny sizes, for the test suite (also DEMO_FAST=1)")
+    ap.add_argument("--store", choices=("local", "s3"), default=os.environ.get("DEMO_STORE", "local"),
+                    help="where the chain keeps its data: local folders, or a bucket on a local S3 server "
+                         "(also DEMO_STORE=s3)")
     a = ap.parse_args()
+    sys.path.insert(0, str(Path(__file__).resolve().parents[1]))  # manifests.storage for s3:// summaries
     size = FAST if a.fast else FULL
     out = Path(a.out).resolve()
     data, feats, run_dir = out / "data", out / "features", out / "run"
     samples, report, align = out / "samples", out / "report.json", out / "align"
+    server = None
+    if a.store == "s3":
+        server, bucket = start_s3(out)
+        data_src, feats_u, run_u = f"{bucket}/data", f"{bucket}/features", f"{bucket}/run"
+        samples_u, report_u = f"{bucket}/samples", f"{bucket}/report.json"
+    else:
+        data_src, feats_u, run_u, samples_u, report_u = (str(data), str(feats), str(run_dir),
+                                                         str(samples), str(report))
+    try:
+        return chain(a, size, out, data, data_src, feats_u, run_u, samples_u, report_u, align)
+    finally:
+        if server is not None:
+            server.stop()
+
+
+def start_s3(out: Path):
+    """A moto S3 server on 127.0.0.1 (free port) with a fresh bucket; AWS_* variables point every stage at it."""
+    import logging
+    import socket
+
+    from moto.server import ThreadedMotoServer
+    logging.getLogger("werkzeug").setLevel(logging.ERROR)
+    with socket.socket() as sock:
+        sock.bind(("127.0.0.1", 0))
+        port = sock.getsockname()[1]
+    server = ThreadedMotoServer(ip_address="127.0.0.1", port=port, verbose=False)
+    server.start()
+    # Dummy keys for the local server only; the stages find it through the standard AWS variables.
+    os.environ.update(AWS_ENDPOINT_URL=f"http://127.0.0.1:{port}", AWS_ACCESS_KEY_ID="demo",
+                      AWS_SECRET_ACCESS_KEY="demo", AWS_DEFAULT_REGION="us-east-1",
+                      REPA_REMOTE_CACHE=str(out / "remote-cache"))
+    from manifests import storage
+    storage.filesystem("s3").mkdir("repa-demo")
+    print(f"S3 store: moto server at http://127.0.0.1:{port}, bucket s3://repa-demo", flush=True)
+    return server, "s3://repa-demo"
+
+
+def upload_folder(local: Path, url: str) -> None:
+    from manifests import storage
+    for p in sorted(local.rglob("*")):
+        if p.is_file():
+            (storage.path(url) / p.relative_to(local).as_posix()).upload(p)
+
+
+def chain(a, size: DemoSize, out: Path, data: Path, data_src: str, feats: str, run_dir: str, samples: str,
+          report: str, align: Path) -> int:
+    from manifests import storage
+    local = a.store == "local"
     encoders = "tiny-dinov2,tiny-siglip"
-    print("REPA demo on CPU with tiny RANDOM-INIT VAE and encoders: the pictures are meaningless by design.\n"
+    print("REPA demo on CPU: the analytic pixel-vae lets you watch the SiT learn (RUN/samples/step-*.png);\n"
+          "the encoders are tiny RANDOM-INIT ones, so alignment and metrics are meaningless by design.\n"
           f"For real ones use pretrained weights: {REAL_FLAGS} (hub cache or NAME=PATH); see README.")
     t_start, log = time.time(), []
-    run("1/6 synthesise the embedded dataset",
+    run("1/7 synthesise the embedded dataset",
         ["pipeline", "synth", "--out", str(data), "--classes", str(size.classes), "--per-class", str(size.per_class)],
         log)
-    run("2/6 extract latents + encoder features (local Ray)",
-        ["pipeline", "extract", "--source", str(data), "--out", str(feats), "--vae", "tiny-vae",
-         "--encoders", encoders, "--shard-size", "64", "--batch-size", "16"], log)
-    run("3/6 train SiT-Debug/2 with REPA",
-        ["trainer", "train", "--manifest", str(feats / "manifest.json"), "--run-dir", str(run_dir),
-         "--model", "SiT-Debug/2", "--encoders", encoders, "--enc-depth", "2", "--steps", str(size.steps),
+    if not local:
+        upload_folder(data, data_src)  # the ImageFolder now lives under a bucket prefix
+    run("2/7 extract latents (analytic pixel-vae) + encoder features (local Ray)",
+        ["pipeline", "extract", "--source", data_src, "--out", feats, "--vae", "pixel-vae",
+         "--resolution", str(RESOLUTION), "--encoders", encoders, "--shard-size", "64", "--batch-size", "16"], log)
+    run("3/7 train SiT-Debug/2 with REPA (sample grids in run/samples/, TensorBoard in run/tb/)",
+        ["trainer", "train", "--manifest", feats, "--run-dir", run_dir,
+         "--model", "SiT-Debug/2", "--encoders", encoders, "--encoder-depth", "2", "--steps", str(size.steps),
          "--batch-size", str(size.batch_size), "--ckpt-every", str(size.ckpt_every),
          "--log-every", str(size.log_every), "--precision", "fp32", "--num-workers", "0",
-         # a short run: EMA 0.9999 would still be ~97% the initial weights after 300 steps
-         "--ema-decay", "0.99"], log)
-    ckpt = sorted((run_dir / "checkpoints").glob("*.pt"))[-1]
-    run("4/6 sample (SDE, CFG interval)",
-        ["trainer", "sample", "--ckpt", str(ckpt), "--out", str(samples), "--num-samples", str(size.num_samples),
+         # a short CPU run: a larger step than the paper's 1e-4, and an EMA that forgets within ~50 steps
+         # (0.9999 would still be ~94% the initial weights after 600 steps)
+         "--lr", "1e-3", "--ema-decay", "0.98", "--sample-every", str(size.sample_every),
+         "--sample-grid", str(2 * size.classes), "--sample-steps", "32"], log)
+    ckpt = run_dir  # the run folder: its newest EMA export
+    run("4/7 sample (SDE, CFG interval)",
+        ["trainer", "sample", "--ckpt", ckpt, "--out", samples, "--num-samples", str(size.num_samples),
          "--steps", str(size.sample_steps), "--cfg-scale", "1.8", "--guidance-high", "0.7", "--batch-size", "16",
          "--precision", "fp32"], log)
-    run("5/6 evaluate (random Inception weights: NOT comparable to published numbers)",
-        ["evaluation", "--samples", str(samples), "--reference", str(data), "--out", str(report),
+    run("5/7 evaluate (random Inception weights: NOT comparable to published numbers)",
+        ["evaluation", "--samples", samples, "--reference", data_src, "--out", report,
          "--inception-weights", "random:0", "--batch-size", "16"], log)
-    run("6/6 alignment analysis (CKNNA + linear probe per layer)",
-        ["evaluation", "align", "--ckpt", str(ckpt), "--manifest", str(feats / "manifest.json"),
-         "--num-images", str(size.align_images), "--out", str(align), "--epochs", "20"], log)
+    run("6/7 alignment analysis (CKNNA + linear probe per layer)",
+        ["evaluation", "align", "--ckpt", ckpt, "--manifest", feats,
+         "--num-samples", str(size.align_images), "--out", str(align), "--epochs", "20"], log)
+    if local:  # the watcher follows a run folder on a file system (shared between machines, or this one)
+        run("7/7 FID watcher, once, on the final EMA export (random Inception: meaningless numbers)",
+            ["evaluation", "watch", run_dir, "--reference", data_src, "--latest", "--num-samples",
+             str(size.watch_samples), "--steps", "32", "--batch-size", "16", "--inception-weights", "random:0",
+             "--eval-batch-size", "16"], log)
     print(f"\n=== demo finished in {time.time() - t_start:.0f}s")
     for step, secs in log:
         print(f"  {secs:6.1f}s  {step}")
     try:
-        metrics = json.loads(report.read_text()).get("metrics", {})
+        metrics = json.loads(storage.path(report).read_text()).get("metrics", {})
         print("  metrics (random Inception, meaningless): " + json.dumps(metrics))
-    except (OSError, ValueError):
+    except Exception:  # noqa: BLE001 - a summary line only
         pass
+    run_p = storage.path(run_dir)
+    grids = sorted(run_p.glob("samples/step-*.png")) if local else []
     print("\nWhere everything is:")
-    for what, p in [("dataset", data), ("features manifest", feats / "manifest.json"),
-                    ("loss curve", run_dir / "loss.png"), ("checkpoints", run_dir / "checkpoints"),
-                    ("samples manifest", samples / "manifest.json"), ("sample grid", samples / "grid.png"),
-                    ("evaluation report", report), ("alignment", align / "alignment.png")]:
+    for what, p in [("dataset", storage.path(data_src)), ("features manifest", storage.path(feats) / "manifest.json"),
+                    ("training log", run_p / "log.txt"), ("loss curve", run_p / "loss.png"),
+                    ("grids (first)", grids[0] if grids else run_p / "samples"),
+                    ("grids (last)", grids[-1] if grids else run_p / "samples"),
+                    ("TensorBoard", run_p / "tb"), ("checkpoints", run_p / "checkpoints"),
+                    ("samples manifest", storage.path(samples) / "manifest.json"),
+                    ("sample grid", storage.path(samples) / "grid.png"), ("evaluation report", storage.path(report)),
+                    ("alignment", align / "alignment.png")] + (
+                       [("FID over training", run_p / "eval" / "fid.png")] if local else []):
         print(f"  {what:18s} {p}{'' if p.exists() else '   (missing!)'}")
-    print("\nThese pictures come from tiny random encoders and a VAE that was never trained: meaningless.\n"
+    print(f"\nWatch the grids sharpen: {len(grids)} grids in {run_p / 'samples'} (one column per class, the same "
+          f"noise in each), or: tensorboard --logdir {run_p / 'tb'}\n"
+          "The encoders are tiny and random, so alignment and metrics are meaningless here.\n"
           f"Real runs: python -m pipeline extract ... {REAL_FLAGS}  (README: Reproducing the paper)")
     return 0
 

@@ -41,3 +41,6 @@ def small_disk(tmp_path):
         yield mnt
     finally:
         unmount()
+
+
+from s3_fixture import s3_bucket, s3_server  # noqa: E402,F401 - the moto S3 server fixtures

@@ -8,7 +8,7 @@ from pathlib import Path
 
 import numpy as np
 
-from manifests import SD_VAE_SCALE, Manifest, ShardEntry, write_manifest, write_shard
+from manifests import SD_VAE_SCALE, Manifest, ShardEntry, storage, write_manifest, write_shard
 
 REPO = Path(__file__).resolve().parents[1]
 
@@ -23,7 +23,7 @@ def make_features_manifest(root: str | os.PathLike, *, num: int = 32, classes: i
     """
     from manifests.codecs import encode_members, get_codec, token_field
     encoders = {"tiny-dinov2": 64} if encoders is None else encoders
-    root = Path(root)
+    root = storage.path(root)  # a folder or an object-store URL
     rng = np.random.default_rng(seed)
     entries, keys = [], []
     samples = []

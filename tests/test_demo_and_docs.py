@@ -11,8 +11,8 @@ import pytest
 from helpers import REPO, run_module
 
 COMMANDS = [("pipeline", "synth"), ("pipeline", "extract"), ("pipeline", "convert"), ("pipeline", "verify"),
-            ("trainer", "train"),
-            ("trainer", "sample"), ("evaluation",), ("evaluation", "align")]
+            ("trainer", "train"), ("trainer", "sample"), ("evaluation",), ("evaluation", "align"),
+            ("evaluation", "watch")]
 
 
 @functools.lru_cache(maxsize=None)
@@ -49,7 +49,8 @@ def _demo_invocations(src: str):
     for block in re.findall(r'\[("(?:pipeline|trainer|evaluation)".*?)\]', src, flags=re.S):
         words = re.findall(r'"([^"]+)"', block)
         module = tuple(w for w in words[:2] if not w.startswith("-") and w in
-                       ("pipeline", "trainer", "evaluation", "synth", "extract", "train", "sample", "align"))
+                       ("pipeline", "trainer", "evaluation", "synth", "extract", "train", "sample", "align",
+                        "watch"))
         yield module, [w for w in words if w.startswith("--")]
 
 

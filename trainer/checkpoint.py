@@ -1,4 +1,4 @@
-"""Atomic checkpoints (RUN/checkpoints/{step:07d}.pt), EMA export, RNG capture and resume."""
+"""Atomic checkpoints (RUN/checkpoints/{step:07d}.pt), EMA export, RNG capture, resume and retention."""
 from __future__ import annotations
 
 import os
@@ -11,9 +11,13 @@ from typing import Any
 import torch
 
 from manifests import UserError, atomic_open, atomic_write_bytes, atomic_write_json
-from manifests.io import remove_tmp_files
+from manifests.io import fsync_dir, remove_tmp_files
+from manifests.tracking import EXPORT_DIR, export_name, list_exports
 
 CKPT_RE = re.compile(r"^(\d{7})\.pt$")
+ABANDONED = "abandoned"  # where --resume-from moves the checkpoints and exports it skips over
+# Test hook (fault injection): "STEP:SECONDS" sleeps after checkpoint STEP is durable and before pruning.
+PAUSE_PRUNE_ENV = "REPA_TEST_PAUSE_PRUNE"
 # Test hook (fault injection): "STEP:SECONDS" sleeps inside the write of checkpoint STEP, after the bytes are in
 # the tmp file and before the rename, so a test can SIGKILL the process mid-write.
 SLOW_WRITE_ENV = "REPA_TEST_SLOW_CKPT"
@@ -82,8 +86,8 @@ def export_ema(run_dir: str | os.PathLike, step: int, ema_state: dict[str, torch
                config: dict[str, Any]) -> Path:
     """RUN/export/ema-{step:07d}.safetensors plus config.json: what sampling needs."""
     from safetensors.torch import save
-    out = Path(run_dir) / "export"
-    path = out / f"ema-{step:07d}.safetensors"
+    out = Path(run_dir) / EXPORT_DIR
+    path = out / export_name(step)
     tensors = {k: v.detach().to("cpu").contiguous() for k, v in ema_state.items()}
     atomic_write_bytes(path, save(tensors, metadata={"step": str(step), "model": str(config.get("model"))}))
     atomic_write_json(out / "config.json", {**config, "step": step})
@@ -102,3 +106,67 @@ def set_rng_state(state: dict[str, torch.Tensor], device: torch.device) -> None:
     torch.set_rng_state(state["cpu"])
     if device.type == "cuda" and "cuda" in state:
         torch.cuda.set_rng_state(state["cuda"], device)
+
+
+# ---- resume control and retention ------------------------------------------------------------------------------
+
+def find_resume(run_dir: str | os.PathLike, resume_from: str | None) -> tuple[dict[str, Any], Path] | None:
+    """--resume-from PATH|STEP, else the newest loadable checkpoint of the run (None: a fresh run)."""
+    if resume_from is None:
+        return latest(run_dir)
+    text = str(resume_from).strip()
+    if text.isdigit():
+        path = ckpt_path(run_dir, int(text))
+        if not path.is_file():
+            have = [s for s, _ in list_checkpoints(run_dir)]
+            raise UserError(f"--resume-from {text}: no checkpoint for step {int(text)} in {ckpt_dir(run_dir)} "
+                            f"(have: {', '.join(map(str, have)) or 'none'})")
+    else:
+        path = Path(text).expanduser()
+        if not path.is_file():
+            raise UserError(f"--resume-from {text}: file not found")
+    return load(path), path
+
+
+def abandon_newer(run_dir: str | os.PathLike, step: int) -> list[Path]:
+    """Move checkpoints and exports newer than `step` into */abandoned/ (kept, but never resumed from again)."""
+    moved = []
+    for items, folder in ((list_checkpoints(run_dir), ckpt_dir(run_dir)),
+                          (list_exports(run_dir), Path(run_dir) / EXPORT_DIR)):
+        newer = [p for s, p in items if s > step]
+        for p in newer:
+            dest = folder / ABANDONED / p.name
+            dest.parent.mkdir(parents=True, exist_ok=True)
+            os.replace(p, dest)
+            moved.append(dest)
+        if newer:
+            fsync_dir(folder)
+    return moved
+
+
+def kept_steps(steps: list[int], keep_last: int, keep_every: int) -> set[int]:
+    """The retention rule: the newest keep_last, every multiple of keep_every, and always the newest one."""
+    steps = sorted(steps)
+    keep = set(steps[-keep_last:]) if keep_last > 0 else set()
+    if keep_every > 0:
+        keep |= {s for s in steps if s % keep_every == 0}
+    if steps:
+        keep.add(steps[-1])
+    return keep
+
+
+def prune(run_dir: str | os.PathLike, keep_last: int, keep_every: int) -> list[Path]:
+    """Delete checkpoints and EMA exports outside the rule. Call only once the newest is durable (after save)."""
+    newest = list_checkpoints(run_dir)
+    pause = os.environ.get(PAUSE_PRUNE_ENV, "")
+    if pause and newest and int(pause.split(":")[0]) == newest[-1][0]:
+        print(f"[test hook] pausing before pruning at step {newest[-1][0]}", file=sys.stderr, flush=True)
+        time.sleep(float(pause.split(":")[1]))
+    removed = []
+    for items in (newest, list_exports(run_dir)):
+        keep = kept_steps([s for s, _ in items], keep_last, keep_every)
+        for s, p in items:
+            if s not in keep:
+                p.unlink(missing_ok=True)
+                removed.append(p)
+    return removed

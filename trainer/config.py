@@ -16,6 +16,7 @@ from .models import SiT_models
 from .transport import PATHS, PROJ_LOSSES
 
 PRECISIONS = ("fp16", "bf16", "fp32")
+REPORT_TO = ("tensorboard", "wandb", "none")
 
 
 @dataclass(kw_only=True)
@@ -53,12 +54,23 @@ class TrainConfig:
     num_workers: int = 4
     hflip: bool = False
     verify: bool = False
+    cache_dir: str | None = None  # object-store manifests: local folder that keeps whole shards once read
+    cache_gb: float = 100.0  # bound of --cache-dir
+    stream: bool = False  # sequential webdataset reads; resume at shard + sample offset (trainer/stream_data.py)
     # run
     ckpt_every: int = 50_000
     log_every: int = 100
     max_nonfinite: int = 100  # consecutive non-finite losses that stop the run
     init_from: str | None = None
     trace_data: bool = False  # write RUN/trace/rank{r}.jsonl with the sample keys of each step
+    # watching the run (trainer/tracking.py, trainer/preview.py) and checkpoint retention (trainer/checkpoint.py)
+    report_to: str = "tensorboard"
+    sample_every: int = 10_000  # 0: no sample grids
+    sample_steps: int = 32  # SDE steps of a grid (the reported numbers use 250)
+    sample_grid: int = 16  # images in a grid
+    keep_last: int = 3
+    keep_every: int = 100_000  # 0: no milestones
+    resume_from: str | None = None  # PATH or STEP; None: the newest checkpoint of the run
 
     def to_json(self) -> dict[str, Any]:
         d = asdict(self)
@@ -148,12 +160,33 @@ def build_parser() -> argparse.ArgumentParser:
     g.add_argument("--num-workers", type=nonneg_int, help=f"loader workers per rank (default {d.num_workers})")
     g.add_argument("--hflip", action="store_true", default=None, help="use the flipped twins (p=0.5)")
     g.add_argument("--verify", action="store_true", default=None, help="check shard sha256 before step 0")
+    g.add_argument("--cache-dir", help="with an s3:// or gs:// --manifest: keep each shard read once in this local "
+                   "folder (checked against the manifest's sha256), reads then come from local disk")
+    g.add_argument("--cache-gb", type=positive_float, help=f"size bound of --cache-dir in GiB, oldest-used shards "
+                   f"evicted first (default {d.cache_gb:g})")
+    g.add_argument("--stream", action="store_true", default=None,
+                   help="read shards sequentially with webdataset instead of indexed reads: no global shuffle "
+                        "(seeded shard order per rank), resume at shard level plus a sample offset")
     g = p.add_argument_group("run")
     g.add_argument("--ckpt-every", type=positive_int, help=f"(default {d.ckpt_every})")
     g.add_argument("--log-every", type=positive_int, help=f"stats.jsonl interval (default {d.log_every})")
     g.add_argument("--max-nonfinite", type=positive_int, help=f"consecutive non-finite losses that stop "
                    f"the run (default {d.max_nonfinite})")
     g.add_argument("--trace-data", action="store_true", default=None, help="log each step's sample keys per rank")
+    g = p.add_argument_group("watching the run (RUN/log.txt, RUN/tb/, RUN/samples/, loss.png)")
+    g.add_argument("--report-to", choices=REPORT_TO, help=f"tracker for every stats.jsonl scalar and the sample "
+                   f"grids; tensorboard writes RUN/tb/ (default {d.report_to})")
+    g.add_argument("--sample-every", type=nonneg_int, help=f"EMA sample grid to RUN/samples/step-NNNNNNN.png every N "
+                   f"steps, fixed classes and noise; 0 = never (default {d.sample_every})")
+    g.add_argument("--sample-steps", type=positive_int, help=f"SDE steps for a grid (default {d.sample_steps})")
+    g.add_argument("--sample-grid", type=positive_int, help=f"images in a grid (default {d.sample_grid})")
+    g = p.add_argument_group("checkpoint retention and resume")
+    g.add_argument("--keep-last", type=nonneg_int, help=f"keep the newest N checkpoints and EMA exports "
+                   f"(default {d.keep_last}; the newest is always kept)")
+    g.add_argument("--keep-every", type=nonneg_int, help=f"also keep every step that is a multiple of K forever; "
+                   f"0 = none (default {d.keep_every})")
+    g.add_argument("--resume-from", metavar="PATH|STEP", help="resume from this checkpoint (a file, or a step of "
+                   "this run) instead of the newest; newer ones are moved to checkpoints/abandoned/")
     add_train_aliases(p)  # last: aliases take the dest/type of whatever flags exist by now
     return p
 

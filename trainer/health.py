@@ -13,6 +13,7 @@ import math
 import sys
 from collections import deque
 from dataclasses import dataclass
+from typing import Callable
 
 import torch
 from tqdm import tqdm
@@ -31,8 +32,10 @@ class _Record:
 class Health:
     """Counts skipped steps and the current non-finite streak; raises UserError on corrupt data or a long streak."""
 
-    def __init__(self, device: torch.device, rank: int, max_nonfinite: int, fp16: bool, skipped: int = 0):
+    def __init__(self, device: torch.device, rank: int, max_nonfinite: int, fp16: bool, skipped: int = 0,
+                 warn: Callable[[str], None] | None = None):
         self.device, self.rank, self.max_nonfinite, self.fp16 = device, rank, max_nonfinite, fp16
+        self.warn = warn or (lambda text: tqdm.write(text, file=sys.stderr))  # the run's log.txt when given
         self.pending: deque[_Record] = deque()
         self.skipped, self.skipped_since, self.streak = skipped, 0, 0
         self.grad_norm, self.stop = float("nan"), False
@@ -72,7 +75,7 @@ class Health:
             self.skipped += 1
             if self.rank == 0:
                 what = f"fp16 overflow, loss scale {s0:g} -> {s1:g}" if self.fp16 else "non-finite gradients"
-                tqdm.write(f"step {rec.step}: {what}; update skipped ({self.skipped} skipped so far)", file=sys.stderr)
+                self.warn(f"step {rec.step}: {what}; update skipped ({self.skipped} skipped so far)")
             if self.streak >= self.max_nonfinite:
                 raise UserError(f"step {rec.step}: loss/gradients non-finite for {self.streak} consecutive steps "
                                 f"(since step {rec.step - self.streak + 1}); stopping. Last good checkpoint: "

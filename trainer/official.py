@@ -11,7 +11,8 @@ from typing import Any
 
 import torch
 
-from manifests import UserError, read_json
+from manifests import UserError, read_json, storage
+from manifests.remote_inputs import localize
 
 # The only non-tensor class that official REPA train.py pickles into its checkpoints: `"args": args`, an
 # argparse.Namespace. Everything else in them is tensors, dicts, lists, numbers and strings, which
@@ -98,8 +99,11 @@ def load_sit_weights(path: str | Path, *, encoder_depth: int | None = None) -> t
     Formats: our training checkpoint (its `ema`), our export `ema-*.safetensors` (+ `config.json` beside it),
     an official REPA training dict (`ema`; `args` is an argparse.Namespace), or a bare state dict.
     """
+    url = str(path) if storage.is_url(path) else None
+    if url:  # s3://…/run or …/ema-0001000.safetensors: fetched once into a local cache
+        path = localize(url, "checkpoint")
     path = resolve_checkpoint(path)
-    meta: dict[str, Any] = {"path": str(path), "config": None, "args": None, "step": None}
+    meta: dict[str, Any] = {"path": str(path), "config": None, "args": None, "step": None, "url": url}
     if path.suffix == ".safetensors":
         from safetensors import SafetensorError
         from safetensors.torch import load_file

@@ -12,7 +12,7 @@ from typing import Any, Callable, ContextManager
 import torch
 import torch.distributed as dist
 
-from manifests import UserError, check, load_manifest
+from manifests import UserError, check, load_manifest, storage
 from manifests.io import atomic_write_bytes, atomic_write_json, ensure_writable_dir
 
 from . import checkpoint
@@ -22,6 +22,9 @@ from .microbatch import probe_batch, probe_micro
 from .models import SiT, SiT_models
 from .plot import read_stats
 from .steprng import StepRandom
+from . import remote_run
+from .remote_data import build_remote_index, is_remote, make_dataset
+from .stream_data import StreamBatches, make_stream_loader
 
 # Keys of config.json that must match to resume a run (the rest, e.g. steps or workers, may change).
 RESUME_KEYS = ("model", "path", "encoders", "model_kwargs")  # most telling first
@@ -53,6 +56,8 @@ class Run:
     latent_scale: float = 1.0
     latent_shift: float = 0.0
     resume_state: dict[str, Any] = field(default_factory=dict)
+    monitor: Any = None  # trainer.monitor.Monitor, set by train()
+    run_url: str | None = None  # --run-dir on an object store: run_dir is its local mirror (trainer/remote_run.py)
 
     def no_sync(self, skip: bool) -> ContextManager:
         """Skip the DDP all-reduce on all but the last micro-batch of a step."""
@@ -200,11 +205,15 @@ def setup(cfg: TrainConfig, dry_run: bool = False) -> Run | None:
     micro = local_batch if cfg.micro_batch in ("auto", 0) else int(cfg.micro_batch)
     check(micro <= local_batch and local_batch % micro == 0,
           f"--micro-batch {cfg.micro_batch} must divide the per-rank batch {local_batch}")
+    run_url = cfg.run_dir if storage.is_url(cfg.run_dir) else None
+    if run_url:  # train in a local mirror, push each checkpoint to the bucket
+        cfg.run_dir = str(remote_run.pull(run_url))  # every rank: each node needs the checkpoint to resume
     run_dir = ensure_writable_dir(cfg.run_dir, "run folder (--run-dir)")
     if cfg.verify:
         from manifests import verify_shards
         verify_shards(m, progress=rank == 0)
-    index = build_index(m, needed_exts(spec, cfg.hflip), cache_dir=run_dir / "index")
+    index = (None if cfg.stream else build_remote_index(m, needed_exts(spec, cfg.hflip)) if is_remote(m)
+             else build_index(m, needed_exts(spec, cfg.hflip), cache_dir=run_dir / "index"))
 
     torch.manual_seed(cfg.seed)  # the same initial weights on every rank
     model = build_model(cfg, run_cfg["model_kwargs"], device).train()
@@ -213,7 +222,7 @@ def setup(cfg: TrainConfig, dry_run: bool = False) -> Run | None:
                             eps=cfg.adam_eps, fused=device.type == "cuda")
     scaler = torch.amp.GradScaler(device.type, init_scale=cfg.loss_scale_init, enabled=cfg.precision == "fp16")
     start, resume_state, stats_path = 0, {}, run_dir / "stats.jsonl"
-    found = checkpoint.latest(run_dir)
+    found = checkpoint.find_resume(run_dir, cfg.resume_from)
     if found is not None:
         ck, path = found
         check_compatible(ck["config"], run_cfg, run_dir)
@@ -231,6 +240,8 @@ def setup(cfg: TrainConfig, dry_run: bool = False) -> Run | None:
         if rank == 0:
             print(f"resuming from {path} (step {start})", flush=True)
             trim_stats(stats_path, start)
+            if cfg.resume_from is not None:
+                checkpoint.abandon_newer(run_dir, start)
     else:
         if cfg.init_from:
             load_init(model, cfg.init_from, cfg)
@@ -257,15 +268,21 @@ def setup(cfg: TrainConfig, dry_run: bool = False) -> Run | None:
               f"torch.compile {'on' if compiled else 'off'} ({device.type})", flush=True)
     rand = StepRandom(cfg.seed, cfg.batch_size, (spec.in_channels, spec.input_size, spec.input_size),
                       cfg.class_dropout_prob, device)
-    ds = FeatureBatches(index, spec, cfg.seed, cfg.hflip)
-    sampler = StepSampler(len(index), cfg.batch_size, rank, world, micro, cfg.seed, start, cfg.steps)
-    loader = make_loader(ds, sampler, cfg.num_workers, pin=device.type == "cuda")
+    if cfg.stream:  # sequential webdataset reads (weaker shuffle and resume, see trainer/stream_data.py)
+        check(not cfg.hflip, "--stream reads no flipped twins; drop --hflip or --stream")
+        loader = make_stream_loader(StreamBatches(m, spec, cfg.seed, rank, world, cfg.batch_size, micro, start,
+                                                  cfg.steps), cfg.num_workers, pin=device.type == "cuda")
+    else:
+        ds = make_dataset(m, index, spec, cfg.seed, cfg.hflip, cfg.cache_dir, cfg.cache_gb)  # local or ranged GETs
+        sampler = StepSampler(len(index), cfg.batch_size, rank, world, micro, cfg.seed, start, cfg.steps)
+        loader = make_loader(ds, sampler, cfg.num_workers, pin=device.type == "cuda")
     if world > 1:
         dist.barrier()
     return Run(cfg=cfg, run_dir=run_dir, run_cfg=run_cfg, rank=rank, world=world, device=device, model=model,
                ema=ema, net=net, opt=opt, scaler=scaler, amp=amp, loader=loader, start_step=start,
                local_batch=local_batch, n_micro=local_batch // micro, stats_path=stats_path, micro=micro,
-               rand=rand, latent_scale=spec.scale, latent_shift=spec.shift, resume_state=resume_state)
+               rand=rand, latent_scale=spec.scale, latent_shift=spec.shift, resume_state=resume_state,
+               run_url=run_url)
 
 
 def auto_micro(cfg: TrainConfig, spec: DataSpec, model: SiT, ema: SiT, opt: torch.optim.Optimizer, amp,

@@ -20,6 +20,7 @@ import torch
 
 from manifests import (SD_VAE_SCALE, SD_VAE_SHIFT, Manifest, ShardEntry, UserError, atomic_write_json,
                        read_json, sha256_file, write_manifest, write_shard)
+from manifests import storage
 from manifests.io import ensure_writable_dir, remove_tmp_files
 
 from .official import check_state_dict, load_sit_weights
@@ -200,7 +201,7 @@ def run_shard(cfg: SampleConfig, k: int, idx: range, lm: Loaded, vae, device: to
         samples += [{"__key__": f"sample_{i:07d}", "png": png_bytes(im), "cls": int(c)}
                     for i, im, c in zip(sub, imgs, y.tolist())]
         bar.update(len(sub))
-    shards = Path(cfg.out) / "shards"
+    shards = storage.path(cfg.out) / "shards"
     info_ = write_shard(shards / f"{SHARD_NAME.format(k)}.tar", samples)
     pause = os.environ.get(PAUSE_ENV, "")
     if pause and int(pause.split(":")[0]) == k:
@@ -313,7 +314,7 @@ def finish(cfg: SampleConfig, lm: Loaded, out: Path, shards: list[range], fp: di
                  classes=lm.info["classes"], preprocess={"resolution": res},
                  created_by={"version": _version(), "command": command},
                  extra={"sampler": sampler,
-                        "checkpoint": {"path": str(Path(lm.meta["path"]).resolve()), "sha256": lm.meta["sha256"],
+                        "checkpoint": {"path": lm.meta.get("url") or str(storage.resolve(lm.meta["path"])), "sha256": lm.meta["sha256"],
                                        "step": lm.meta.get("step"), "format": lm.meta.get("format")}})
     write_manifest(m)
     print(json.dumps({"manifest": str(m.path), "num_samples": cfg.num_samples, "nfe": sampler["nfe"]}))

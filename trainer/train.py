@@ -12,11 +12,11 @@ import torch
 import torch.distributed as dist
 from tqdm import tqdm
 
-from . import checkpoint
+from . import checkpoint, remote_run
 from .config import resolve
 from .data import nonfinite_rows, tokens_to_device
 from .health import Health
-from .plot import draw_loss_png
+from .monitor import Monitor
 from .runtime import Run, setup
 from .steprng import posterior
 from .transport import repa_loss
@@ -35,19 +35,22 @@ class _Term:
 
 
 def save(r: Run, step: int, state: dict) -> None:
-    """Every rank hands in its RNG state; rank 0 writes the checkpoint, the EMA export and loss.png."""
+    """Every rank hands in its RNG state; rank 0 writes the checkpoint and the EMA export, then prunes old ones."""
     rng = checkpoint.rng_state(r.device)
     rngs = [rng]
     if r.world > 1:
         rngs = [None] * r.world
         dist.all_gather_object(rngs, rng)
     if r.rank == 0:
+        r.monitor.before_save()
         payload = {"model": r.model.state_dict(), "ema": r.ema.state_dict(), "opt": r.opt.state_dict(),
                    "scaler": r.scaler.state_dict(), "step": step, "rng": rngs, "config": r.run_cfg,
                    "skipped": state["skipped"]}
         checkpoint.save(r.cfg.run_dir, step, payload)
         checkpoint.export_ema(r.cfg.run_dir, step, r.ema.state_dict(), r.run_cfg)
-        draw_loss_png(r.stats_path, r.run_dir / "loss.png")
+        r.monitor.saved(step)  # retention (only now that the new one is durable), log.txt
+        if r.run_url:
+            remote_run.push(r.run_dir, r.run_url)  # --run-dir s3://…: whole objects, checkpoint first
     if r.world > 1:
         dist.barrier()
     state["last_ckpt"] = str(checkpoint.ckpt_path(r.cfg.run_dir, step))  # every rank names it in errors
@@ -90,13 +93,18 @@ def train(r: Run) -> int:
     if cfg.trace_data:  # debugging aid: which samples each rank saw at each step, and its final weights
         (r.run_dir / "trace").mkdir(exist_ok=True)
         trace = open(r.run_dir / "trace" / f"rank{r.rank}.jsonl", "a")
+    r.monitor = Monitor(r)  # log.txt, tracker, sample grids, loss.png, DONE (rank 0)
     pbar = tqdm(total=cfg.steps, initial=step, unit="step", disable=r.rank != 0, dynamic_ncols=True, desc="train")
     try:
         step = _loop(r, cfg, step, state, pbar, trace)
+    except Exception as e:
+        r.monitor.log.line(f"error: {e}")
+        raise
     finally:
         pbar.close()
         if trace is not None:
             trace.close()
+        r.monitor.close(step)
     if trace is not None:
         with open(r.run_dir / "trace" / f"rank{r.rank}.jsonl", "a") as f:
             f.write(json.dumps({"step": step, "params_sha256": params_digest(r.model)}) + "\n")
@@ -108,7 +116,8 @@ def train(r: Run) -> int:
 def _loop(r: Run, cfg, step: int, state: dict, pbar, trace) -> int:
     """Report, checkpoint, stop?, step -- until done; returns the final step."""
     last_saved, due = step, False
-    health = Health(r.device, r.rank, cfg.max_nonfinite, cfg.precision == "fp16", skipped=state["skipped"])
+    health = Health(r.device, r.rank, cfg.max_nonfinite, cfg.precision == "fp16", skipped=state["skipped"],
+                    warn=r.monitor.warn)
     health.last_ckpt = state["last_ckpt"]
     acc = torch.zeros(4, device=r.device, dtype=torch.float64)  # loss, denoise, proj sums; steps since report
     steps_since, images, data_wait, t_report = 0, 0, 0.0, time.perf_counter()
@@ -121,6 +130,7 @@ def _loop(r: Run, cfg, step: int, state: dict, pbar, trace) -> int:
         stop = _Term.requested if r.world == 1 else health.stop  # with ranks: all-reduced, so all stop together
         state["skipped"] = health.skipped
         # 1. Report status.
+        r.monitor.preview(step)  # EMA sample grid every --sample-every steps
         if steps_since and (step % cfg.log_every == 0 or step >= cfg.steps or stop):
             if r.world > 1:
                 dist.all_reduce(acc)
@@ -133,6 +143,7 @@ def _loop(r: Run, cfg, step: int, state: dict, pbar, trace) -> int:
                    "img_per_s": images * r.world / (now - t_report), "data_wait_s": data_wait,
                    "micro_batch": r.micro, "time": time.time()}
             if r.rank == 0:
+                r.monitor.report(row)  # adds the grid time; tracker, log.txt, loss.png
                 append_line(r.stats_path, json.dumps(row))
                 pbar.set_postfix(loss=f"{row['loss']:.4f}", proj=f"{row['proj_loss']:.4f}",
                                  img_s=f"{row['img_per_s']:.1f}")

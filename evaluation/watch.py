@@ -1,0 +1,318 @@
+"""`python -m evaluation watch RUN --reference REF`: FID, sFID, IS, P/R of each new EMA export of a run.
+
+For each export RUN/export/ema-NNNNNNN.safetensors newer than the last evaluated step, it samples with
+`python -m trainer sample` (a subprocess: torchrun with --nproc > 1; finished shards survive a kill), runs
+the metrics job on the samples, logs the numbers to the run's tracker (RUN/tb/eval) and only then appends
+a row to RUN/eval/metrics.jsonl and redraws RUN/eval/fid.png. A killed watcher re-run skips finished rows and
+reuses finished sample shards; an unfinished evaluation never becomes a row. It stops with --once, at
+RUN/DONE (written by the trainer at its final step) or at --until STEP.
+"""
+from __future__ import annotations
+
+import argparse
+import contextlib
+import fcntl
+import json
+import os
+import shutil
+import subprocess
+import sys
+import time
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any, Iterator, Sequence
+
+from manifests import UserError, atomic_write_bytes, check, read_json
+from manifests.cli import ArgumentParser, nonneg_int, positive_float, positive_int
+from manifests.tracking import DONE_MARKER, EVAL_TB_DIR, list_exports, open_tracker
+
+METRICS = ("fid", "sfid", "is", "precision", "recall")
+EXAMPLE = """examples:
+  python -m evaluation watch runs/xl --reference VIRTUAL_imagenet256_labeled.npz          # follow until DONE
+  python -m evaluation watch runs/xl --reference ref.npz --once --num-samples 50000 --nproc 8
+Rows go to RUN/eval/metrics.jsonl, the plot to RUN/eval/fid.png, the curves to the run's tracker (RUN/tb/eval)."""
+
+
+@dataclass(kw_only=True)
+class WatchConfig:
+    run: str
+    reference: str
+    once: bool = False
+    latest: bool = False
+    until: int | None = None
+    poll: float = 300.0
+    num_samples: int = 10_000
+    steps: int = 250
+    cfg_scale: float = 1.0
+    guidance_high: float = 1.0
+    seed: int = 0
+    nproc: int = 1
+    batch_size: int = 64
+    sample_precision: str = "tf32"
+    inception_weights: str | None = None
+    eval_batch_size: int = 100
+    device: str = "auto"
+    report_to: str | None = None
+    cache_dir: str | None = None
+    keep_samples: bool = False
+
+
+def build_parser() -> argparse.ArgumentParser:
+    d = WatchConfig(run="", reference="")
+    p = ArgumentParser(prog="python -m evaluation watch", formatter_class=argparse.RawDescriptionHelpFormatter,
+                       description="Evaluate every new EMA export of a training run (FID over training).",
+                       epilog=EXAMPLE)
+    p.add_argument("run", help="the run folder (RUN/export/ema-*.safetensors), local or on a shared file system")
+    p.add_argument("--reference", required=True, help="ADM reference .npz (or anything `python -m evaluation` "
+                   "takes as --reference)")
+    g = p.add_argument_group("what to evaluate and when to stop")
+    g.add_argument("--once", action="store_true", help="evaluate what exists now, then exit (default: poll)")
+    g.add_argument("--latest", action="store_true", help="evaluate only the newest export, then exit (e.g. a finished run)")
+    g.add_argument("--until", type=nonneg_int, metavar="STEP", help="stop once a step >= STEP is evaluated "
+                   "(default: stop at RUN/DONE)")
+    g.add_argument("--poll", type=positive_float, default=d.poll, help="seconds between looks (default %(default)s)")
+    g = p.add_argument_group("sampling (python -m trainer sample)")
+    g.add_argument("--num-samples", type=positive_int, default=d.num_samples, help="images per checkpoint "
+                   "(default %(default)s; the paper's numbers use 50000)")
+    g.add_argument("--steps", type=positive_int, default=d.steps, help="SDE steps (default %(default)s)")
+    g.add_argument("--cfg-scale", type=float, default=d.cfg_scale, help="(default %(default)s: no guidance, "
+                   "as in the paper's FID-over-training figures)")
+    g.add_argument("--guidance-high", type=float, default=d.guidance_high, help="(default %(default)s)")
+    g.add_argument("--seed", type=nonneg_int, default=d.seed, help="(default %(default)s)")
+    g.add_argument("--nproc", type=positive_int, default=d.nproc, help="sampling processes via torchrun, one per "
+                   "GPU (default %(default)s)")
+    g.add_argument("--batch-size", type=positive_int, default=d.batch_size, help="sampling batch per process "
+                   "(default %(default)s)")
+    g.add_argument("--sample-precision", choices=("fp32", "tf32", "bf16"), default=d.sample_precision,
+                   help="(default %(default)s)")
+    g = p.add_argument_group("metrics (python -m evaluation)")
+    g.add_argument("--inception-weights", metavar="PATH|random:SEED", help="as for python -m evaluation "
+                   "(default: torch-fidelity's cached download)")
+    g.add_argument("--eval-batch-size", type=positive_int, default=d.eval_batch_size, help="(default %(default)s)")
+    g.add_argument("--device", choices=("auto", "cpu", "cuda"), default=d.device, help="(default %(default)s)")
+    g.add_argument("--report-to", choices=("tensorboard", "wandb", "none"), help="tracker (default: the run's "
+                   "--report-to)")
+    g.add_argument("--cache-dir", help="HDF5 activation cache (default: python -m evaluation's)")
+    g.add_argument("--keep-samples", action="store_true", help="keep RUN/eval/work/STEP/samples after its row")
+    return p
+
+
+def parse(argv: Sequence[str]) -> WatchConfig:
+    cfg = WatchConfig(**vars(build_parser().parse_args(list(argv))))
+    check(Path(cfg.run).is_dir(), f"run folder not found: {cfg.run}")
+    check(Path(cfg.reference).exists(), f"--reference not found: {cfg.reference}")
+    check(cfg.cfg_scale >= 1.0, f"--cfg-scale must be >= 1 (1 = no guidance), got {cfg.cfg_scale}")
+    return cfg
+
+
+# ---- the run folder ---------------------------------------------------------------------------------------------
+
+def read_rows(path: Path) -> list[dict[str, Any]]:
+    rows = []
+    if path.is_file():
+        for line in path.read_text().splitlines():
+            with contextlib.suppress(ValueError):
+                rows.append(json.loads(line))
+    return rows
+
+
+def append_row(path: Path, row: dict[str, Any]) -> None:
+    """Rewrite metrics.jsonl with one more row, atomically: a kill leaves the old file or the new one."""
+    rows = read_rows(path) + [row]
+    atomic_write_bytes(path, "".join(json.dumps(r) + "\n" for r in rows).encode())
+
+
+@contextlib.contextmanager
+def exclusive(folder: Path) -> Iterator[None]:
+    """One watcher per run: an advisory lock the OS releases when the process dies."""
+    f = open(folder / "watch.lock", "w")
+    try:
+        fcntl.flock(f, fcntl.LOCK_EX | fcntl.LOCK_NB)
+    except OSError:
+        f.close()
+        raise UserError(f"another watcher is already running on {folder.parent} ({folder / 'watch.lock'})") from None
+    try:
+        yield
+    finally:
+        fcntl.flock(f, fcntl.LOCK_UN)
+        f.close()
+
+
+def snapshot(export: Path, work: Path) -> Path | None:
+    """Link (or copy) the export and its config.json into work/, so retention can't delete it mid-evaluation."""
+    dst = work / "ema.safetensors"
+    if dst.is_file():
+        return dst
+    work.mkdir(parents=True, exist_ok=True)
+    try:
+        conf = work / "config.json"
+        if not conf.is_file():
+            shutil.copyfile(export.parent / "config.json", work / ".config.json.tmp")
+            os.replace(work / ".config.json.tmp", conf)
+        try:
+            os.link(export, work / ".ema.tmp")
+        except OSError:  # another file system, or no hard links: copy
+            shutil.copyfile(export, work / ".ema.tmp")
+        os.replace(work / ".ema.tmp", dst)
+    except FileNotFoundError:
+        return None  # pruned by the trainer's retention before we got to it
+    return dst
+
+
+# ---- one evaluation ---------------------------------------------------------------------------------------------
+
+def sample_command(cfg: WatchConfig, ckpt: Path, out: Path) -> list[str]:
+    """`trainer sample` as a subprocess (the evaluation stage does not import the trainer)."""
+    launcher = [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc-per-node",
+                str(cfg.nproc)] if cfg.nproc > 1 else [sys.executable]
+    return [*launcher, "-m", "trainer", "sample", "--ckpt", str(ckpt), "--out", str(out),
+            "--num-samples", str(cfg.num_samples), "--mode", "sde", "--steps", str(cfg.steps),
+            "--cfg-scale", str(cfg.cfg_scale), "--guidance-high", str(cfg.guidance_high), "--seed", str(cfg.seed),
+            "--batch-size", str(cfg.batch_size), "--precision", cfg.sample_precision]
+
+
+def evaluate(cfg: WatchConfig, step: int, export: Path, log) -> dict[str, Any] | None:
+    """Sample and score one export; returns its row, or None if the export was pruned before we could start."""
+    run = Path(cfg.run)
+    work = run / "eval" / "work" / f"{step:07d}"
+    ckpt = snapshot(export, work)
+    if ckpt is None:
+        log(f"step {step}: export {export.name} was pruned before it could be evaluated; skipped")
+        return None
+    t0 = time.perf_counter()
+    cmd = sample_command(cfg, ckpt, work / "samples")
+    log(f"step {step}: sampling {cfg.num_samples} images ({cfg.steps} SDE steps, cfg {cfg.cfg_scale})")
+    rc = subprocess.call(cmd, env={**os.environ, "PYTHONUNBUFFERED": "1"})
+    if rc != 0:
+        raise UserError(f"step {step}: sampling failed (exit {rc}): {' '.join(cmd)}")
+    t_sample = time.perf_counter() - t0
+    t0 = time.perf_counter()
+    from .job import main as metrics_main
+    report_path = work / "report.json"
+    args = ["--samples", str(work / "samples"), "--reference", cfg.reference, "--out", str(report_path),
+            "--batch-size", str(cfg.eval_batch_size), "--device", cfg.device, "--num-samples", str(cfg.num_samples)]
+    if cfg.inception_weights:
+        args += ["--inception-weights", cfg.inception_weights]
+    if cfg.cache_dir:
+        args += ["--cache-dir", cfg.cache_dir]
+    metrics_main(args)
+    report = read_json(report_path, "evaluation report")
+    t_eval = time.perf_counter() - t0
+    return {"step": step, **{k: report["metrics"].get(k) for k in METRICS}, "num_samples": cfg.num_samples,
+            "sampler": {"mode": "sde", "steps": cfg.steps, "cfg_scale": cfg.cfg_scale,
+                        "guidance_high": cfg.guidance_high, "seed": cfg.seed},
+            "comparable": report.get("comparable"), "export": export.name, "sample_s": round(t_sample, 2),
+            "eval_s": round(t_eval, 2), "time": time.time()}
+
+
+def run_config(run: Path) -> dict[str, Any]:
+    p = run / "config.json"
+    return read_json(p, "run config") if p.is_file() else {}
+
+
+def fid_figure(rows: list[dict[str, Any]]):
+    """FID (and sFID) against training step on a log axis, with IS and precision/recall beside it."""
+    from matplotlib.figure import Figure
+    from matplotlib.ticker import FormatStrFormatter, MaxNLocator
+    fig = Figure(figsize=(11, 4), dpi=100, layout="constrained")
+    ax_fid, ax_is, ax_pr = fig.subplots(1, 3)
+    steps = [r["step"] for r in rows]
+    n = rows[-1].get("num_samples") if rows else None
+    for ax, keys, title, unit, log in ((ax_fid, ("fid", "sfid"), "FID / sFID (lower is better)", "distance", True),
+                                       (ax_is, ("is",), "Inception Score (higher is better)", "IS", False),
+                                       (ax_pr, ("precision", "recall"), "precision / recall (k=3)", "fraction",
+                                        False)):
+        for k in keys:
+            pts = [(s, r[k]) for s, r in zip(steps, rows) if isinstance(r.get(k), (int, float)) and
+                   (r[k] > 0 or not log)]
+            if pts:
+                ax.plot([p[0] for p in pts], [p[1] for p in pts], "o-", label=k)
+        ax.set_title(title)
+        ax.set_xlabel("training step")
+        ax.set_ylabel(unit)
+        ax.grid(True, alpha=0.3)
+        ax.xaxis.set_major_locator(MaxNLocator(integer=True))
+        if log and ax.lines:
+            ax.set_yscale("log")
+            ax.yaxis.set_major_formatter(FormatStrFormatter("%.3g"))  # 1.97, not 1.97x10^0
+            ax.yaxis.set_minor_formatter(FormatStrFormatter("%.3g"))
+        else:
+            ax.ticklabel_format(axis="y", useOffset=False)
+        if len(keys) > 1 and ax.lines:
+            ax.legend(frameon=False)
+        ax.ticklabel_format(axis="x", style="sci", scilimits=(-3, 4), useMathText=True)
+    comparable = all(r.get("comparable", True) for r in rows)
+    fig.suptitle(f"EMA model over training ({n} samples per point)" +
+                 ("" if comparable else "\nrandom Inception weights: not comparable to published numbers"))
+    return fig
+
+
+def draw_fid_png(rows: list[dict[str, Any]], path: Path) -> None:
+    import io
+
+    from matplotlib.backends.backend_agg import FigureCanvasAgg
+    fig = fid_figure(rows)
+    FigureCanvasAgg(fig)
+    buf = io.BytesIO()
+    fig.savefig(buf, format="png")
+    atomic_write_bytes(path, buf.getvalue())
+
+
+def pending(cfg: WatchConfig, done_step: int) -> list[tuple[int, Path]]:
+    """Exports after the last evaluated step (rows stay in step order), up to --until; only the newest with --latest."""
+    todo = [(s, p) for s, p in list_exports(cfg.run) if s > done_step and (cfg.until is None or s <= cfg.until)]
+    return todo[-1:] if cfg.latest else todo
+
+
+def watch(cfg: WatchConfig) -> int:
+    run = Path(cfg.run)
+    out = run / "eval"
+    out.mkdir(parents=True, exist_ok=True)
+    metrics_path = out / "metrics.jsonl"
+
+    def log(text: str) -> None:
+        print(f"[watch] {text}", file=sys.stderr, flush=True)
+
+    with exclusive(out):
+        rows = read_rows(metrics_path)
+        last = max((r["step"] for r in rows), default=-1)
+        kind = cfg.report_to or run_config(run).get("train", {}).get("report_to", "tensorboard")
+        # The purge drops tracker points of an evaluation that was killed before its row was written.
+        tracker = open_tracker(kind, run / EVAL_TB_DIR, purge_step=last + 1, name=f"{run.name}-eval")
+        try:
+            while True:
+                for step, export in pending(cfg, last):
+                    row = evaluate(cfg, step, export, log)
+                    if row is None:
+                        continue
+                    tracker.scalars(step, {k: row[k] for k in METRICS if row.get(k) is not None}, prefix="eval/")
+                    tracker.flush()
+                    append_row(metrics_path, row)  # the commit point: from here on the step counts as done
+                    rows.append(row)
+                    last = step
+                    draw_fid_png(rows, out / "fid.png")
+                    if not cfg.keep_samples:
+                        shutil.rmtree(out / "work" / f"{step:07d}", ignore_errors=True)
+                    log(f"step {step}: " + ", ".join(f"{k} {row[k]:.4g}" for k in METRICS
+                                                     if isinstance(row.get(k), (int, float))))
+                if cfg.once or cfg.latest:
+                    break
+                if cfg.until is not None and last >= cfg.until:
+                    log(f"reached --until {cfg.until}")
+                    break
+                if (run / DONE_MARKER).exists() and not pending(cfg, last):
+                    log(f"the run is finished ({DONE_MARKER}); all exports evaluated")
+                    break
+                time.sleep(cfg.poll)
+        finally:
+            tracker.close()
+    if rows:
+        print(json.dumps({"metrics": str(metrics_path), "plot": str(out / "fid.png"), "rows": len(rows),
+                          "last": rows[-1]}))
+    else:
+        log(f"no EMA exports to evaluate in {run / 'export'}")
+    return 0
+
+
+def main(argv: Sequence[str] | None = None) -> int:
+    return watch(parse(list(sys.argv[1:] if argv is None else argv)))

@@ -1,0 +1,97 @@
+"""Sample grids during training: the EMA model, fixed classes and fixed noise, a few-step SDE, the run's VAE.
+
+The same labels and the same noise (initial and per-step, from sample i's own generator as in
+`trainer sample`) at every grid, so a viewer watches the same images sharpen over training.
+"""
+from __future__ import annotations
+
+import math
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+import torch
+
+from manifests import atomic_open
+
+from .sample import sample_generator
+from .sample_io import decode
+from .samplers import sample_sde
+
+PREVIEW_SEED = 0x5EED  # the grid's own noise stream, apart from any `trainer sample --seed`
+PAD = 2  # pixels between grid cells
+
+
+def grid_labels(n: int, num_classes: int) -> list[int]:
+    """n fixed labels: every class in turn when n >= classes, else n classes spread over the range."""
+    if n >= num_classes:
+        return [i % num_classes for i in range(n)]
+    return [i * num_classes // n for i in range(n)]
+
+
+def grid_columns(n: int, num_classes: int) -> int:
+    """One column per class when every class shows (rows are then noise seeds), else about square."""
+    if num_classes <= n and n % num_classes == 0 and num_classes <= 16:
+        return num_classes
+    return math.ceil(math.sqrt(n))
+
+
+def tile(images: np.ndarray, cols: int) -> np.ndarray:
+    """(N, H, W, 3) uint8 -> one (rows*(H+PAD)-PAD, cols*(W+PAD)-PAD, 3) image on white."""
+    n, h, w, _ = images.shape
+    rows = math.ceil(n / cols)
+    out = np.full((rows * (h + PAD) - PAD, cols * (w + PAD) - PAD, 3), 255, np.uint8)
+    for j, im in enumerate(images):
+        r, c = divmod(j, cols)
+        out[r * (h + PAD):r * (h + PAD) + h, c * (w + PAD):c * (w + PAD) + w] = im
+    return out
+
+
+def grid_path(run_dir: str | Path, step: int) -> Path:
+    return Path(run_dir) / "samples" / f"step-{step:07d}.png"
+
+
+class Preview:
+    """Draws RUN/samples/step-NNNNNNN.png from the EMA model (rank 0)."""
+
+    def __init__(self, run_cfg: dict[str, Any], n: int, steps: int, device: torch.device):
+        kw = run_cfg["model_kwargs"]
+        self.num_classes, self.steps, self.device = int(kw["num_classes"]), steps, device
+        self.path, self.vae_name = run_cfg.get("path", "linear"), run_cfg.get("vae", "sd-vae-ft-ema")
+        self.scale, self.shift = float(run_cfg["latent_scale"]), float(run_cfg["latent_shift"])
+        self.labels = torch.tensor(grid_labels(n, self.num_classes), dtype=torch.long)  # (n,)
+        self.cols = grid_columns(n, self.num_classes)
+        self.shape = (int(kw["in_channels"]), int(kw["input_size"]), int(kw["input_size"]))
+        self.vae = None
+
+    def load_vae(self) -> None:
+        """Load the run's VAE once (pipeline's loader: the same one `trainer sample` decodes with)."""
+        from pipeline.encoders import load_vae
+        self.vae = load_vae(self.vae_name, device=self.device)
+
+    @torch.no_grad()
+    def images(self, ema: torch.nn.Module) -> np.ndarray:
+        """(n, H, W, 3) uint8 samples of the EMA model; identical noise on every call."""
+        if self.vae is None:
+            self.load_vae()
+        gens = [sample_generator(PREVIEW_SEED, i) for i in range(len(self.labels))]
+        noise = torch.stack([torch.randn(self.shape, generator=g) for g in gens])  # (n, C, h, w)
+
+        def fn(x, t, y):
+            return ema(x, t, y=y)
+
+        z = sample_sde(fn, noise.to(self.device), self.labels.to(self.device), steps=self.steps, generator=gens,
+                       path=self.path, null_class=self.num_classes)  # (n, C, h, w) float64
+        return decode(self.vae, z, self.scale, self.shift)  # (n, H, W, 3)
+
+    def grid(self, ema: torch.nn.Module) -> np.ndarray:
+        return tile(self.images(ema), self.cols)
+
+
+def save_png(img: np.ndarray, path: Path) -> None:
+    from PIL import Image
+    with atomic_open(path, "wb") as f:
+        Image.fromarray(img).save(f, format="PNG")
+
+
+__all__ = ["Preview", "grid_labels", "grid_columns", "tile", "grid_path", "save_png", "PREVIEW_SEED"]

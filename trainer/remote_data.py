@@ -1,0 +1,215 @@
+"""Training from an object store with the local guarantees (global shuffle, disjoint ranks, exact resume):
+member offsets come from the pipeline's sidecars, each micro-batch is fetched with concurrent ranged GETs, and an
+optional bounded local cache keeps whole shards once read."""
+from __future__ import annotations
+
+import contextlib
+import hashlib
+import io
+import os
+import threading
+from concurrent.futures import ThreadPoolExecutor
+from pathlib import Path
+
+import numpy as np
+import numpy.lib.format as npformat
+
+from manifests import Manifest, UserError, check, index_shard, storage
+from manifests.io import read_json
+
+from .data import FeatureBatches, ShardIndex
+
+SIDECAR_VERSION = 1  # pipeline/writer.py's sidecar format
+
+
+def is_remote(m: Manifest) -> bool:
+    return isinstance(m.root, storage.ObjectPath)
+
+
+def _sidecar_index(m: Manifest, entry) -> dict | None:
+    """The member index a pipeline sidecar holds for this exact shard (same sha256), or None."""
+    side_path = m.root / (entry.url[:-len(".tar")] + ".json") if entry.url.endswith(".tar") else None
+    if side_path is None or not side_path.is_file():
+        return None
+    try:
+        side = read_json(side_path, "sidecar")
+    except UserError:
+        return None
+    if side.get("version") != SIDECAR_VERSION or side.get("sha256") != entry.sha256 or "index" not in side:
+        return None
+    return side["index"]
+
+
+def build_remote_index(m: Manifest, exts: list[str]) -> ShardIndex:
+    """Like data.build_index, from sidecars (one small GET per shard, concurrent); a shard without one is scanned."""
+    def one(entry):
+        idx = _sidecar_index(m, entry)
+        return idx if idx is not None else index_shard(m.root / entry.url)
+    with ThreadPoolExecutor(16) as ex:
+        indexes = list(ex.map(one, m.shardlist))
+    paths, shard_ids, keys = [], [], []
+    members: dict[str, list[list[int]]] = {e: [] for e in exts}
+    for si, (entry, idx) in enumerate(zip(m.shardlist, indexes)):
+        check(len(idx) == entry.nsamples, f"shard '{entry.url}' holds {len(idx)} samples, manifest says "
+                                          f"{entry.nsamples}")
+        paths.append(str(m.root / entry.url))
+        for key, mem in idx.items():
+            for e in exts:
+                check(e in mem, f"shard '{entry.url}': sample '{key}' has no member '.{e}'")
+                members[e].append(mem[e])
+            shard_ids.append(si)
+            keys.append(key)
+    return ShardIndex(paths=paths, shard=np.asarray(shard_ids, np.int32), keys=np.asarray(keys),
+                      members={e: np.asarray(v, np.int64).reshape(-1, 2) for e, v in members.items()})
+
+
+class ShardCache:
+    """A bounded folder of whole shards: one download per shard (claimed across loader workers and ranks by an
+    O_EXCL file), checked against the manifest's sha256, oldest-used evicted first when over `max_bytes`."""
+
+    def __init__(self, folder: str, max_bytes: int, shas: list[str], sizes: list[int]):
+        self.dir = Path(folder)
+        self.dir.mkdir(parents=True, exist_ok=True)
+        self.max_bytes, self.shas, self.sizes = max_bytes, shas, sizes
+        self._pool: ThreadPoolExecutor | None = None
+        self._pid = -1
+
+    def path(self, si: int) -> Path:
+        return self.dir / f"{self.shas[si][:32]}.tar"  # content-addressed: a replaced shard is a new file
+
+    def local(self, si: int) -> Path | None:
+        p = self.path(si)
+        try:
+            if p.stat().st_size == self.sizes[si]:
+                return p
+        except FileNotFoundError:
+            pass
+        return None
+
+    def request(self, url: str, si: int) -> None:
+        """Start a background download of shard `si` unless another reader already has it in hand."""
+        if self.sizes[si] > self.max_bytes or self.local(si) is not None:
+            return
+        claim = self.path(si).with_suffix(".claim")
+        try:
+            os.close(os.open(claim, os.O_CREAT | os.O_EXCL | os.O_WRONLY))
+        except FileExistsError:
+            return
+        if self._pool is None or self._pid != os.getpid():  # a forked loader worker starts its own thread
+            self._pool, self._pid = ThreadPoolExecutor(1, thread_name_prefix="shard-cache"), os.getpid()
+        self._pool.submit(self._download, url, si, claim)
+
+    def _download(self, url: str, si: int, claim: Path) -> None:
+        try:
+            self._evict(self.sizes[si])
+            dest = self.path(si)
+            storage.copy_to_local(storage.path(url), dest)
+            h = hashlib.sha256()
+            with open(dest, "rb") as f:
+                while chunk := f.read(1 << 22):
+                    h.update(chunk)
+            if h.hexdigest() != self.shas[si]:  # never serve bytes the manifest does not vouch for
+                dest.unlink(missing_ok=True)
+        except Exception:  # noqa: BLE001 - the cache is an optimisation: ranged GETs go on without it
+            pass
+        finally:
+            with contextlib.suppress(OSError):
+                claim.unlink()
+
+    def _evict(self, need: int) -> None:
+        files = sorted(self.dir.glob("*.tar"), key=lambda p: p.stat().st_atime)
+        total = sum(p.stat().st_size for p in files)
+        for p in files:
+            if total + need <= self.max_bytes:
+                break
+            total -= p.stat().st_size
+            with contextlib.suppress(OSError):
+                p.unlink()
+
+
+class RemoteFeatureBatches(FeatureBatches):
+    """FeatureBatches whose reads are served from one concurrent fetch per micro-batch: per sample, one ranged GET
+    spanning its needed members (they are adjacent in the tar), or a local pread when the shard is cached."""
+
+    def __init__(self, index: ShardIndex, spec, seed: int, hflip: bool, cache: ShardCache | None = None):
+        super().__init__(index, spec, seed, hflip)
+        self.cache = cache
+        offs = np.stack([v[:, 0] for v in index.members.values()], 1)  # (N, members)
+        ends = np.stack([v[:, 0] + v[:, 1] for v in index.members.values()], 1)
+        self._span = np.stack([offs.min(1), ends.max(1)], 1)  # (N, 2) [start, end) per sample
+        self._blobs: dict[int, tuple[int, bytes]] = {}
+
+    def _fetch(self, ids: np.ndarray) -> None:
+        remote_paths, starts, ends, sids = [], [], [], []
+        for sid in map(int, ids):
+            si = int(self.index.shard[sid])
+            start, end = (int(v) for v in self._span[sid])
+            local = self.cache.local(si) if self.cache is not None else None
+            if local is not None:
+                with open(local, "rb") as f:
+                    self._blobs[sid] = (start, os.pread(f.fileno(), end - start, start))
+                continue
+            if self.cache is not None:
+                self.cache.request(self.index.paths[si], si)
+            remote_paths.append(self.index.paths[si])
+            starts.append(start)
+            ends.append(end)
+            sids.append(sid)
+        if not sids:
+            return
+        proto = remote_paths[0].split("://", 1)[0]
+        fs = storage.filesystem(proto)
+        keys = [p.split("://", 1)[1] for p in remote_paths]
+        blobs = storage.call(remote_paths[0], "read", lambda: fs.cat_ranges(keys, starts, ends, on_error="return"))
+        for sid, url, start, end, b in zip(sids, remote_paths, starts, ends, blobs):
+            if isinstance(b, BaseException):
+                raise UserError(f"cannot read {url}: {storage._reason(b)}")
+            if len(b) != end - start:
+                raise UserError(f"cannot read {url}: object ended early at byte {start + len(b)} (truncated?)")
+            self._blobs[sid] = (start, b)
+
+    def _member(self, sid: int, ext: str) -> bytes:
+        off, size = (int(v) for v in self.index.members[ext][sid])
+        base, blob = self._blobs[sid]
+        return blob[off - base:off - base + size]
+
+    def _read(self, sid: int, ext: str) -> bytes:
+        return self._member(sid, ext)
+
+    def _read_npy_into(self, sid: int, ext: str, out: np.ndarray) -> None:
+        data = self._member(sid, ext)
+        head = self._headers.get(ext)
+        if head is None or len(data) != len(head) + out.nbytes or data[:len(head)] != head:
+            buf = io.BytesIO(data)
+            try:
+                version = npformat.read_magic(buf)
+                rd = npformat.read_array_header_1_0 if version == (1, 0) else npformat.read_array_header_2_0
+                shape, fortran, dtype = rd(buf)
+            except ValueError as e:
+                raise UserError(f"{self._where(sid, ext)} is not a plain .npy array ({e})") from e
+            if tuple(shape) != out.shape or dtype != out.dtype or fortran:
+                raise UserError(f"{self._where(sid, ext)} has shape {list(shape)} {dtype}, the manifest says "
+                                f"{list(out.shape)} {out.dtype}")
+            if len(data) != buf.tell() + out.nbytes:
+                raise UserError(f"{self._where(sid, ext)} has {len(data)} bytes, expected {buf.tell() + out.nbytes}")
+            head = self._headers[ext] = data[:buf.tell()]
+        out.reshape(-1).view(np.uint8)[:] = np.frombuffer(data, np.uint8, out.nbytes, len(head))
+
+    def __getitem__(self, item):
+        self._fetch(item[2])
+        try:
+            return super().__getitem__(item)
+        finally:
+            self._blobs.clear()
+
+
+def make_dataset(m: Manifest, index: ShardIndex, spec, seed: int, hflip: bool, cache_dir: str | None,
+                 cache_gb: float) -> FeatureBatches:
+    """The local reader for local shards (pread fast path), else the ranged-GET reader (with cache if asked)."""
+    if not is_remote(m):
+        return FeatureBatches(index, spec, seed, hflip)
+    cache = None
+    if cache_dir:
+        cache = ShardCache(cache_dir, int(cache_gb * (1 << 30)), [e.sha256 for e in m.shardlist],
+                           [e.bytes for e in m.shardlist])
+    return RemoteFeatureBatches(index, spec, seed, hflip, cache)
