@@ -16,6 +16,7 @@ import numpy as np
 import torch
 
 from manifests import Manifest, UserError, storage
+from manifests.codecs import CODECS, scale_field
 from manifests.shards import CLS, npy_ext
 
 from .data import LATENT, DataSpec
@@ -101,6 +102,8 @@ class StreamBatches(torch.utils.data.IterableDataset):
                 noise = rng.standard_normal((n, c, h, h), dtype=np.float32)
                 x = np.empty((n, c, h, h), np.float32)
                 zs = [np.empty((n, sp.tokens, d), np.dtype(dt)) for d, dt in zip(sp.z_dims, sp.enc_dtypes)]
+                codecs = [CODECS[c] for c in (sp.enc_codecs or ["float16"] * len(sp.encoders))]
+                scales = [np.empty((n, sp.tokens), np.float16) if cd.scaled else None for cd in codecs]
                 cls = []
                 for j, s in enumerate(rows):
                     mom = self._array(s, npy_ext(LATENT), (2 * c, h, h), np.dtype(np.float32))  # (2C, H, W)
@@ -108,8 +111,12 @@ class StreamBatches(torch.utils.data.IterableDataset):
                     cls.append(int(s[CLS].decode().strip()))
                     for k, name in enumerate(sp.encoders):
                         zs[k][j] = self._array(s, npy_ext(name), (sp.tokens, sp.z_dims[k]), zs[k].dtype)  # (T, D)
+                        if scales[k] is not None:  # 8-bit codes: their per-token scales (manifests/codecs.py)
+                            scales[k][j] = self._array(s, npy_ext(scale_field(name)), (sp.tokens,), scales[k].dtype)
                 yield {"step": step, "x": torch.from_numpy(x), "y": torch.tensor(cls, dtype=torch.int64),
                        "zs": [torch.from_numpy(z) for z in zs], "keys": [s["__key__"] for s in rows],
+                       "zscales": [None if z is None else torch.from_numpy(z) for z in scales],
+                       "codecs": [cd.name for cd in codecs],
                        "tag": torch.tensor([pos0]), "pos0": pos0}
 
 
