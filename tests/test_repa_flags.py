@@ -69,6 +69,9 @@ def test_help_lists_aliases_under_one_heading_and_cli_error_is_one_line():
         assert p.returncode == 0, p.stderr
         section = p.stdout.split(heading, 1)[1]
         for a in table:
+            if a.flag == a.target:  # the same flag exists natively: listed with our own flags, not as an alias
+                assert a.flag in p.stdout.split(heading, 1)[0], (cmd, a.flag)
+                continue
             assert a.flag in section, (cmd, a.flag)
     assert_user_error(run_module("trainer", "train", "--manifest", "f", "--run-dir", "r", "--epochs", "3"),
                       "--epochs", "--steps")
