@@ -98,16 +98,13 @@ class StreamBatches(torch.utils.data.IterableDataset):
                 n = min(self.micro, self.local - m0)
                 rows = list(itertools.islice(samples, n))
                 pos0 = first + m0
-                rng = np.random.default_rng([self.seed, pos0, n, 0xDA7A])  # as the indexed reader: per position
-                noise = rng.standard_normal((n, c, h, h), dtype=np.float32)
-                x = np.empty((n, c, h, h), np.float32)
+                x = np.empty((n, 2 * c, h, h), np.float32)  # the moments; the step draws the latent on the device
                 zs = [np.empty((n, sp.tokens, d), np.dtype(dt)) for d, dt in zip(sp.z_dims, sp.enc_dtypes)]
                 codecs = [CODECS[c] for c in (sp.enc_codecs or ["float16"] * len(sp.encoders))]
                 scales = [np.empty((n, sp.tokens), np.float16) if cd.scaled else None for cd in codecs]
                 cls = []
                 for j, s in enumerate(rows):
-                    mom = self._array(s, npy_ext(LATENT), (2 * c, h, h), np.dtype(np.float32))  # (2C, H, W)
-                    x[j] = ((mom[:c] + mom[c:] * noise[j]) * sp.scale + sp.shift)  # (C, H, W)
+                    x[j] = self._array(s, npy_ext(LATENT), (2 * c, h, h), np.dtype(np.float32))  # (2C, H, W)
                     cls.append(int(s[CLS].decode().strip()))
                     for k, name in enumerate(sp.encoders):
                         zs[k][j] = self._array(s, npy_ext(name), (sp.tokens, sp.z_dims[k]), zs[k].dtype)  # (T, D)
