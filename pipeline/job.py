@@ -150,7 +150,7 @@ def _run_ray(cfg: ExtractConfig, out: Path, fp: str, pending, total: int) -> Non
     decode_mem = 2 * cfg.shard_size * cfg.resolution ** 2 * 3 + (256 << 20)  # + the worker itself
     ds = ds.map(decode_shard, num_cpus=1, memory=decode_mem)
     ds = ds.map_batches(ShardEncoder, fn_constructor_kwargs={"cfg": enc_cfg.to_dict()}, batch_size=1,
-                        batch_format="numpy", compute=ray.data.ActorPoolStrategy(size=actors),
+                        batch_format="numpy", compute=actor_pool(actors),
                         num_gpus=1 if n_gpu else 0, num_cpus=1 if n_gpu else threads)
     done_items = total - sum(len(p.items) for p in pending)
     bar = tqdm(total=total, initial=done_items, unit="img", desc="extract", dynamic_ncols=True, smoothing=0.1)
@@ -172,6 +172,17 @@ def _run_ray(cfg: ExtractConfig, out: Path, fp: str, pending, total: int) -> Non
     dt = max(time.time() - t0, 1e-9)
     print(f"encoded {n_new} images in {dt:.1f}s ({n_new / dt:.1f} img/s on {actors} actor(s)), "
           f"skipped {n_skip}", file=sys.stderr)
+
+
+def actor_pool(actors: int):
+    """Two calls in flight per actor, so a shard's tail write overlaps the next shard's encoding (worker.py's lock
+    keeps the device to one encode at a time); an older Ray without these options runs them in turn."""
+    import ray.data
+    try:
+        return ray.data.ActorPoolStrategy(size=actors, max_tasks_in_flight_per_actor=2,
+                                          max_concurrent_calls_per_actor=2, enable_true_multi_threading=True)
+    except TypeError:
+        return ray.data.ActorPoolStrategy(size=actors)
 
 
 def _find_user_error(e: BaseException) -> UserError | None:

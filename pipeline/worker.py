@@ -88,6 +88,9 @@ class ShardEncoder:
             # Same thread count and deterministic kernels in every run: byte-identical shards on CPU.
             torch.set_num_threads(max(1, self.cfg.cpu_threads))
             torch.use_deterministic_algorithms(True, warn_only=True)
+        # Ray may run two calls of this actor at once (job.py): one encodes while the other's writer drains, so
+        # the device never waits on the writer. The lock keeps encoding itself to one call at a time.
+        self._device_lock = threading.Lock()
         self.vae = load_vae(self.cfg.vae, device=self.device)
         self.encoders = [load_encoder(e, self.cfg.resolution, device=self.device) for e in self.cfg.encoders]
         self._setup_numerics()
@@ -170,7 +173,8 @@ class ShardEncoder:
             yield batch
 
     def _encode_and_write(self, plan: ShardPlan, crops: np.ndarray, metas: list[dict], skipped: list[dict]) -> dict:
-        """Encode sub-batches while a thread streams finished samples into the shard's tar (GPU never waits on IO).
+        """Encode sub-batches while a thread streams finished samples into the shard's tar (GPU never waits on IO:
+        while this call waits for its writer to finish the shard, a second concurrent call encodes the next one).
 
         If encoding fails, the writer is aborted, so no partial tar is ever renamed into place.
         """
@@ -202,14 +206,15 @@ class ShardEncoder:
         t.start()
         ok = False
         try:
-            for batch in self._samples(crops, metas):
-                if "error" in result:
-                    break
-                q.put(batch)
+            with self._device_lock:  # released before the drain below: the next shard encodes meanwhile
+                for batch in self._samples(crops, metas):
+                    if "error" in result:
+                        break
+                    q.put(batch)
             ok = True
         finally:
             q.put(_END if ok else _ABORT)
-            t.join()
+            t.join()  # the shard is whole (tar, sidecar) before Ray hears of it, so the driver's count is true
         if "error" in result:
             raise result["error"]
         return result["side"]

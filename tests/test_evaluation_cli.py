@@ -4,10 +4,7 @@ import errno
 import json
 import os
 import shutil
-import signal
-import subprocess
 import sys
-import time
 from pathlib import Path
 
 import h5py
@@ -16,7 +13,7 @@ import pytest
 import torch
 from PIL import Image
 
-from helpers import REPO, filled_before, make_features_manifest, run_module, run_until_killed
+from helpers import filled_before, make_features_manifest, run_module, run_until_killed
 from manifests import sha256_file
 
 from eval_sets import N, RES, _tmp_files, evaluate, one_line_error, sets  # noqa: F401 (sets is a fixture)

@@ -394,3 +394,55 @@ def test_streaming_writer_disk_full_is_one_line_and_nothing_partial(tmp_path, mo
     side = _streaming_actor(tmp_path, batches)._encode_and_write(ShardPlan(0, ()), None, [{}] * 3, [])
     assert side["nsamples"] == 3 and [s["__key__"] for s in iter_shard(tar_path(tmp_path, ShardPlan(0, ())))] == \
         ["k0", "k1", "k2"]
+
+
+def test_actor_encodes_the_next_shard_while_the_last_one_is_written(tmp_path, monkeypatch):
+    """Two concurrent calls of one actor (as job.actor_pool lets Ray make them): the second shard's encoding runs
+    while the first shard's writer is still finishing, and encoding itself never runs twice at once."""
+    import threading
+    import time as _time
+
+    from pipeline import worker
+    from pipeline.job import actor_pool
+    from pipeline.sources import list_source
+    from pipeline.synth import synthesize
+    from pipeline.worker import EncodeConfig, ShardEncoder, decode_shard
+    assert actor_pool(1).max_concurrent_calls_per_actor == 2  # this Ray supports the overlap
+    synthesize(tmp_path / "src", classes=2, per_class=2)
+    items = list_source(str(tmp_path / "src")).items
+    rows = [decode_shard({"shard": i, "resolution": 256, "items": json.dumps([items[i].to_dict()])}) for i in (0, 1)]
+    (tmp_path / "out" / "shards").mkdir(parents=True)
+    actor = ShardEncoder(EncodeConfig(out=str(tmp_path / "out"), fingerprint="f", vae="tiny-vae",
+                                      encoders=["tiny-dinov2"], batch_size=4).to_dict())
+    events, inside = [], []
+    real_write, real_iter = worker.write_shard_once, actor._encode_iter
+
+    def slow_write(out, plan, fp, samples, skipped, fields):
+        side = real_write(out, plan, fp, list(samples), skipped, fields)
+        events.append(("written", plan.index, _time.perf_counter()))
+        _time.sleep(1.5)  # a slow disk or object store at the end of the shard
+        events.append(("returned", plan.index, _time.perf_counter()))
+        return side
+
+    def encode_iter(crops):
+        inside.append(1)
+        assert len(inside) == 1, "two encodes at once"
+        events.append(("encode", None, _time.perf_counter()))
+        try:
+            yield from real_iter(crops)
+        finally:
+            inside.pop()
+
+    monkeypatch.setattr(worker, "write_shard_once", slow_write)
+    monkeypatch.setattr(actor, "_encode_iter", encode_iter)
+    first = threading.Thread(target=actor, args=({k: np.asarray([v], dtype=object) for k, v in rows[0].items()},))
+    first.start()
+    while not any(e[0] == "written" for e in events):
+        _time.sleep(0.01)
+    actor({k: np.asarray([v], dtype=object) for k, v in rows[1].items()})
+    first.join()
+    second_encode = [e[2] for e in events if e[0] == "encode"][1]
+    first_returned = [e[2] for e in events if e[0] == "returned" and e[1] == 0][0]
+    assert second_encode < first_returned  # shard 1 was encoded while shard 0's writer was still busy
+    assert sorted(p.name for p in (tmp_path / "out" / "shards").glob("*.tar")) == ["train-000000.tar",
+                                                                                    "train-000001.tar"]

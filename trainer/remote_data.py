@@ -7,7 +7,6 @@ import contextlib
 import hashlib
 import io
 import os
-import threading
 from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
 

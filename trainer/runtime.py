@@ -17,7 +17,7 @@ from manifests.io import atomic_write_bytes, atomic_write_json, ensure_writable_
 
 from . import checkpoint
 from .config import TrainConfig
-from .data import (DataSpec, FeatureBatches, StepSampler, build_index, make_loader, needed_exts, resolve_fields)
+from .data import (DataSpec, StepSampler, build_index, make_loader, needed_exts, resolve_fields)
 from .microbatch import probe_batch, probe_micro
 from .models import SiT, SiT_models
 from .plot import read_stats
@@ -99,15 +99,6 @@ class Run:
     def close(self) -> None:
         if self.world > 1 and dist.is_initialized():
             dist.destroy_process_group()
-
-
-def sync_flag(r: Run, flag: bool) -> bool:
-    """True on every rank when any rank has it set (e.g. SIGTERM reached only some)."""
-    if r.world == 1:
-        return flag
-    t = torch.tensor([1.0 if flag else 0.0], device=r.device)
-    dist.all_reduce(t, op=dist.ReduceOp.MAX)
-    return bool(t.item())
 
 
 def init_distributed() -> tuple[int, int, torch.device]:

@@ -12,6 +12,8 @@ import torch
 import torch.distributed as dist
 from tqdm import tqdm
 
+from manifests import UserError
+
 from . import checkpoint, remote_run
 from .config import resolve
 from .data import nonfinite_rows, tokens_to_device
