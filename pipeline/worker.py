@@ -76,6 +76,10 @@ def decode_shard(row: dict[str, Any]) -> dict[str, Any]:
 class ShardEncoder:
     """Ray actor: VAE moments + patch tokens for every image of a shard, in fixed sub-batches, then write it."""
 
+    # Ray may run two calls of this actor at once (job.py): one encodes while the other's writer drains, so the
+    # device never waits on the writer. The lock keeps encoding itself to one call at a time (one actor per process).
+    _device_lock = threading.Lock()
+
     def __init__(self, cfg: dict):
         import torch
 
@@ -88,9 +92,6 @@ class ShardEncoder:
             # Same thread count and deterministic kernels in every run: byte-identical shards on CPU.
             torch.set_num_threads(max(1, self.cfg.cpu_threads))
             torch.use_deterministic_algorithms(True, warn_only=True)
-        # Ray may run two calls of this actor at once (job.py): one encodes while the other's writer drains, so
-        # the device never waits on the writer. The lock keeps encoding itself to one call at a time.
-        self._device_lock = threading.Lock()
         self.vae = load_vae(self.cfg.vae, device=self.device)
         self.encoders = [load_encoder(e, self.cfg.resolution, device=self.device) for e in self.cfg.encoders]
         self._setup_numerics()
