@@ -25,7 +25,8 @@ from manifests.io import ensure_writable_dir, remove_tmp_files
 
 from .official import check_state_dict, load_sit_weights
 from .sample_io import decode, png_bytes, write_grid, write_npz
-from .sample_config import SampleConfig, check_resolution, dumps, per_rank_batch, resolve
+# `parse` is re-exported for callers of trainer.sample.
+from .sample_config import SampleConfig, check_resolution, dumps, parse, per_rank_batch, resolve  # noqa: F401
 from .samplers import nfe, sample_ode, sample_sde
 
 SHARD_NAME = "samples-{:06d}"

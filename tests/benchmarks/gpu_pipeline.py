@@ -36,6 +36,7 @@ def build_actor(device, tiny: bool, resolution: int, batch_size: int, precision:
     from diffusers import AutoencoderKL
 
     from pipeline.encoders import ENCODERS, Encoder, load_encoder, load_vae, vae_moments
+    from manifests.codecs import get_codec
     from pipeline.worker import EncodeConfig, ShardEncoder
 
     names = ["tiny-dinov2"] if tiny else ["dinov2-vit-b"]
@@ -56,6 +57,7 @@ def build_actor(device, tiny: bool, resolution: int, batch_size: int, precision:
                                       img_size=spec.input_at_256 * resolution // 256)
             actor.encoders.append(Encoder(spec, model.to(device).eval().requires_grad_(False), resolution, "random"))
     actor._setup_numerics(compile_=compile_)
+    actor.codec = get_codec(actor.cfg.feature_dtype)  # the product's default token codec, as __init__ sets it
     r8 = resolution // 8
     actor.fields = {"latent": {"shape": [8, r8, r8]}, **{e.name: {"shape": [e.grid[0] * e.grid[1], e.dim]}
                                                           for e in actor.encoders}}
@@ -102,10 +104,13 @@ def main() -> int:
         if device.type == "cuda":
             torch.cuda.synchronize()
 
+    from manifests.codecs import get_codec
     rates, outs = {}, {}
     for prec in ("default", "fast"):
         actor = build_actor(device, args.tiny, r, batch, prec, compile_)
+        codec, actor.codec = actor.codec, get_codec("float32")  # the deviation sample: the encoders' own output
         outs[prec] = actor._encode(crops[:batch])  # warm-up (cudnn autotune, compile); also the deviation sample
+        actor.codec = codec  # timed below with the default codec, as extraction runs
         for name, spec in actor.fields.items():
             assert list(outs[prec][name].shape[1:]) == spec["shape"], (name, outs[prec][name].shape, spec["shape"])
         if args.deviation_only:
