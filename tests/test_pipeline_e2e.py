@@ -72,11 +72,12 @@ def test_sigkill_at_each_write_point_then_resume_is_byte_identical(synth_dir, ti
     assert len(reference) == 3
     try:
         # 1. The 2nd tar is whole in its tmp file: it is not a shard yet. The actor runs two shards at once (one
-        # encodes while the other's writer finishes), so the other one is in its tmp file or already renamed.
+        # encodes while the other's writer finishes), so another may be in its tmp file, or already renamed.
         run_until_killed(cmd, "tar-before-rename:2", tmp_path / "k1.log", env=env, marker=str(ray_tmp))
         tmps = [p for p in _tmp_files(out) if p.name.startswith(".tmp-train-")]
         assert 1 <= len(tmps) <= 2 and max(t.stat().st_size for t in tmps) > 0, _tmp_files(out)  # one just opened
-        assert len(tmps) + len(_tars(out)) == 2, (tmps, _tars(out))  # exactly the two shards in flight
+        # The two shards that reached the kill point, plus at most the next one being encoded (its tmp just opened).
+        assert 2 <= len(tmps) + len(_tars(out)) <= 3, (tmps, list(_tars(out)))
         assert set(_sidecars(out)) <= {t[:-4] for t in _tars(out)} and not (out / "manifest.json").exists()
         _check_sidecars_describe_whole_tars(out)
         # 2. Two concurrent writers; the first tar to reach its sidecar dies with the job.
