@@ -21,6 +21,7 @@ import numpy as np
 from manifests import UserError
 from manifests.faults import kill_point
 from manifests.io import TMP_MARK, atomic_path
+from manifests.storage import pid_alive
 
 from .images import ImageSet
 from .inception import LOGIT_DIM, POOL_DIM, SPATIAL_DIM, InceptionFeatures
@@ -64,13 +65,6 @@ def _checksum(arrays: dict[str, np.ndarray]) -> str:
     return h.hexdigest()
 
 
-def _pid_alive(pid: int) -> bool:
-    try:
-        os.kill(pid, 0)
-    except ProcessLookupError:
-        return False
-    except PermissionError:
-        return True
     return True
 
 
@@ -79,7 +73,7 @@ def remove_stale_tmp(final: Path) -> list[Path]:
     removed = []
     for p in final.parent.glob(f"{TMP_MARK}{final.name}.*"):
         parts = p.name[len(TMP_MARK) + len(final.name) + 1:].split(".")
-        if parts and parts[0].isdigit() and int(parts[0]) != os.getpid() and _pid_alive(int(parts[0])):
+        if parts and parts[0].isdigit() and int(parts[0]) != os.getpid() and pid_alive(int(parts[0])):
             continue  # another live run is writing it
         with contextlib.suppress(OSError):
             p.unlink()

@@ -318,14 +318,15 @@ def remove_stale_staging() -> int:
             pid = int(p.name.split(".")[-3])
         except (ValueError, IndexError):
             continue
-        if not _alive(pid):
+        if not pid_alive(pid):
             with contextlib.suppress(OSError):
                 p.unlink()
                 n += 1
     return n
 
 
-def _alive(pid: int) -> bool:
+def pid_alive(pid: int) -> bool:
+    """Whether process `pid` still runs on this machine (a staging file's owner, a cache writer)."""
     try:
         os.kill(pid, 0)
     except ProcessLookupError:

@@ -241,7 +241,11 @@ class FeatureBatches(torch.utils.data.Dataset):
             raise UserError(f"{self._where(sid, ext)} is truncated or malformed")
 
     def _parse_header(self, fd: int, sid: int, ext: str, off: int, size: int, out: np.ndarray) -> bytes:
-        head = io.BytesIO(os.pread(fd, min(size, 4096), off))
+        return self._check_header(os.pread(fd, min(size, 4096), off), sid, ext, size, out)
+
+    def _check_header(self, data: bytes, sid: int, ext: str, size: int, out: np.ndarray) -> bytes:
+        """Validate a member's .npy header (from its first bytes) against `out`; cache and return the header."""
+        head = io.BytesIO(data)
         try:
             version = npformat.read_magic(head)
             read_header = npformat.read_array_header_1_0 if version == (1, 0) else npformat.read_array_header_2_0

@@ -5,13 +5,11 @@ from __future__ import annotations
 
 import contextlib
 import hashlib
-import io
 import os
 from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
 
 import numpy as np
-import numpy.lib.format as npformat
 
 from manifests import Manifest, UserError, check, index_shard, storage
 from manifests.io import read_json
@@ -179,19 +177,7 @@ class RemoteFeatureBatches(FeatureBatches):
         data = self._member(sid, ext)
         head = self._headers.get(ext)
         if head is None or len(data) != len(head) + out.nbytes or data[:len(head)] != head:
-            buf = io.BytesIO(data)
-            try:
-                version = npformat.read_magic(buf)
-                rd = npformat.read_array_header_1_0 if version == (1, 0) else npformat.read_array_header_2_0
-                shape, fortran, dtype = rd(buf)
-            except ValueError as e:
-                raise UserError(f"{self._where(sid, ext)} is not a plain .npy array ({e})") from e
-            if tuple(shape) != out.shape or dtype != out.dtype or fortran:
-                raise UserError(f"{self._where(sid, ext)} has shape {list(shape)} {dtype}, the manifest says "
-                                f"{list(out.shape)} {out.dtype}")
-            if len(data) != buf.tell() + out.nbytes:
-                raise UserError(f"{self._where(sid, ext)} has {len(data)} bytes, expected {buf.tell() + out.nbytes}")
-            head = self._headers[ext] = data[:buf.tell()]
+            head = self._check_header(data, sid, ext, len(data), out)  # the local reader's checks and messages
         out.reshape(-1).view(np.uint8)[:] = np.frombuffer(data, np.uint8, out.nbytes, len(head))
 
     def __getitem__(self, item):
