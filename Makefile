@@ -6,6 +6,10 @@ PY := $(VENV)/bin/python
 TORCH_SPEC ?= torch==2.14.1 torchvision==0.29.1
 DEMO_DIR ?= demo
 PYTEST_ARGS ?=
+# Test processes (pytest-xdist). The suite is mostly subprocesses that wait on each other (Ray, torchrun, servers),
+# so 3 keep 2 cores busy. Slow end-to-end tests are collected first (tests/conftest.py) and handed out one at a
+# time (--maxschedchunk 1), so they spread over the workers instead of queueing behind each other on one.
+TEST_WORKERS ?= 3
 
 .PHONY: venv demo demo-fast test bench bench-gpu wheelhouse clean
 
@@ -25,7 +29,7 @@ demo-fast: venv
 	DEMO_FAST=1 $(PY) scripts/demo.py --out $(DEMO_DIR)-fast
 
 test: venv
-	$(PY) -m pytest -q $(PYTEST_ARGS)
+	$(PY) -m pytest -q -n $(TEST_WORKERS) --maxschedchunk 1 $(PYTEST_ARGS)
 
 bench: venv
 	@for f in tests/benchmarks/bench_*.py; do echo "== $$f"; $(PY) $$f || exit 1; done

@@ -37,13 +37,14 @@ class DemoSize:
     sample_steps: int
     align_images: int
     watch_samples: int
+    grid_steps: int  # SDE steps of the training grids and the watcher's samples
 
 
 RESOLUTION = 128  # a 16x16 latent: 64 tokens for SiT-Debug/2 and an 8x8 grid for the tiny encoders
 FULL = DemoSize(classes=8, per_class=24, steps=600, batch_size=16, ckpt_every=200, log_every=10, sample_every=100,
-                num_samples=64, sample_steps=50, align_images=64, watch_samples=64)
+                num_samples=64, sample_steps=50, align_images=64, watch_samples=64, grid_steps=32)
 FAST = DemoSize(classes=4, per_class=6, steps=30, batch_size=8, ckpt_every=15, log_every=5, sample_every=15,
-                num_samples=16, sample_steps=10, align_images=24, watch_samples=16)
+                num_samples=16, sample_steps=10, align_images=24, watch_samples=16, grid_steps=8)
 
 
 def run(step: str, args: list[str], log: list[tuple[str, float]]) -> None:
@@ -141,7 +142,7 @@ def chain(a, size: DemoSize, out: Path, data: Path, data_src: str, feats: str, r
          # a short CPU run: a larger step than the paper's 1e-4, and an EMA that forgets within ~50 steps
          # (0.9999 would still be ~94% the initial weights after 600 steps)
          "--lr", "1e-3", "--ema-decay", "0.98", "--sample-every", str(size.sample_every),
-         "--sample-grid", str(2 * size.classes), "--sample-steps", "32"], log)
+         "--sample-grid", str(2 * size.classes), "--sample-steps", str(size.grid_steps)], log)
     ckpt = run_dir  # the run folder: its newest EMA export
     run("4/7 sample (SDE, CFG interval)",
         ["trainer", "sample", "--ckpt", ckpt, "--out", samples, "--num-samples", str(size.num_samples),
@@ -156,7 +157,7 @@ def chain(a, size: DemoSize, out: Path, data: Path, data_src: str, feats: str, r
     if local:  # the watcher follows a run folder on a file system (shared between machines, or this one)
         run("7/7 FID watcher, once, on the final EMA export (random Inception: meaningless numbers)",
             ["evaluation", "watch", run_dir, "--reference", data_src, "--latest", "--num-samples",
-             str(size.watch_samples), "--steps", "32", "--batch-size", "16", "--inception-weights", "random:0",
+             str(size.watch_samples), "--steps", str(size.grid_steps), "--batch-size", "16", "--inception-weights", "random:0",
              "--eval-batch-size", "16"], log)
     print(f"\n=== demo finished in {time.time() - t_start:.0f}s")
     for step, secs in log:

@@ -133,7 +133,7 @@ def run_until_killed(cmd: list[str], point: str, log: Path, *, env: dict | None 
 
 
 def kill_marked(marker: str, timeout: float = 30) -> None:
-    """SIGKILL every process whose command line or environment holds `marker` (this test's own Ray temp folder)."""
+    """SIGKILL every process whose command line or environment holds `marker` (a test's own Ray temp or run folder)."""
     import signal
     import time
     end = time.time() + timeout

@@ -27,15 +27,6 @@ KW = dict(input_size=8, in_channels=4, num_classes=4, encoder_depth=2, z_dims=[6
 FAST = ["--steps", "3", "--shard-size", "4"]  # 64 px images from 8x8 latents; 3 SDE steps keep it cheap
 
 
-@pytest.fixture(scope="module", autouse=True)
-def one_thread():
-    """2 shared cores: a second OMP thread only spins (ops go from ~0.1 ms to ~5 ms)."""
-    n = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(n)
-
-
 def debug_model(seed: int = 0) -> torch.nn.Module:
     torch.manual_seed(seed)
     m = SiT_models["SiT-Debug/2"](**KW)

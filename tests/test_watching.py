@@ -28,15 +28,6 @@ from trainer.checkpoint import kept_steps
 ENV = {**os.environ, "OMP_NUM_THREADS": "1", "PYTHONUNBUFFERED": "1"}
 
 
-@pytest.fixture(autouse=True)
-def one_thread():
-    """In-process runs: one intra-op thread (two OpenMP threads on a shared 2-core box spin-wait each other)."""
-    before = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(before)
-
-
 @pytest.fixture(scope="module")
 def pix(tmp_path_factory) -> Path:
     root = tmp_path_factory.mktemp("pixfeat")

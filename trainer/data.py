@@ -21,6 +21,7 @@ from .steprng import flip_bits
 LATENT = "latent"
 INDEX_VERSION = 1
 PREFETCH = 4  # batches in flight per loader worker
+MAX_GAP = 16 << 10  # bytes of unwanted members a coalesced read may carry rather than split
 RING_EXTRA = 2  # spare ring buffers beyond those in flight: the one in use by the step, and one of margin
 
 
@@ -203,6 +204,17 @@ class FeatureBatches(torch.utils.data.Dataset):
         self.enc_dtypes = [np.dtype(c.storage) for c in self.codecs]
         self._fds: dict[int, int] = {}
         self._headers: dict[str, bytes] = {}
+        # Per flip: the members a sample needs, as (ext, kind, encoder index); their offsets sit in one array, so
+        # one lookup per sample finds them all.
+        self._wanted = {f: [(npy_ext(LATENT, f), "x", -1), (CLS, "y", -1)]
+                        + [(npy_ext(n, f), "z", k) for k, n in enumerate(spec.encoders)]
+                        + [(npy_ext(scale_field(n), f), "s", k) for k, (n, c) in
+                           enumerate(zip(spec.encoders, self.codecs)) if c.scaled] for f in (False, True)}
+        cols = sorted({ext for f in self._wanted for ext, _, _ in self._wanted[f] if ext in index.members})
+        self._col = {ext: i for i, ext in enumerate(cols)}
+        self._offsets = np.stack([index.members[e] for e in cols], 1) if len(index) else None  # (N, E, 2)
+        self._gap = bytearray(MAX_GAP)  # tar headers and padding between wanted members land here
+        self._cls = bytearray(64)
         self.ring_size = RING_EXTRA  # make_loader sets prefetch_factor + RING_EXTRA for workers
         self._ring: dict[int, list] = {}
         self._next: dict[int, int] = {}
@@ -271,18 +283,70 @@ class FeatureBatches(torch.utils.data.Dataset):
         # the micro-batch size, so the data stream is a pure function of (seed, step) and resumes exactly.
         flips = flip_bits(self.seed, positions) & self.hflip
         for j, sid in enumerate(ids):
-            sid, flip = int(sid), bool(flips[j])
-            self._read_npy_into(sid, npy_ext(LATENT, flip), xn[j])  # (2C, H, W): mean then std
-            cls.append(int(self._read(sid, CLS).decode().strip()))
-            for k, name in enumerate(self.spec.encoders):
-                self._read_npy_into(sid, npy_ext(name, flip), zn[k][j])  # (T, D) values or 8-bit codes
-                if sn[k] is not None:  # and their per-token scales (T,) float16
-                    self._read_npy_into(sid, npy_ext(scale_field(name), flip), sn[k][j])
+            # (2C, H, W) moments: mean then std; (T, D) values or 8-bit codes and their (T,) float16 scales
+            outs = {"x": [xn[j]], "z": [z[j] for z in zn], "s": [None if s is None else s[j] for s in sn]}
+            cls.append(self._read_sample(int(sid), bool(flips[j]), outs))
         self._check_scales(sn, ids, flips)
         keys = [str(self.index.keys[int(i)]) for i in ids]
         tag.fill_(int(positions[0]))
         return {"step": step, "x": x, "y": torch.tensor(cls, dtype=torch.int64), "zs": zs, "zscales": scales,
                 "codecs": [cd.name for cd in self.codecs], "keys": keys, "tag": tag, "pos0": int(positions[0])}
+
+    def _read_sample(self, sid: int, flip: bool, outs: dict[str, list]) -> int:
+        """Read one sample's wanted members into `outs` with one preadv per run of nearby members; return its label.
+
+        A sample's members sit together in the tar, so one syscall carries the tar headers and .npy headers into
+        scratch and the arrays straight into the ring. Anything unexpected (an unseen header, a short read, a
+        changed header) falls back to member-by-member reads, which name the culprit.
+        """
+        rows = self._offsets[sid].tolist()  # [[offset, size], ...] per column
+        plan = []
+        for ext, kind, k in self._wanted[flip]:
+            off, size = rows[self._col[ext]]
+            if kind == "y":
+                if size > len(self._cls):
+                    return self._read_members(sid, flip, outs)
+                plan.append((off, size, None, self._cls))
+                continue
+            out = outs[kind][0 if kind == "x" else k]
+            head = self._headers.get(ext)
+            if head is None or size != len(head) + out.nbytes:
+                return self._read_members(sid, flip, outs)  # first sample of a field, or a malformed member
+            plan.append((off, size, head, out))
+        plan.sort(key=lambda r: r[0])
+        fd, checks, bufs, start, end = self._fd(sid), [], [], plan[0][0], plan[0][0]
+        for off, size, head, out in plan:
+            if off - end > MAX_GAP or off < end:
+                if os.preadv(fd, bufs, start) != end - start:
+                    return self._read_members(sid, flip, outs)
+                bufs, start = [], off
+            elif off > end:
+                bufs.append(memoryview(self._gap)[:off - end])
+            if head is None:
+                bufs.append(memoryview(out)[:size])
+            else:
+                got = bytearray(len(head))
+                checks.append((got, head))
+                bufs += [got, memoryview(out).cast("B")]
+            end = off + size
+        if os.preadv(fd, bufs, start) != end - start or any(got != head for got, head in checks):
+            return self._read_members(sid, flip, outs)
+        return self._label(sid, bytes(self._cls[:rows[self._col[CLS]][1]]))
+
+    def _read_members(self, sid: int, flip: bool, outs: dict[str, list]) -> int:
+        """Member-by-member reads with every check and a one-line error naming the culprit; return the label."""
+        for ext, kind, k in self._wanted[flip]:
+            if kind != "y":
+                out = outs[kind][0 if kind == "x" else k]
+                if out is not None:
+                    self._read_npy_into(sid, ext, out)
+        return self._label(sid, self._read(sid, CLS))
+
+    def _label(self, sid: int, data: bytes) -> int:
+        try:
+            return int(data)
+        except ValueError:
+            raise UserError(f"{self._where(sid, CLS)} holds {data[:20]!r}, not a class index") from None
 
     def _check_scales(self, sn: list[np.ndarray | None], ids: np.ndarray, flips: np.ndarray) -> None:
         """A NaN/inf scale would poison every value of its token: stop, naming the shard and sample."""

@@ -180,6 +180,9 @@ class RemoteFeatureBatches(FeatureBatches):
             head = self._check_header(data, sid, ext, len(data), out)  # the local reader's checks and messages
         out.reshape(-1).view(np.uint8)[:] = np.frombuffer(data, np.uint8, out.nbytes, len(head))
 
+    def _read_sample(self, sid: int, flip: bool, outs: dict[str, list]) -> int:
+        return self._read_members(sid, flip, outs)  # the sample's bytes are in memory already
+
     def __getitem__(self, item):
         self._fetch(item[2])
         try:
