@@ -1,25 +1,25 @@
-"""Indexed shard reader: deterministic global shuffle, disjoint rank shares, posterior sampling per step."""
+"""The training loader: micro-batches read by tar offsets into reused shared rings (index and order: shard_index.py)."""
 from __future__ import annotations
 
 import io
-import json
 import os
+import uuid
+import weakref
 from dataclasses import dataclass, field
-from pathlib import Path
-from typing import Any, Iterator
+from typing import Any
 
 import numpy as np
 import numpy.lib.format as npformat
 import torch
 
-from manifests import Manifest, UserError, atomic_write_json, check, index_shard, sanitize_key
+from manifests import Manifest, UserError, check
 from manifests.codecs import CODECS, decode, field_codec, scale_field
 from manifests.shards import CLS, npy_ext
 
+from .shard_index import ShardIndex, StepSampler, build_index, epoch_permutation  # noqa: F401 (re-exported)
 from .steprng import flip_bits
 
 LATENT = "latent"
-INDEX_VERSION = 1
 PREFETCH = 4  # batches in flight per loader worker
 MAX_GAP = 16 << 10  # bytes of unwanted members a coalesced read may carry rather than split
 RING_EXTRA = 2  # spare ring buffers beyond those in flight: the one in use by the step, and one of margin
@@ -102,93 +102,32 @@ def _shared_empty(shape: tuple[int, ...], dtype: torch.dtype) -> torch.Tensor:
     return torch.empty(shape, dtype=dtype).share_memory_()
 
 
-@dataclass
-class ShardIndex:
-    """Flat arrays over all samples: shard id, key, and (offset, size) per needed member."""
-    paths: list[str]
-    shard: np.ndarray  # (N,) int32
-    keys: np.ndarray  # (N,) str
-    members: dict[str, np.ndarray]  # ext -> (N, 2) int64 [offset, size]
-
-    def __len__(self) -> int:
-        return len(self.keys)
+# Main process: datasets whose loader workers write into rings made here before they started (see RingRef).
+_SHARED_RINGS: "weakref.WeakValueDictionary[str, FeatureBatches]" = weakref.WeakValueDictionary()
 
 
-def _cached_index(path: Path, entry, cache_dir: Path | None) -> dict[str, dict[str, list[int]]]:
-    """Tar member offsets of one shard, computed from headers once and cached under the run folder."""
-    cache = None
-    if cache_dir is not None:
-        cache = cache_dir / f"{sanitize_key(entry.url)}.json"
-        if cache.is_file():
-            try:
-                d = json.loads(cache.read_text())
-                if d.get("version") == INDEX_VERSION and d.get("sha256") == entry.sha256 \
-                        and d.get("bytes") == path.stat().st_size:
-                    return d["index"]
-            except (OSError, ValueError):
-                pass  # a bad cache is rebuilt
-    idx = index_shard(path)
-    if cache is not None:
-        atomic_write_json(cache, {"version": INDEX_VERSION, "sha256": entry.sha256,
-                                  "bytes": path.stat().st_size, "index": idx})
-    return idx
+class RingRef:
+    """Where a loader worker left a batch: slot `slot` of worker `worker`'s ring, made in shared memory by the main
+    process before the workers started. Only this crosses the worker queue: sending the tensors themselves costs a
+    file-descriptor handshake per tensor (a socket connection and an HMAC challenge), which was most of the main
+    process's time per batch."""
+    __slots__ = ("key", "worker", "slot", "n")
 
+    def __init__(self, key: str, worker: int, slot: int, n: int):
+        self.key, self.worker, self.slot, self.n = key, worker, slot, n
 
-def build_index(m: Manifest, exts: list[str], cache_dir: Path | None = None) -> ShardIndex:
-    """Index the listed shards only; every sample must have every needed member."""
-    paths, shard_ids, keys = [], [], []
-    members: dict[str, list[list[int]]] = {e: [] for e in exts}
-    for si, entry in enumerate(m.shardlist):
-        path = m.root / entry.url
-        idx = _cached_index(path, entry, cache_dir)
-        check(len(idx) == entry.nsamples, f"shard '{entry.url}' holds {len(idx)} samples, manifest says "
-                                          f"{entry.nsamples}")
-        paths.append(str(path))
-        for key, mem in idx.items():
-            for e in exts:
-                check(e in mem, f"shard '{entry.url}': sample '{key}' has no member '.{e}'")
-                members[e].append(mem[e])
-            shard_ids.append(si)
-            keys.append(key)
-    return ShardIndex(paths=paths, shard=np.asarray(shard_ids, np.int32), keys=np.asarray(keys),
-                      members={e: np.asarray(v, np.int64).reshape(-1, 2) for e, v in members.items()})
+    def tensors(self) -> dict[str, Any]:
+        """The batch's arrays: views of the ring slot (main process only)."""
+        x, zs, scales, tag, y = _SHARED_RINGS[self.key]._shared[self.worker][self.slot]
+        n = self.n
+        return {"x": x[:n], "y": y[:n], "zs": [z[:n] for z in zs], "tag": tag,
+                "zscales": [None if s is None else s[:n] for s in scales]}
 
-
-def epoch_permutation(seed: int, epoch: int, n: int) -> np.ndarray:
-    """The global order of one epoch: a pure function of (seed, epoch)."""
-    return np.random.default_rng([seed, epoch, 0x5EED]).permutation(n)
-
-
-class StepSampler:
-    """Yields (step, positions, sample ids) for this rank's micro-batches from `start_step` on.
-
-    Global position p = step*batch + j walks through concatenated epochs, so the data position is just the
-    step (exact resume) and an epoch end never stalls a rank. Rank r takes slots [r*B/W, (r+1)*B/W) of each
-    global batch, so ranks see disjoint shares; each share is cut into micro-batches for accumulation.
-    """
-
-    def __init__(self, n: int, batch: int, rank: int, world: int, micro: int, seed: int, start_step: int,
-                 steps: int):
-        self.n, self.batch, self.rank, self.world, self.micro, self.seed = n, batch, rank, world, micro, seed
-        self.start_step, self.steps = start_step, steps
-        self.local = batch // world
-        self._perm: tuple[int, np.ndarray] | None = None
-
-    def ids(self, positions: np.ndarray) -> np.ndarray:
-        out = np.empty(len(positions), np.int64)
-        for k, p in enumerate(positions):
-            epoch = int(p) // self.n
-            if self._perm is None or self._perm[0] != epoch:
-                self._perm = (epoch, epoch_permutation(self.seed, epoch, self.n))
-            out[k] = self._perm[1][int(p) % self.n]
-        return out
-
-    def __iter__(self) -> Iterator[tuple[int, np.ndarray, np.ndarray]]:
-        for step in range(self.start_step, self.steps):
-            first = step * self.batch + self.rank * self.local
-            for m0 in range(0, self.local, self.micro):
-                pos = np.arange(first + m0, first + min(m0 + self.micro, self.local), dtype=np.int64)
-                yield step, pos, self.ids(pos)
+    def pin_memory(self) -> dict[str, Any]:
+        """Called by the DataLoader's pin thread (CUDA): page-locked copies, so the slot may be reused at once."""
+        t = self.tensors()
+        return {"x": t["x"].pin_memory(), "y": t["y"].pin_memory(), "zs": [z.pin_memory() for z in t["zs"]],
+                "zscales": [None if s is None else s.pin_memory() for s in t["zscales"]], "tag": t["tag"].clone()}
 
 
 class FeatureBatches(torch.utils.data.Dataset):
@@ -218,6 +157,8 @@ class FeatureBatches(torch.utils.data.Dataset):
         self.ring_size = RING_EXTRA  # make_loader sets prefetch_factor + RING_EXTRA for workers
         self._ring: dict[int, list] = {}
         self._next: dict[int, int] = {}
+        self._shared: list[list] | None = None  # per worker, its ring in memory the main process shares (RingRef)
+        self._ring_key, self._shared_next = "", 0
 
     def _fd(self, sid: int) -> int:
         si = int(self.index.shard[sid])
@@ -275,7 +216,17 @@ class FeatureBatches(torch.utils.data.Dataset):
     def __getitem__(self, item: tuple[int, np.ndarray, np.ndarray]) -> dict[str, Any]:
         step, positions, ids = item
         n = len(ids)
-        x, zs, scales, tag = self._slot(n)
+        worker = torch.utils.data.get_worker_info()
+        ref = None
+        if self._shared is not None and worker is not None:
+            ring = self._shared[worker.id]
+            k = self._shared_next
+            self._shared_next = (k + 1) % len(ring)
+            x, zs, scales, tag, yb = ring[k]
+            x, zs, scales = x[:n], [z[:n] for z in zs], [None if s is None else s[:n] for s in scales]
+            ref = RingRef(self._ring_key, worker.id, k, n)
+        else:
+            x, zs, scales, tag = self._slot(n)
         xn, zn = x.numpy(), [z.numpy() for z in zs]
         sn = [None if s is None else s.numpy() for s in scales]
         cls = []
@@ -289,8 +240,11 @@ class FeatureBatches(torch.utils.data.Dataset):
         self._check_scales(sn, ids, flips)
         keys = [str(self.index.keys[int(i)]) for i in ids]
         tag.fill_(int(positions[0]))
-        return {"step": step, "x": x, "y": torch.tensor(cls, dtype=torch.int64), "zs": zs, "zscales": scales,
-                "codecs": [cd.name for cd in self.codecs], "keys": keys, "tag": tag, "pos0": int(positions[0])}
+        out = {"step": step, "codecs": [cd.name for cd in self.codecs], "keys": keys, "pos0": int(positions[0])}
+        if ref is not None:  # the arrays stay in the shared ring; the loader rebuilds them in the main process
+            yb[:n] = torch.tensor(cls, dtype=torch.int64)
+            return {**out, "ring": ref}
+        return {**out, "x": x, "y": torch.tensor(cls, dtype=torch.int64), "zs": zs, "zscales": scales, "tag": tag}
 
     def _read_sample(self, sid: int, flip: bool, outs: dict[str, list]) -> int:
         """Read one sample's wanted members into `outs` with one preadv per run of nearby members; return its label.
@@ -357,13 +311,26 @@ class FeatureBatches(torch.utils.data.Dataset):
                 ext = npy_ext(scale_field(name), bool(flips[j]))
                 raise UserError(f"{self._where(int(ids[j]), ext)} holds a non-finite scale (corrupt shard?)")
 
+    def share_rings(self, workers: int, n: int) -> None:
+        """Make each loader worker's ring here, in shared memory, before the workers start (see RingRef)."""
+        sp = self.spec
+        self._shared = [[(_shared_empty((n, 2 * sp.in_channels, sp.input_size, sp.input_size), torch.float32),
+                          [_shared_empty((n, sp.tokens, d), _TORCH_DTYPES[self.enc_dtypes[k]])
+                           for k, d in enumerate(sp.z_dims)],
+                          [_shared_empty((n, sp.tokens), torch.float16) if cd.scaled else None for cd in self.codecs],
+                          _shared_empty((1,), torch.int64), _shared_empty((n,), torch.int64))
+                         for _ in range(self.ring_size)] for _ in range(workers)]
+        self._ring_key = uuid.uuid4().hex
+        _SHARED_RINGS[self._ring_key] = self
+
     def _slot(self, n: int) -> tuple[torch.Tensor, list[torch.Tensor], list[torch.Tensor | None], torch.Tensor]:
         """The next buffer of a ring that is reused instead of allocated per batch.
 
         Fresh memory costs a page fault per 4 KiB, which made the loader 5x slower than a raw read. A DataLoader
         keeps at most `prefetch_factor` batches of a worker in flight, so a worker's batch k is only written
-        again RING_EXTRA batches after the consumer has moved past it. In a worker the ring lives in shared
-        memory, so the hand-over costs no copy. `tag` lets the loop check that a batch was not overwritten.
+        again RING_EXTRA batches after the consumer has moved past it. Workers of `make_loader` use the rings of
+        `share_rings` instead (same sizes, made before they start); a worker without them gets its own ring in
+        shared memory. `tag` lets the loop check that a batch was not overwritten.
         """
         if n not in self._ring:
             sp = self.spec
@@ -389,7 +356,11 @@ class _Loader(torch.utils.data.DataLoader):
 
     def __iter__(self):
         try:
-            yield from super().__iter__()
+            for batch in super().__iter__():
+                ref = batch.pop("ring", None)  # a RingRef, or its pinned copies (RingRef.pin_memory)
+                if ref is not None:
+                    batch.update(ref if isinstance(ref, dict) else ref.tensors())
+                yield batch
         except UserError as e:
             # torch re-raises a worker's exception with its traceback in the message: keep the last line only.
             last = str(e).strip().splitlines()[-1]
@@ -399,6 +370,8 @@ class _Loader(torch.utils.data.DataLoader):
 def make_loader(ds: FeatureBatches, sampler: StepSampler, num_workers: int, pin: bool):
     """A DataLoader over micro-batches; its own generator so the global RNG is untouched (exact resume)."""
     ds.ring_size = (PREFETCH + RING_EXTRA) if num_workers > 0 else RING_EXTRA
+    if num_workers > 0 and isinstance(ds, FeatureBatches):
+        ds.share_rings(num_workers, sampler.micro)
     return _Loader(ds, batch_size=None, sampler=sampler, num_workers=num_workers, pin_memory=pin,
                    persistent_workers=False, prefetch_factor=PREFETCH if num_workers > 0 else None,
                    generator=torch.Generator().manual_seed(0))
@@ -415,5 +388,5 @@ def needed_exts(spec: DataSpec, hflip: bool) -> list[str]:
     return exts
 
 
-__all__ = ["DataSpec", "resolve_fields", "ShardIndex", "build_index", "epoch_permutation", "StepSampler", "nonfinite_rows",
+__all__ = ["DataSpec", "resolve_fields", "RingRef", "ShardIndex", "build_index", "epoch_permutation", "StepSampler", "nonfinite_rows",
            "FeatureBatches", "make_loader", "needed_exts", "tokens_to_device"]
