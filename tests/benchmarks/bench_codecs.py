@@ -76,17 +76,19 @@ def cpu_costs(root: Path, micro: int, paths: list[Path]) -> tuple[float, float]:
     return load, raw
 
 
-def loader_rate(root: Path, workers: int, micro: int, epochs: int = 4) -> tuple[float, int]:
-    """(samples/s of the trainer's loader over `epochs` epochs after one warm-up epoch, bytes shipped per sample)."""
+def loader_rate(root: Path, workers: int, micro: int, epochs: int = 16) -> tuple[float, int]:
+    """(samples/s of the trainer's loader over `epochs` epochs after two warm-up epochs, bytes shipped per sample).
+
+    An epoch of 512 samples takes ~40 ms, so 16 of them keep scheduler noise out of the figure."""
     m = load_manifest(root)
     spec = resolve_fields(m, None, 2, False)
     index = build_index(m, needed_exts(spec, False), cache_dir=root / "index")
     ds = FeatureBatches(index, spec, seed=0, hflip=False)
     steps = len(index) // micro
-    loader = make_loader(ds, StepSampler(len(index), micro, 0, 1, micro, 0, 0, steps * (epochs + 2)), workers,
+    loader = make_loader(ds, StepSampler(len(index), micro, 0, 1, micro, 0, 0, steps * (epochs + 3)), workers,
                          pin=False)
     it = iter(loader)
-    for _ in range(steps):
+    for _ in range(2 * steps):
         b = next(it)
     shipped = sum(t.nbytes for t in [b["x"], *b["zs"], *[s for s in b["zscales"] if s is not None]]) // micro
     t0 = time.perf_counter()
