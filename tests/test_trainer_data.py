@@ -88,6 +88,33 @@ def test_loader_returns_the_shard_arrays(feats, workers, hflip, pin):
         assert set(ptrs) <= {slot[0].data_ptr() for worker_ring in ds._shared for slot in worker_ring}
 
 
+def test_a_worker_sends_a_ring_reference_and_the_pin_thread_copies_it(feats, monkeypatch):
+    """What crosses a worker's queue is a RingRef, not tensors; the pin thread's path (torch's `pin_memory` util,
+    CUDA only) turns it into copies equal to an in-process read. Page-locking itself needs an accelerator, so here
+    `Tensor.pin_memory` is replaced by a copy: this checks the plumbing, not the pinning."""
+    from types import SimpleNamespace
+
+    from torch.utils.data._utils.pin_memory import pin_memory
+    m = load_manifest(feats)
+    spec = resolve_fields(m, None, 2, True)
+    index = build_index(m, needed_exts(spec, True))
+    sampler = StepSampler(NUM, BATCH, 0, 1, BATCH, 11, 0, STEPS)
+    item = next(iter(sampler))
+    want = FeatureBatches(index, spec, seed=11, hflip=True)[item]  # in-process: tensors
+    ds = FeatureBatches(index, spec, seed=11, hflip=True)
+    make_loader(ds, sampler, 2, pin=False)  # makes the workers' rings here
+    monkeypatch.setattr(torch.utils.data, "get_worker_info", lambda: SimpleNamespace(id=1))  # as worker 1
+    sent = ds[item]
+    assert "x" not in sent and "zs" not in sent and (sent["ring"].worker, sent["ring"].slot) == (1, 0)
+    monkeypatch.setattr(torch.Tensor, "pin_memory", lambda self, *a: self.clone())
+    got = pin_memory(sent)["ring"]
+    ring_x = ds._shared[1][0][0]
+    assert got["x"].data_ptr() != ring_x.data_ptr() and torch.equal(got["x"], ring_x[:BATCH])  # a copy
+    for k in ("x", "y", "tag"):
+        assert torch.equal(got[k], want[k]), k
+    assert all(torch.equal(a, b) for a, b in zip(got["zs"], want["zs"])) and got["zscales"] == want["zscales"]
+
+
 def test_pin_memory_needs_an_accelerator():
     """On a CPU-only machine torch accepts pin=True but skips pinning (the CUDA trainer path is GPU-only)."""
     t = torch.zeros(4)

@@ -123,8 +123,9 @@ class RingRef:
         return {"x": x[:n], "y": y[:n], "zs": [z[:n] for z in zs], "tag": tag,
                 "zscales": [None if s is None else s[:n] for s in scales]}
 
-    def pin_memory(self) -> dict[str, Any]:
-        """Called by the DataLoader's pin thread (CUDA): page-locked copies, so the slot may be reused at once."""
+    def pin_memory(self, device: Any = None) -> dict[str, Any]:
+        """Called by the DataLoader's pin thread (CUDA): page-locked copies, so the slot may be reused at once.
+        (`device` is accepted for torch versions that pass one; pinned host memory serves every device.)"""
         t = self.tensors()
         return {"x": t["x"].pin_memory(), "y": t["y"].pin_memory(), "zs": [z.pin_memory() for z in t["zs"]],
                 "zscales": [None if s is None else s.pin_memory() for s in t["zscales"]], "tag": t["tag"].clone()}
