@@ -11,10 +11,11 @@ from pathlib import Path
 
 import numpy as np
 
-from manifests import Manifest, UserError, check, index_shard, storage
+from manifests import Manifest, UserError, index_shard, storage
 from manifests.io import read_json
 
 from .data import FeatureBatches, ShardIndex
+from .shard_index import assemble_index
 
 SIDECAR_VERSION = 1  # pipeline/writer.py's sidecar format
 
@@ -44,20 +45,7 @@ def build_remote_index(m: Manifest, exts: list[str]) -> ShardIndex:
         return idx if idx is not None else index_shard(m.root / entry.url)
     with ThreadPoolExecutor(16) as ex:
         indexes = list(ex.map(one, m.shardlist))
-    paths, shard_ids, keys = [], [], []
-    members: dict[str, list[list[int]]] = {e: [] for e in exts}
-    for si, (entry, idx) in enumerate(zip(m.shardlist, indexes)):
-        check(len(idx) == entry.nsamples, f"shard '{entry.url}' holds {len(idx)} samples, manifest says "
-                                          f"{entry.nsamples}")
-        paths.append(str(m.root / entry.url))
-        for key, mem in idx.items():
-            for e in exts:
-                check(e in mem, f"shard '{entry.url}': sample '{key}' has no member '.{e}'")
-                members[e].append(mem[e])
-            shard_ids.append(si)
-            keys.append(key)
-    return ShardIndex(paths=paths, shard=np.asarray(shard_ids, np.int32), keys=np.asarray(keys),
-                      members={e: np.asarray(v, np.int64).reshape(-1, 2) for e, v in members.items()})
+    return assemble_index(m, indexes, exts)
 
 
 class ShardCache:

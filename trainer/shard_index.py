@@ -47,14 +47,17 @@ def _cached_index(path: Path, entry, cache_dir: Path | None) -> dict[str, dict[s
 
 def build_index(m: Manifest, exts: list[str], cache_dir: Path | None = None) -> ShardIndex:
     """Index the listed shards only; every sample must have every needed member."""
+    return assemble_index(m, [_cached_index(m.root / e.url, e, cache_dir) for e in m.shardlist], exts)
+
+
+def assemble_index(m: Manifest, indexes: list[dict[str, dict[str, list[int]]]], exts: list[str]) -> ShardIndex:
+    """One flat index from each listed shard's member offsets; every sample must have every needed member."""
     paths, shard_ids, keys = [], [], []
     members: dict[str, list[list[int]]] = {e: [] for e in exts}
-    for si, entry in enumerate(m.shardlist):
-        path = m.root / entry.url
-        idx = _cached_index(path, entry, cache_dir)
+    for si, (entry, idx) in enumerate(zip(m.shardlist, indexes)):
         check(len(idx) == entry.nsamples, f"shard '{entry.url}' holds {len(idx)} samples, manifest says "
                                           f"{entry.nsamples}")
-        paths.append(str(path))
+        paths.append(str(m.root / entry.url))
         for key, mem in idx.items():
             for e in exts:
                 check(e in mem, f"shard '{entry.url}': sample '{key}' has no member '.{e}'")
