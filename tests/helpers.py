@@ -1,6 +1,7 @@
 """Test helpers: small hand-built shard sets that follow the manifest contract (no pipeline needed)."""
 from __future__ import annotations
 
+import functools
 import os
 import subprocess
 import sys
@@ -62,6 +63,30 @@ def make_features_manifest(root: str | os.PathLike, *, num: int = 32, classes: i
                  created_by={"version": "test", "command": "tests/helpers.py"})
     write_manifest(m)
     return m
+
+
+@functools.lru_cache(maxsize=None)
+def cli_help(*cmd: str) -> str:
+    """`python -m <cmd> --help` as printed at 80 columns, run in this process (a process would cost a torch import)."""
+    import contextlib
+    import importlib
+    import io
+    main = importlib.import_module(f"{cmd[0]}.__main__").main
+    out, columns = io.StringIO(), os.environ.get("COLUMNS")
+    os.environ["COLUMNS"] = "80"  # argparse wraps to the terminal; a captured subprocess sees 80
+    try:
+        with contextlib.redirect_stdout(out):
+            try:
+                rc = main([*cmd[1:], "--help"])
+            except SystemExit as e:
+                rc = e.code
+    finally:
+        if columns is None:
+            del os.environ["COLUMNS"]
+        else:
+            os.environ["COLUMNS"] = columns
+    assert rc in (0, None), f"{' '.join(cmd)} --help exited {rc}"
+    return out.getvalue()
 
 
 def run_module(*args: str, cwd: str | os.PathLike | None = None, env: dict | None = None, timeout: float = 600,

@@ -31,29 +31,16 @@ def _staging_leftovers() -> list[Path]:
 
 
 @pytest.mark.slow
-def test_extract_from_s3_imagefolder_to_s3_equals_local_run(synth_dir, tiny_features, s3_bucket):
-    """Source under a prefix, output in the bucket: the same shard bytes as the local run of the same inputs."""
-    _upload(synth_dir, f"{s3_bucket}/src")
-    out = f"{s3_bucket}/feats"
-    p = run_module("pipeline", "extract", "--source", f"{s3_bucket}/src", "--out", out, *TINY_ARGS, "--verify",
-                   timeout=300)
-    assert p.returncode == 0, p.stderr[-3000:]
-    assert _tars(out) == {k: v.read_bytes() for k, v in
-                          ((p.name, p) for p in sorted((tiny_features / "shards").glob("*.tar")))}
-    m = load_manifest(out, verify=True)
-    assert m.num_samples == 24 and str(m.root) == out
-    again = run_module("pipeline", "extract", "--source", f"{s3_bucket}/src", "--out", out, *TINY_ARGS, timeout=120)
-    assert again.returncode == 0 and "3 finished, 0 to do" in again.stderr, again.stderr
-
-
-@pytest.mark.slow
 def test_sigkill_extract_to_s3_then_resume_is_byte_identical(synth_dir, tiny_features, s3_bucket, tmp_path):
-    """SIGKILL the whole `extract --out s3://…` job when its 2nd tar object is in the bucket but has no sidecar.
-    Every visible tar is whole; a finished shard is then truncated in the bucket; the re-run ends with the shards of
-    an uninterrupted local run, no multipart upload and no staging file left behind."""
+    """An ImageFolder under a bucket prefix to `--out s3://…`, SIGKILLed (driver, Ray, actors) when its 2nd tar
+    object is in the bucket but has no sidecar. Every visible tar is whole; a finished shard is then truncated in the
+    bucket; the re-run ends with the very shard bytes of the uninterrupted local run of the same images, no multipart
+    upload and no staging file left behind, and a third run finds nothing to do."""
     from helpers import run_until_killed
     out, ray_tmp = f"{s3_bucket}/killed", Path(tempfile.mkdtemp(prefix="rk", dir="/tmp"))
-    cmd = [sys.executable, "-m", "pipeline", "extract", "--source", str(synth_dir), "--out", out, *TINY_ARGS]
+    _upload(synth_dir, f"{s3_bucket}/src")
+    src = f"{s3_bucket}/src"
+    cmd = [sys.executable, "-m", "pipeline", "extract", "--source", src, "--out", out, *TINY_ARGS]
     reference = {p.name: p.read_bytes() for p in sorted((tiny_features / "shards").glob("*.tar"))}
     shards = storage.path(out) / "shards"
     try:
@@ -67,16 +54,19 @@ def test_sigkill_extract_to_s3_then_resume_is_byte_identical(synth_dir, tiny_fea
         assert not (storage.path(out) / "manifest.json").exists()
         victim = shards / f"{next(iter(sides))}.tar"  # finished, then truncated in the bucket: must be rebuilt
         victim.write_bytes(victim.read_bytes()[:5000])
-        p = run_module("pipeline", "extract", "--source", str(synth_dir), "--out", out, *TINY_ARGS, "--verify",
+        p = run_module("pipeline", "extract", "--source", src, "--out", out, *TINY_ARGS, "--verify",
                        env={"RAY_TMPDIR": str(ray_tmp)}, timeout=300)
         assert p.returncode == 0, p.stderr[-3000:]
         assert "0 finished, 3 to do" in p.stderr, p.stderr[-3000:]  # the truncated shard was not trusted
         assert _tars(out) == reference
         m = load_manifest(out, verify=True)
         keys = [s["__key__"] for sh in m.shard_paths() for s in iter_shard(sh, decode=False)]
-        assert len(keys) == len(set(keys)) == m.num_samples == 24
+        assert len(keys) == len(set(keys)) == m.num_samples == 24 and str(m.root) == out
+        assert m.preprocess["source"] == "imagefolder" and m.shardlist == load_manifest(tiny_features).shardlist
         assert storage.filesystem("s3").list_multipart_uploads(shards.bucket) == []
         assert not [f for f in _staging_leftovers() if not _alive_owner(f)]
+        again = run_module("pipeline", "extract", "--source", src, "--out", out, *TINY_ARGS, timeout=120)
+        assert again.returncode == 0 and "3 finished, 0 to do" in again.stderr, again.stderr[-3000:]
     finally:
         shutil.rmtree(ray_tmp, ignore_errors=True)
 

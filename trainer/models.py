@@ -1,8 +1,9 @@
 """SiT with REPA projectors; the state dict is key-for-key the official REPA `models/sit.py` (DESIGN §4)."""
 from __future__ import annotations
 
+import inspect
 import math
-from typing import Callable, Sequence
+from typing import Any, Callable, Sequence
 
 import numpy as np
 import torch
@@ -157,6 +158,15 @@ def sincos_pos_embed_2d(dim: int, grid: int) -> np.ndarray:
     return np.concatenate([one_d(dim // 2, mesh[0]), one_d(dim // 2, mesh[1])], axis=1)
 
 
+def check_geometry(hidden_size: int, decoder_hidden_size: int | None, encoder_depth: int, depth: int,
+                   z_dims: Sequence[int]) -> None:
+    """ValueError for a SiT that cannot be built (checked before any weight exists)."""
+    if decoder_hidden_size not in (None, hidden_size):
+        raise ValueError(f"decoder_hidden_size {decoder_hidden_size} != hidden_size {hidden_size} is unsupported")
+    if z_dims and not 1 <= encoder_depth <= depth:
+        raise ValueError(f"encoder_depth {encoder_depth} must be in [1, depth={depth}]")
+
+
 class SiT(nn.Module):
     """SiT backbone + one REPA projector per encoder, applied after block `encoder_depth` (1-based)."""
 
@@ -166,10 +176,7 @@ class SiT(nn.Module):
                  num_classes: int = 1000, use_cfg: bool = False, z_dims: Sequence[int] = (768,),
                  projector_dim: int = PROJECTOR_DIM, qk_norm: bool = False, fused_attn: bool = True):
         super().__init__()
-        if decoder_hidden_size not in (None, hidden_size):
-            raise ValueError(f"decoder_hidden_size {decoder_hidden_size} != hidden_size {hidden_size} is unsupported")
-        if z_dims and not 1 <= encoder_depth <= depth:
-            raise ValueError(f"encoder_depth {encoder_depth} must be in [1, depth={depth}]")
+        check_geometry(hidden_size, decoder_hidden_size, encoder_depth, depth, z_dims)
         self.path_type, self.input_size, self.patch_size = path_type, input_size, patch_size
         self.in_channels = self.out_channels = in_channels
         self.num_classes, self.encoder_depth, self.z_dims = num_classes, encoder_depth, list(z_dims)
@@ -238,15 +245,26 @@ DEBUG_SIZE = dict(depth=4, hidden_size=64, num_heads=4, projector_dim=256, encod
 
 
 def _factory(size: dict, patch: int) -> Callable[..., SiT]:
-    def make(**kwargs) -> SiT:
+    def resolve(**kwargs) -> dict[str, Any]:
+        """Every SiT argument this entry builds with, given `kwargs` (ValueError as building would), no weights."""
         kw = {**{k: v for k, v in size.items() if k in ("projector_dim", "encoder_depth")}, **kwargs}
         for k, v in {"depth": size["depth"], "hidden_size": size["hidden_size"], "num_heads": size["num_heads"],
                      "patch_size": patch}.items():
             if kw.get(k, v) != v:
                 raise ValueError(f"{k}={kw[k]} conflicts with the registry entry ({k}={v})")
             kw[k] = v
-        return SiT(**kw)
+        full = {**SIT_DEFAULTS, **kw}
+        check_geometry(full["hidden_size"], full["decoder_hidden_size"], full["encoder_depth"], full["depth"],
+                       full["z_dims"])
+        return full
+
+    def make(**kwargs) -> SiT:
+        return SiT(**resolve(**kwargs))
+    make.resolve = resolve  # type: ignore[attr-defined]
     return make
+
+
+SIT_DEFAULTS = {k: p.default for k, p in inspect.signature(SiT.__init__).parameters.items() if k != "self"}
 
 
 SiT_models: dict[str, Callable[..., SiT]] = {

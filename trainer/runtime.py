@@ -124,7 +124,9 @@ def model_kwargs(cfg: TrainConfig, spec: DataSpec) -> dict[str, Any]:
 
 def build_model(cfg: TrainConfig, kwargs: dict[str, Any], device: torch.device | str = "cpu") -> SiT:
     try:
-        with torch.device(device):
+        if torch.device(device).type == "cpu":  # a device context routes every init op through torch._refs, which
+            return SiT_models[cfg.model](**kwargs)  # imports torch._dynamo (~4 s of CPU per process)
+        with torch.device(device):  # straight into accelerator memory: no host copy of an XL model
             return SiT_models[cfg.model](**kwargs)
     except ValueError as e:  # e.g. --enc-depth beyond the model depth
         raise UserError(f"--model {cfg.model}: {e}") from e
@@ -181,8 +183,11 @@ def setup(cfg: TrainConfig, dry_run: bool = False) -> Run | None:
     if cfg.encoders is None:
         cfg.encoders = list(spec.encoders)
         run_cfg["train"]["encoders"] = cfg.encoders
-    meta = build_model(cfg, run_cfg["model_kwargs"], "meta")  # cheap geometry check (enc depth vs depth)
-    cfg.enc_depth, cfg.projector_dim = meta.encoder_depth, meta.projector_dim  # resolve registry defaults
+    try:  # the geometry check (enc depth vs depth) and the registry's defaults, before any weight exists
+        full = SiT_models[cfg.model].resolve(**run_cfg["model_kwargs"])
+    except ValueError as e:
+        raise UserError(f"--model {cfg.model}: {e}") from e
+    cfg.enc_depth, cfg.projector_dim = full["encoder_depth"], full["projector_dim"]
     run_cfg["model_kwargs"].update(encoder_depth=cfg.enc_depth, projector_dim=cfg.projector_dim)
     run_cfg["train"].update(enc_depth=cfg.enc_depth, projector_dim=cfg.projector_dim)
     if dry_run:
