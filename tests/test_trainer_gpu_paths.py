@@ -4,7 +4,6 @@ from __future__ import annotations
 
 import json
 import os
-import socket
 import subprocess
 import sys
 from pathlib import Path
@@ -13,7 +12,7 @@ import numpy as np
 import pytest
 import torch
 
-from helpers import REPO, make_features_manifest
+from helpers import REPO, free_port, make_features_manifest
 from manifests import run_cli
 
 from trainer.__main__ import main as trainer_main
@@ -46,12 +45,6 @@ def assert_weights_close(a: dict, b: dict, steps: int, lr: float = 1e-3) -> None
     for k in a:
         diff = float((a[k] - b[k]).abs().max())
         assert diff <= bound, (k, diff, bound)
-
-
-def free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
 
 
 @pytest.fixture(scope="module")
@@ -100,17 +93,29 @@ def test_micro_batch_sizes_agree(feats, tmp_path, capsys):
 
 @pytest.mark.slow
 def test_two_ranks_equal_one_rank(feats, tmp_path):
-    """torchrun with 2 gloo ranks and a 1-process run of the same global batch: same losses and weights."""
+    """torchrun with 2 gloo ranks and a 1-process run of the same global batch: same losses and weights. The ranks
+    take disjoint halves of each global batch, end with identical weights, and keep their own RNG state."""
+    from trainer.data import StepSampler
     one, two = tmp_path / "one", tmp_path / "two"
-    p = subprocess.run([sys.executable, "-m", "trainer", *args(feats, one, "--hflip")], cwd=REPO, env=ENV,
-                       capture_output=True, text=True, timeout=300)
-    assert p.returncode == 0, p.stderr[-3000:]
+    assert run_cli(trainer_main, args(feats, one, "--hflip")) == 0
     cmd = [sys.executable, "-m", "torch.distributed.run", "--nproc-per-node", "2", "--master-port", str(free_port()),
-           "-m", "trainer", *args(feats, two, "--hflip")]
+           "-m", "trainer", *args(feats, two, "--hflip", "--trace-data")]
     p = subprocess.run(cmd, cwd=REPO, env=ENV, capture_output=True, text=True, timeout=300)
     assert p.returncode == 0, p.stderr[-3000:]
     np.testing.assert_allclose(losses(two), losses(one), rtol=1e-5)
     assert_weights_close(weights(two, 3), weights(one, 3), steps=3)
+    tr = [[json.loads(x) for x in (two / "trace" / f"rank{r}.jsonl").read_text().splitlines()] for r in (0, 1)]
+    keys = lambda rows, step: [k for row in rows if row.get("step") == step and "keys" in row  # noqa: E731
+                               for k in row["keys"]]
+    batches = [ids for _, _, ids in StepSampler(16, 4, 0, 1, 4, 0, 0, 3)]  # the single-process global batches
+    for step in range(3):
+        k0, k1 = keys(tr[0], step), keys(tr[1], step)
+        assert len(k0) == len(k1) == 2 and not set(k0) & set(k1)  # disjoint halves ...
+        assert k0 + k1 == [f"img{i:05d}" for i in batches[step]]  # ... of the same global batch
+    assert tr[0][-1]["params_sha256"] == tr[1][-1]["params_sha256"]  # identical weights on both ranks
+    rng = torch.load(two / "checkpoints" / "0000003.pt", weights_only=True)["rng"]
+    assert len(rng) == 2 and not torch.equal(rng[0]["cpu"], rng[1]["cpu"])
+    assert json.loads((two / "stats.jsonl").read_text().splitlines()[-1])["img_per_s"] > 0
 
 
 def test_micro_batch_auto_under_a_budget(feats, tmp_path, capsys, monkeypatch):

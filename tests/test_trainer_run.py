@@ -11,35 +11,13 @@ import numpy as np
 import pytest
 import torch
 
-from helpers import REPO, assert_user_error, filled_before, free_port, make_features_manifest, run_module
+from helpers import REPO, assert_user_error, filled_before, make_features_manifest, run_module
 from manifests import load_manifest, run_cli, write_manifest, write_shard
 from manifests.shards import iter_shard
 from trainer_common import ENV, args, ckpt, feats, run_inproc, small_feats, stats  # noqa: F401
 
 from trainer.__main__ import main as trainer_main
 from trainer.data import epoch_permutation
-
-
-@pytest.mark.slow
-def test_ddp_two_ranks_disjoint_data_same_weights(feats, tmp_path):
-    from trainer.data import StepSampler
-    run = tmp_path / "ddp"
-    cmd = [sys.executable, "-m", "torch.distributed.run", "--nproc-per-node", "2", "--master-port", str(free_port()),
-           "-m", "trainer", *args(feats, run, "--trace-data", steps=3)]
-    p = subprocess.run(cmd, cwd=REPO, env=ENV, capture_output=True, text=True, timeout=300)
-    assert p.returncode == 0, p.stderr[-3000:]
-    tr = [[json.loads(x) for x in (run / "trace" / f"rank{r}.jsonl").read_text().splitlines()] for r in (0, 1)]
-    keys = lambda rows, step: [k for row in rows if row.get("step") == step and "keys" in row  # noqa: E731
-                               for k in row["keys"]]
-    one = [ids for _, _, ids in StepSampler(16, 4, 0, 1, 4, 0, 0, 3)]  # the single-process global batches
-    for step in range(3):
-        k0, k1 = keys(tr[0], step), keys(tr[1], step)
-        assert len(k0) == len(k1) == 2 and not set(k0) & set(k1)  # disjoint halves ...
-        assert k0 + k1 == [f"img{i:05d}" for i in one[step]]  # ... of the same global batch
-    assert tr[0][-1]["params_sha256"] == tr[1][-1]["params_sha256"]  # identical weights on both ranks
-    cd = ckpt(run, 3)
-    assert len(cd["rng"]) == 2 and not torch.equal(cd["rng"][0]["cpu"], cd["rng"][1]["cpu"])
-    assert stats(run)[-1]["img_per_s"] > 0 and len(stats(run)) == 3
 
 
 @pytest.fixture(scope="module")
@@ -274,9 +252,7 @@ def test_learning_on_pipeline_features(tiny_features, tmp_path):
     a = ["train", "--manifest", str(tiny_features), "--run-dir", str(run), "--model", "SiT-Debug/2",
          "--batch-size", "4", "--steps", "120", "--ckpt-every", "120", "--log-every", "5", "--lr", "1e-3",
          "--precision", "fp32", "--num-workers", "1", "--seed", "1"]
-    p = subprocess.run([sys.executable, "-m", "trainer", *a], cwd=REPO, env=ENV, capture_output=True, text=True,
-                       timeout=300)
-    assert p.returncode == 0, p.stderr[-2000:]
+    assert run_cli(trainer_main, a) == 0
     rows = stats(run)
     den0, proj0 = rows[0]["denoise"], rows[0]["proj_loss"]
     den1, proj1 = np.mean([r["denoise"] for r in rows[-3:]]), np.mean([r["proj_loss"] for r in rows[-3:]])
