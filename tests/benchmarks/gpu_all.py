@@ -87,16 +87,20 @@ def main() -> int:
     ap.add_argument("--only", default=os.environ.get("BENCH_ONLY", ""), help="comma list of " + ",".join(BENCHES))
     ap.add_argument("--tiny", action="store_true", help="the tiny CPU mode even where CUDA is present")
     a = ap.parse_args()
-    import torch
-    tiny = a.tiny or not torch.cuda.is_available()
+    if a.tiny:  # the scripts import torch themselves; here its version is enough
+        from importlib.metadata import version
+        tiny, torch_version = True, version("torch")
+    else:
+        import torch
+        tiny, torch_version = not torch.cuda.is_available(), torch.__version__
     device = "cpu (tiny mode)" if tiny else torch.cuda.get_device_name(0)
     names = [n for n in BENCHES if not a.only or n in a.only.split(",")]
     env = {**os.environ, "PYTHONUNBUFFERED": "1", "PYTHONPATH": os.pathsep.join(
         [str(REPO), str(REPO / "tests"), os.environ.get("PYTHONPATH", "")]).rstrip(os.pathsep)}
-    print(f"bench-gpu: {device}, torch {torch.__version__}, python {platform.python_version()}: {', '.join(names)}",
+    print(f"bench-gpu: {device}, torch {torch_version}, python {platform.python_version()}: {', '.join(names)}",
           flush=True)
     t0 = time.perf_counter()
-    report = {"device": device, "mode": "cpu-tiny" if tiny else "gpu", "torch": torch.__version__,
+    report = {"device": device, "mode": "cpu-tiny" if tiny else "gpu", "torch": torch_version,
               "python": platform.python_version(), "host": platform.node(), "started": time.time(),
               "benchmarks": {n: run_one(n, tiny, env) for n in names}}
     report["wall_s"] = round(time.perf_counter() - t0, 1)
