@@ -12,6 +12,10 @@ import pytest
 import torch
 
 from helpers import run_module
+from manifests import run_cli
+
+from evaluation.__main__ import main as evaluation_main
+from trainer.__main__ import main as trainer_main
 
 
 def _openai_clip_file(path) -> None:
@@ -54,10 +58,11 @@ def test_512_chain_two_encoders_repa_flags(synth_dir, tmp_path):
         np.testing.assert_allclose(got, want, rtol=2e-2, atol=2e-2)
 
     # Train with REPA's train.py names: --data-dir, --output-dir/--exp-name, --enc-type a,b, ...
-    run_module("trainer", "train", "--data-dir", str(feats), "--output-dir", str(exps), "--exp-name", "xl512",
-               "--model", "SiT-Debug/2", "--enc-type", "tiny-dinov2,tiny-clip", "--encoder-depth", "2",
-               "--max-train-steps", "2", "--checkpointing-steps", "2", "--batch-size", "4", "--mixed-precision",
-               "no", "--num-workers", "0", "--allow-tf32", check=True, timeout=300)
+    # The CLI mains run in this process from here on (the extract above is the real Ray job): same argv, same code.
+    assert run_cli(trainer_main, ["train", "--data-dir", str(feats), "--output-dir", str(exps), "--exp-name", "xl512",
+                                  "--model", "SiT-Debug/2", "--enc-type", "tiny-dinov2,tiny-clip", "--encoder-depth",
+                                  "2", "--max-train-steps", "2", "--checkpointing-steps", "2", "--batch-size", "4",
+                                  "--mixed-precision", "no", "--num-workers", "0", "--allow-tf32"]) == 0
     run_dir = exps / "xl512"
     conf = json.loads((run_dir / "config.json").read_text())
     assert conf["resolution"] == 512 and conf["model_kwargs"]["input_size"] == 64
@@ -66,17 +71,17 @@ def test_512_chain_two_encoders_repa_flags(synth_dir, tmp_path):
     assert stats and all(np.isfinite(s["loss"]) for s in stats if "loss" in s)
 
     # Sample with generate.py names and the Table 11 preset (its 512 px check passes on this checkpoint).
-    run_module("trainer", "sample", "--ckpt", str(run_dir), "--sample-dir", str(samples), "--preset",
-               "paper-512-cfg", "--num-fid-samples", "4", "--num-steps", "2", "--per-proc-batch-size", "2",
-               "--no-tf32", "--vae", "tiny-vae", "--npz", check=True, timeout=300)
+    assert run_cli(trainer_main, ["sample", "--ckpt", str(run_dir), "--sample-dir", str(samples), "--preset",
+                                  "paper-512-cfg", "--num-fid-samples", "4", "--num-steps", "2",
+                                  "--per-proc-batch-size", "2", "--no-tf32", "--vae", "tiny-vae", "--npz"]) == 0
     with np.load(samples / "samples.npz") as z:
         assert z["arr_0"].shape == (4, 512, 512, 3)
     sm = load_manifest(samples, kind="samples")
     assert sm.preprocess["resolution"] == 512
 
     report = tmp_path / "report.json"
-    run_module("evaluation", "--samples", str(samples), "--reference", str(synth_dir), "--inception-weights",
-               "random:0", "--batch-size", "4", "--out", str(report), check=True, timeout=300)
+    assert run_cli(evaluation_main, ["--samples", str(samples), "--reference", str(synth_dir),
+                                     "--inception-weights", "random:0", "--batch-size", "4", "--out", str(report)]) == 0
     r = json.loads(report.read_text())
     assert np.isfinite(r["metrics"]["fid"]), r["metrics"]
     assert "@512" in json.dumps(r)  # the reference folder was ADM-cropped at the samples' 512 px
