@@ -174,3 +174,19 @@ def test_sampler_disjoint_ranks_and_exact_positions():
     resumed = [ids for _, _, ids in StepSampler(n, batch, 0, 1, 4, 7, 3, 6)]
     assert all(np.array_equal(a, b) for a, b in zip(one[3:], resumed))  # data position = step
     assert np.array_equal(epoch_permutation(7, 1, n), epoch_permutation(7, 1, n))
+
+
+def test_registry_resolve_is_what_the_entry_builds():
+    """`SiT_models[name].resolve(...)` (the trainer's check before any weight exists) gives the built geometry."""
+    for name in ("SiT-Debug/2", "SiT-B/4", "SiT-XL/2"):
+        full = SiT_models[name].resolve(z_dims=[768, 1024], encoder_depth=3)
+        with torch.device("meta"):
+            m = SiT_models[name](z_dims=[768, 1024], encoder_depth=3)
+        assert (m.encoder_depth, m.projector_dim, len(m.blocks), m.patch_size, m.z_dims) == (
+            full["encoder_depth"], full["projector_dim"], full["depth"], full["patch_size"], full["z_dims"])
+    assert SiT_models["SiT-XL/2"].resolve()["encoder_depth"] == 8 and SiT_models["SiT-Debug/2"].resolve()[
+        "projector_dim"] == 256  # the SiT default, and the debug entry's own
+    with pytest.raises(ValueError, match="conflicts with the registry entry"):
+        SiT_models["SiT-XL/2"].resolve(depth=3)
+    with pytest.raises(ValueError, match="must be in"):
+        SiT_models["SiT-Debug/2"].resolve(encoder_depth=5)

@@ -289,3 +289,15 @@ def test_real_disk_full(small_feats, small_disk, monkeypatch, capsys, writer, cu
         assert (run / "stats.jsonl").read_bytes() == b""  # cut back: no half line
 
 
+
+
+def test_the_vae_loads_only_for_a_run_that_draws_grids(tmp_path, capsys):
+    """Grids due (--sample-every <= --steps): the run's VAE loads before step 0, so one that cannot load warns at
+    once. None due: it is never loaded (no warning, no cost)."""
+    m = make_features_manifest(tmp_path / "f", num=8, classes=4, shard_size=8, latent_shape=(8, 8, 8), tokens=16)
+    m.fields["latent"]["vae"]["name"] = "no-such-vae"
+    write_manifest(m)
+    rc, err = run_inproc(args(tmp_path / "f", tmp_path / "a", "--sample-every", "2", steps=2, batch=2), capsys)
+    assert rc == 0 and "sample grids off: cannot load the run's VAE 'no-such-vae'" in err, err
+    rc, err = run_inproc(args(tmp_path / "f", tmp_path / "b", "--sample-every", "3", steps=2, batch=2), capsys)
+    assert rc == 0 and "VAE" not in err, err
