@@ -5,7 +5,6 @@ import argparse
 import errno
 import os
 import signal
-import socket
 import subprocess
 import sys
 import tarfile
@@ -17,7 +16,7 @@ import numpy as np
 import pytest
 import torch
 
-from helpers import REPO, assert_user_error, filled_before, run_module
+from helpers import REPO, assert_user_error, filled_before, free_port, run_module
 from manifests import iter_shard, load_manifest, run_cli
 from trainer import sample as job
 from trainer.models import SiT_models
@@ -296,11 +295,8 @@ def _cmd(ckpt: Path, out: Path, *extra: str) -> list[str]:
 def test_two_processes(ckpts, reference, tmp_path):
     """torchrun with 2 CPU ranks (gloo): disjoint, complete indices and the same images as one process."""
     out = tmp_path / "ddp"
-    with socket.socket() as sock:  # a free port, so parallel test runs don't collide
-        sock.bind(("127.0.0.1", 0))
-        port = sock.getsockname()[1]
     p = run_module("torch.distributed.run", "--nproc-per-node", "2", "--master-addr", "127.0.0.1",
-                   "--master-port", str(port), "-m", *_cmd(ckpts["train"], out), timeout=300)
+                   "--master-port", str(free_port()), "-m", *_cmd(ckpts["train"], out), timeout=300)
     assert p.returncode == 0, p.stderr[-3000:]
     same_images(images(out), reference["images"], exact=False)  # each rank's batches hold 4, not 8
     # Both ranks worked: shard 0 (rank 0) and shard 1 (rank 1) exist, each listed once.

@@ -247,10 +247,11 @@ def test_bad_input_real_process_no_traceback(feats, tmp_path):
 
 @pytest.mark.slow
 def test_learning_on_pipeline_features(tiny_features, tmp_path):
-    """Denoising and REPA losses both fall clearly on the real tiny pipeline's features."""
+    """Denoising and REPA losses both fall clearly on the real tiny pipeline's features (60 steps: the denoising
+    loss ends at 0.38 of its start, the REPA loss 0.37 lower; the bars are 0.6 and 0.15)."""
     run = tmp_path / "learn"
     a = ["train", "--manifest", str(tiny_features), "--run-dir", str(run), "--model", "SiT-Debug/2",
-         "--batch-size", "4", "--steps", "120", "--ckpt-every", "120", "--log-every", "5", "--lr", "1e-3",
+         "--batch-size", "4", "--steps", "60", "--ckpt-every", "60", "--log-every", "5", "--lr", "1e-3",
          "--precision", "fp32", "--num-workers", "1", "--seed", "1"]
     assert run_cli(trainer_main, a) == 0
     rows = stats(run)
