@@ -154,14 +154,15 @@ def _run_ray(cfg: ExtractConfig, out: Path, fp: str, pending, total: int) -> Non
                         num_gpus=1 if n_gpu else 0, num_cpus=1 if n_gpu else threads)
     done_items = total - sum(len(p.items) for p in pending)
     bar = tqdm(total=total, initial=done_items, unit="img", desc="extract", dynamic_ncols=True, smoothing=0.1)
-    t0, n_new, n_skip = time.time(), 0, 0
+    t0, n_new, n_skip, n_shards = time.time(), 0, 0, 0
     try:
         for batch in ds.iter_batches(batch_size=1, batch_format="numpy", prefetch_batches=0):
-            for s, ns, nk in zip(batch["shard"], batch["nsamples"], batch["nskipped"]):
+            for ns, nk in zip(batch["nsamples"], batch["nskipped"]):
                 n_new += int(ns)
                 n_skip += int(nk)
+                n_shards += 1
                 bar.update(int(ns) + int(nk))
-                bar.set_postfix(shards=f"{int(s)}", skipped=n_skip)
+                bar.set_postfix(shards=f"{n_shards}/{len(pending)}", skipped=n_skip)  # written by this run
     except Exception as e:  # noqa: BLE001 - a worker's UserError (disk full, ...) surfaces as one line
         user = _find_user_error(e) or _disk_full_error(e, out)
         if user is not None:
