@@ -71,20 +71,15 @@ def cli_help(*cmd: str) -> str:
     import contextlib
     import importlib
     import io
+    from unittest import mock
     main = importlib.import_module(f"{cmd[0]}.__main__").main
-    out, columns = io.StringIO(), os.environ.get("COLUMNS")
-    os.environ["COLUMNS"] = "80"  # argparse wraps to the terminal; a captured subprocess sees 80
-    try:
-        with contextlib.redirect_stdout(out):
-            try:
-                rc = main([*cmd[1:], "--help"])
-            except SystemExit as e:
-                rc = e.code
-    finally:
-        if columns is None:
-            del os.environ["COLUMNS"]
-        else:
-            os.environ["COLUMNS"] = columns
+    out = io.StringIO()
+    # argparse wraps to the terminal's width; a captured subprocess sees 80 columns
+    with mock.patch.dict(os.environ, {"COLUMNS": "80"}), contextlib.redirect_stdout(out):
+        try:
+            rc = main([*cmd[1:], "--help"])
+        except SystemExit as e:
+            rc = e.code
     assert rc in (0, None), f"{' '.join(cmd)} --help exited {rc}"
     return out.getvalue()
 
