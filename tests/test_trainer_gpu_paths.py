@@ -1,25 +1,20 @@
-"""The trainer's GPU paths, checked on CPU: compiled == eager, results independent of ranks and micro-batches,
---micro-batch auto under a memory budget, and the per-sample randomness they rest on."""
+"""The trainer's GPU paths, checked on CPU: compiled == eager, results independent of micro-batches (of ranks:
+test_trainer_resume.py's 2-rank test), --micro-batch auto under a memory budget, and the per-step randomness."""
 from __future__ import annotations
 
 import json
-import os
-import subprocess
-import sys
 from pathlib import Path
 
 import numpy as np
 import pytest
 import torch
 
-from helpers import REPO, free_port, make_features_manifest
+from helpers import make_features_manifest
 from manifests import run_cli
+from trainer_common import assert_weights_close
 
 from trainer.__main__ import main as trainer_main
 from trainer.steprng import StepRandom, flip_bits
-
-ENV = {**os.environ, "OMP_NUM_THREADS": "1", "PYTHONUNBUFFERED": "1"}
-
 
 def args(manifest, run, *extra: str, steps: int = 3, batch: int = 4) -> list[str]:
     return ["train", "--manifest", str(manifest), "--run-dir", str(run), "--model", "SiT-Debug/2",
@@ -33,18 +28,6 @@ def losses(run) -> list[float]:
 
 def weights(run, step: int) -> dict[str, torch.Tensor]:
     return torch.load(Path(run) / "checkpoints" / f"{step:07d}.pt", weights_only=True)["model"]
-
-
-def assert_weights_close(a: dict, b: dict, steps: int, lr: float = 1e-3) -> None:
-    """Every weight within 1e-3 of the largest possible Adam travel (lr per step): rounding, not other noise.
-
-    Runs with different randomness differ by about lr per step; Adam's g/sqrt(v) magnifies rounding only where
-    a gradient is near its eps, which stays far below this bound.
-    """
-    bound = 1e-3 * lr * steps
-    for k in a:
-        diff = float((a[k] - b[k]).abs().max())
-        assert diff <= bound, (k, diff, bound)
 
 
 @pytest.fixture(scope="module")
@@ -92,32 +75,6 @@ def test_micro_batch_sizes_agree(feats, tmp_path, capsys):
 
 
 @pytest.mark.slow
-def test_two_ranks_equal_one_rank(feats, tmp_path):
-    """torchrun with 2 gloo ranks and a 1-process run of the same global batch: same losses and weights. The ranks
-    take disjoint halves of each global batch, end with identical weights, and keep their own RNG state."""
-    from trainer.data import StepSampler
-    one, two = tmp_path / "one", tmp_path / "two"
-    assert run_cli(trainer_main, args(feats, one, "--hflip")) == 0
-    cmd = [sys.executable, "-m", "torch.distributed.run", "--nproc-per-node", "2", "--master-port", str(free_port()),
-           "-m", "trainer", *args(feats, two, "--hflip", "--trace-data")]
-    p = subprocess.run(cmd, cwd=REPO, env=ENV, capture_output=True, text=True, timeout=300)
-    assert p.returncode == 0, p.stderr[-3000:]
-    np.testing.assert_allclose(losses(two), losses(one), rtol=1e-5)
-    assert_weights_close(weights(two, 3), weights(one, 3), steps=3)
-    tr = [[json.loads(x) for x in (two / "trace" / f"rank{r}.jsonl").read_text().splitlines()] for r in (0, 1)]
-    keys = lambda rows, step: [k for row in rows if row.get("step") == step and "keys" in row  # noqa: E731
-                               for k in row["keys"]]
-    batches = [ids for _, _, ids in StepSampler(16, 4, 0, 1, 4, 0, 0, 3)]  # the single-process global batches
-    for step in range(3):
-        k0, k1 = keys(tr[0], step), keys(tr[1], step)
-        assert len(k0) == len(k1) == 2 and not set(k0) & set(k1)  # disjoint halves ...
-        assert k0 + k1 == [f"img{i:05d}" for i in batches[step]]  # ... of the same global batch
-    assert tr[0][-1]["params_sha256"] == tr[1][-1]["params_sha256"]  # identical weights on both ranks
-    rng = torch.load(two / "checkpoints" / "0000003.pt", weights_only=True)["rng"]
-    assert len(rng) == 2 and not torch.equal(rng[0]["cpu"], rng[1]["cpu"])
-    assert json.loads((two / "stats.jsonl").read_text().splitlines()[-1])["img_per_s"] > 0
-
-
 def test_micro_batch_auto_under_a_budget(feats, tmp_path, capsys, monkeypatch):
     """A budget too small for the whole per-rank batch: auto picks a smaller micro-batch, recorded everywhere,
     and the run equals an explicit --micro-batch run of that size."""

@@ -7,12 +7,14 @@ import subprocess
 import sys
 from pathlib import Path
 
+import numpy as np
 import pytest
 import torch
 
 from helpers import REPO, free_port
 from manifests import run_cli
-from trainer_common import ENV, args, ckpt, feats, popen, run_inproc, same_state, small_feats, stats, wait_for  # noqa: F401
+from trainer_common import (ENV, args, assert_weights_close, ckpt, feats, popen, run_inproc,  # noqa: F401
+                            same_state, small_feats, stats, wait_for)
 
 from trainer.__main__ import main as trainer_main
 
@@ -110,18 +112,37 @@ def test_resume_refuses_each_setting_the_readme_names(small_feats, tmp_path, cap
 
 
 @pytest.mark.slow
-def test_two_rank_torchrun_killed_and_resumed_is_bit_identical(small_feats, tmp_path):
+def test_two_rank_torchrun_killed_and_resumed_is_bit_identical(small_feats, tmp_path, capsys):
     """2 ranks (gloo): SIGKILL the whole torchrun group while checkpoint 4 is half-written; the re-run resumes
-    from 2 and ends bit-identical to an uninterrupted 2-rank run (weights, optimiser, every rank's RNG, stats)."""
+    from 2 and ends bit-identical to an uninterrupted 2-rank run (weights, optimiser, every rank's RNG, stats).
+
+    The uninterrupted run also equals a 1-process run of the same global batch (losses, weights) within float
+    rounding: its ranks take disjoint halves of each global batch and end with identical weights.
+    """
     from helpers import kill_group, kill_marked
+    from trainer.shard_index import StepSampler
+
+    def train(run: Path) -> list[str]:
+        return args(small_feats, run, "--hflip", "--trace-data", "--lr", "1e-3", steps=6, batch=4)
 
     def torchrun(run: Path) -> list[str]:
         return [sys.executable, "-m", "torch.distributed.run", "--nproc-per-node", "2", "--master-addr",
-                "127.0.0.1", "--master-port", str(free_port()), "-m", "trainer",
-                *args(small_feats, run, "--hflip", steps=6, batch=4)]
-    a, b = tmp_path / "a", tmp_path / "b"
+                "127.0.0.1", "--master-port", str(free_port()), "-m", "trainer", *train(run)]
+    a, b, one = tmp_path / "a", tmp_path / "b", tmp_path / "one"
     p = subprocess.run(torchrun(a), cwd=REPO, env=ENV, capture_output=True, text=True, timeout=240)
     assert p.returncode == 0, p.stderr[-3000:]
+    # 2 ranks == 1 rank: the same global batches and per-sample randomness, so only float rounding differs.
+    rc, err = run_inproc(train(one), capsys)
+    assert rc == 0, err
+    np.testing.assert_allclose([r["loss"] for r in stats(a)], [r["loss"] for r in stats(one)], rtol=1e-5)
+    assert_weights_close(ckpt(a, 6)["model"], ckpt(one, 6)["model"], steps=6)
+    tr = [[json.loads(x) for x in (a / "trace" / f"rank{r}.jsonl").read_text().splitlines()] for r in (0, 1)]
+    batches = [ids for _, _, ids in StepSampler(16, 4, 0, 1, 4, 0, 0, 6)]  # the single-process global batches
+    for step in range(6):
+        k0, k1 = ([k for row in rows if row.get("step") == step and "keys" in row for k in row["keys"]] for rows in tr)
+        assert len(k0) == len(k1) == 2 and k0 + k1 == [f"img{i:05d}" for i in batches[step]]  # disjoint halves
+    assert tr[0][-1]["params_sha256"] == tr[1][-1]["params_sha256"]  # identical weights on both ranks
+    # Killed mid-checkpoint 4, then re-run: bit-identical to the uninterrupted 2-rank run.
     with open(tmp_path / "b.log", "w") as log:
         k = subprocess.Popen(torchrun(b), cwd=REPO, env={**ENV, "REPA_TEST_SLOW_CKPT": "4:120"},
                              stdout=log, stderr=subprocess.STDOUT, start_new_session=True)
@@ -141,4 +162,5 @@ def test_two_rank_torchrun_killed_and_resumed_is_bit_identical(small_feats, tmp_
     ca, cb = ckpt(a, 6), ckpt(b, 6)
     same_state(ca, cb)
     assert len(cb["rng"]) == 2 and all(torch.equal(x["cpu"], y["cpu"]) for x, y in zip(ca["rng"], cb["rng"]))
+    assert not torch.equal(ca["rng"][0]["cpu"], ca["rng"][1]["cpu"])  # each rank keeps its own RNG state
     assert [r["loss"] for r in stats(a)] == [r["loss"] for r in stats(b)]

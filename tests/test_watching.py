@@ -19,7 +19,7 @@ import pytest
 import torch
 
 from demo_data import write_pixel_features
-from helpers import REPO, assert_user_error, run_module
+from helpers import REPO, assert_user_error
 from manifests import run_cli
 
 from trainer.__main__ import main as trainer_main
@@ -157,15 +157,16 @@ def test_resume_from_an_older_step_sets_newer_checkpoints_aside(pix, tmp_path, c
     assert [r["step"] for r in stats(run)] == list(range(1, 7))
 
 
-def test_report_to_wandb_without_wandb_is_one_line(pix, tmp_path):
+def test_report_to_wandb_without_wandb_is_one_line(pix, tmp_path, capsys):
     pytest.importorskip("tensorboard")
     try:
         import wandb  # noqa: F401
         pytest.skip("wandb is installed")
     except ImportError:
         pass
-    p = run_module("trainer", *train_args(pix, tmp_path / "run", "--report-to", "wandb", steps=1), timeout=300)
-    assert_user_error(p, "--report-to wandb", "pip install wandb")
+    rc = run_cli(trainer_main, train_args(pix, tmp_path / "run", "--report-to", "wandb", steps=1))
+    out, err = capsys.readouterr()
+    assert_user_error(subprocess.CompletedProcess([], rc, out, err), "--report-to wandb", "pip install wandb")
 
 
 def test_pixel_vae_round_trip_and_interface():
