@@ -107,12 +107,22 @@ def assert_user_error(p: subprocess.CompletedProcess, *needles: str) -> None:
         assert n in lines[-1], f"{n!r} not in {lines[-1]!r}"
 
 
-def free_port() -> int:
-    """A TCP port that is free now (for torchrun's --master-port), so overlapping runs never collide."""
+def free_ports(n: int) -> list[int]:
+    """n distinct TCP ports that are free now (torchrun's --master-port, a Ray head's), so overlapping runs never
+    collide: all n are held open together while they are picked."""
     import socket
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
+    socks = [socket.socket() for _ in range(n)]
+    try:
+        for s in socks:
+            s.bind(("127.0.0.1", 0))
+        return [s.getsockname()[1] for s in socks]
+    finally:
+        for s in socks:
+            s.close()
+
+
+def free_port() -> int:
+    return free_ports(1)[0]
 
 
 def kill_group(pgid: int) -> None:

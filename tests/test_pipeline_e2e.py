@@ -1,17 +1,11 @@
-"""End to end with real processes: kill-and-resume with SIGKILL, truncated shards, a real Ray cluster job."""
+"""End to end with real processes: kill-and-resume with SIGKILL, a full disk in an actor, truncated shards
+(a job on a `ray start` cluster: test_cluster_512.py)."""
 from __future__ import annotations
 
 import json
-import os
 import shutil
-import signal
-import socket
-import subprocess
 import sys
 import tempfile
-import time
-import urllib.error
-import urllib.request
 from pathlib import Path
 
 import numpy as np
@@ -22,19 +16,6 @@ from manifests import iter_shard, load_manifest, sha256_file
 
 # The exact arguments of conftest's `tiny_features`: its uninterrupted run is the reference for byte identity.
 TINY_ARGS = ["--vae", "tiny-vae", "--encoders", "tiny-dinov2,tiny-siglip", "--shard-size", "8", "--batch-size", "8"]
-
-
-def _env(ray_tmp: Path) -> dict:
-    return {**os.environ, "OMP_NUM_THREADS": "1", "PYTHONUNBUFFERED": "1", "RAY_USAGE_STATS_ENABLED": "0",
-            "RAY_TMPDIR": str(ray_tmp), "PYTHONPATH": str(REPO)}
-
-
-def _kill_group(pgid: int) -> None:
-    """Stop what is left of a process group that this test started (Ray helpers of a killed driver)."""
-    try:
-        os.killpg(pgid, signal.SIGKILL)
-    except (ProcessLookupError, PermissionError):
-        pass
 
 
 def _tars(out: Path) -> dict[str, bytes]:
@@ -177,120 +158,3 @@ def test_tiny_features_decode_back(tiny_features):
             assert s["cls"] == int(s["__key__"].split("_")[0][1:]) and len(s["json"]["size"]) == 2
             n += 1
     assert n == m.num_samples == 24
-
-
-# ------------------------------------------------------------------------------------- a real Ray cluster
-def _free_ports(n: int) -> list[int]:
-    socks, ports = [], []
-    for _ in range(n):
-        s = socket.socket()
-        s.bind(("127.0.0.1", 0))
-        socks.append(s)
-        ports.append(s.getsockname()[1])
-    for s in socks:
-        s.close()
-    return ports
-
-
-def _plant_bad_files(src: Path) -> dict[str, str]:
-    """Bad inputs next to good ones; returns key -> expected reason fragment."""
-    cls = sorted(d for d in src.iterdir() if d.is_dir())
-    good = next(cls[0].iterdir()).read_bytes()
-    (cls[0] / "zero_bytes.JPEG").write_bytes(b"")
-    (cls[1] / "truncated.JPEG").write_bytes(good[: len(good) // 3])
-    (cls[2] / "notes.JPEG").write_text("this is not an image\n")
-    (cls[3] / "x_dangling.JPEG").symlink_to(src / "does-not-exist.JPEG")  # unreadable (root can read 0o000 files)
-    return {"zero_bytes": "zero-byte", "truncated": "truncated", "notes": "not an image", "x_dangling": "unreadable"}
-
-
-def _pids_using(marker: str) -> list[int]:
-    pids = []
-    for d in Path("/proc").iterdir():
-        if d.name.isdigit():
-            try:
-                if marker in (d / "cmdline").read_bytes().decode(errors="replace"):
-                    pids.append(int(d.name))
-            except OSError:
-                pass
-    return pids
-
-
-@pytest.mark.slow
-def test_ray_cluster_job_submit(synth_dir, tiny_features, tmp_path):
-    """`ray start --head` on free ports, `ray job submit --working-dir .` runs extract --hflip; bad inputs skipped."""
-    ray_bin = Path(sys.executable).with_name("ray")
-    temp = Path(tempfile.mkdtemp(prefix="rc", dir="/tmp"))  # short: unix socket paths are limited to ~107 chars
-    src, out = tmp_path / "src", tmp_path / "out"
-    shutil.copytree(synth_dir, src)
-    bad = _plant_bad_files(src)
-    gcs, dash, client, agent = _free_ports(4)
-    env = {**_env(temp), "RAY_AUTH_MODE": "token"}  # Ray's default for new clusters; the CLI then sends the token
-    env.pop("RAY_ADDRESS", None)
-    head = subprocess.Popen([str(ray_bin), "start", "--head", "--block", f"--port={gcs}", f"--dashboard-port={dash}",
-                             "--dashboard-host=127.0.0.1", f"--ray-client-server-port={client}",
-                             f"--dashboard-agent-listen-port={agent}", f"--temp-dir={temp}", "--num-cpus=2",
-                             "--num-gpus=0", "--include-dashboard=true", "--disable-usage-stats"],
-                            env=env, cwd=tmp_path, stdout=subprocess.PIPE, stderr=subprocess.STDOUT,
-                            start_new_session=True)
-    try:
-        url = f"http://127.0.0.1:{dash}"
-        deadline = time.time() + 90
-        while True:
-            assert head.poll() is None, head.stdout.read().decode()[-3000:]
-            try:
-                urllib.request.urlopen(f"{url}/api/version", timeout=2)
-                break
-            except urllib.error.HTTPError:  # 401 without the token: the server is up
-                break
-            except OSError:
-                assert time.time() < deadline, "Ray dashboard did not come up"
-                time.sleep(0.5)
-        excludes = json.dumps({"excludes": [".git", ".venv", "demo", "*.egg-info", ".pytest_cache"]})
-        sub = subprocess.run([str(ray_bin), "job", "submit", "--address", url, "--working-dir", ".",
-                              "--runtime-env-json", excludes, "--", sys.executable, "-m", "pipeline", "extract",
-                              "--source", str(src), "--out", str(out), *TINY_ARGS, "--hflip"],
-                             env=env, cwd=REPO, capture_output=True, text=True, timeout=300)
-        assert sub.returncode == 0, (sub.stdout + sub.stderr)[-4000:]
-        assert "succeeded" in (sub.stdout + sub.stderr).lower()
-    finally:
-        head.send_signal(signal.SIGTERM)  # stop the head by its PID; --block tears down its children
-        try:
-            head.wait(timeout=30)
-        except subprocess.TimeoutExpired:
-            head.kill()
-            head.wait()
-        _kill_group(head.pid)
-        for pid in _pids_using(str(temp)):  # stragglers of this cluster only (they carry its temp dir)
-            try:
-                os.kill(pid, signal.SIGKILL)
-            except ProcessLookupError:
-                pass
-        shutil.rmtree(temp, ignore_errors=True)
-    m = load_manifest(out, kind="features", verify=True)
-    assert m.num_samples == 24 and not _tmp_files(out)
-    reasons = {s["key"]: s["reason"] for s in m.skipped}
-    assert set(reasons) == set(bad), reasons
-    for key, why in bad.items():
-        assert why in reasons[key], (key, reasons[key])
-    # Same images and models as the local run: the same arrays (up to batch-composition rounding, as the bad
-    # files shift which images share a shard).
-    local = {s["__key__"]: s for sh in load_manifest(tiny_features).shard_paths() for s in iter_shard(sh)}
-    assert m.preprocess["hflip"] is True
-    for sh in m.shard_paths():
-        for s in iter_shard(sh):
-            assert s["cls"] == local[s["__key__"]]["cls"]
-            for f, spec in m.fields.items():
-                flip = s[f"{f}.flip.npy"]  # the flipped twin: same shape, different values
-                assert list(flip.shape) == spec["shape"] and not np.array_equal(flip, s[f"{f}.npy"])
-                np.testing.assert_allclose(s[f"{f}.npy"].astype(np.float32),
-                                           local[s["__key__"]][f"{f}.npy"].astype(np.float32), rtol=2e-3, atol=2e-3)
-    # The flipped latent is the VAE moments of the mirrored ADM crop of the source image.
-    import torch
-    from PIL import Image
-    from pipeline.encoders import load_vae, vae_moments
-    from pipeline.transforms import adm_center_crop
-    first = next(iter_shard(m.shard_paths()[0]))
-    crop = np.asarray(adm_center_crop(Image.open(src / first["json"]["source"]), 256))[:, ::-1].copy()
-    want = vae_moments(load_vae("tiny-vae"), torch.from_numpy(crop)[None])[0].numpy()
-    np.testing.assert_allclose(first["latent.flip.npy"], want, rtol=1e-2, atol=5e-3)  # batch 1 vs 8 rounding
-    assert np.abs(first["latent.flip.npy"] - first["latent.npy"]).max() > 0.05  # and not the unflipped one
