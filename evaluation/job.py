@@ -7,7 +7,7 @@ import os
 import shlex
 import sys
 import time
-from dataclasses import asdict, dataclass, fields
+from dataclasses import asdict, dataclass, field, fields
 from pathlib import Path
 from typing import Any, Sequence
 
@@ -30,6 +30,11 @@ STAT_SHAPES = {"mu": "d", "sigma": "dd", "mu_s": "s", "sigma_s": "ss"}
 WEIGHTS_TAG = "inception_weights"  # extra array in references we write: which weights made the statistics
 
 
+def default_cache_dir() -> str:
+    """$XDG_CACHE_HOME/repa/inception (~/.cache/... without it), read when a config is made, not at import."""
+    return str(Path(os.environ.get("XDG_CACHE_HOME") or Path.home() / ".cache") / "repa" / "inception")
+
+
 @dataclass(kw_only=True)
 class EvalConfig:
     """Resolved settings of one evaluation (recorded in report.json)."""
@@ -47,7 +52,7 @@ class EvalConfig:
     pr_k: int = 3
     is_split: int = 5000
     recompute_reference_stats: bool = False
-    cache_dir: str = str(Path(os.environ.get("XDG_CACHE_HOME", Path.home() / ".cache")) / "repa" / "inception")
+    cache_dir: str = field(default_factory=default_cache_dir)
     no_cache: bool = False
     progress: bool = True
 

@@ -20,6 +20,14 @@ def one_thread():
     torch.set_num_threads(1)
 
 
+@pytest.fixture(scope="session", autouse=True)
+def own_caches(tmp_path_factory):
+    """The caches the code writes by default (evaluation's Inception statistics, ~66 MB per image set; remote
+    inputs) go to this run's temp folder, shared by its xdist workers, not the user's ~/.cache."""
+    base = tmp_path_factory.getbasetemp()
+    os.environ["XDG_CACHE_HOME"] = str((base.parent if os.environ.get("PYTEST_XDIST_WORKER") else base) / "cache")
+
+
 def pytest_collection_modifyitems(config, items):
     """End-to-end (`slow`) tests first: with `-n 2` the long ones then overlap instead of trailing at the end."""
     items.sort(key=lambda item: item.get_closest_marker("slow") is None)  # a stable sort keeps file order

@@ -20,7 +20,7 @@ from trainer.__main__ import main as trainer_main
 
 
 @pytest.mark.slow
-def test_sigkill_mid_checkpoint_write_then_rerun_is_bit_identical(feats, tmp_path):
+def test_sigkill_mid_checkpoint_write_then_rerun_is_bit_identical(feats, tmp_path, capsys):
     """Kill -9 between the tmp write and the rename of checkpoint 6: 4 stays loadable, the re-run matches."""
     a_run, b_run = tmp_path / "a", tmp_path / "b"
     common = ["--num-workers", "1", "--hflip"]
@@ -32,10 +32,10 @@ def test_sigkill_mid_checkpoint_write_then_rerun_is_bit_identical(feats, tmp_pat
     b.wait()
     assert not (b_run / "checkpoints" / "0000006.pt").exists()
     assert ckpt(b_run, 4)["step"] == 4  # the previous checkpoint is intact and loads with weights_only=True
-    p = subprocess.run([sys.executable, "-m", "trainer", *args(feats, b_run, *common, steps=8)], cwd=REPO, env=ENV,
-                       capture_output=True, text=True, timeout=120)
-    assert p.returncode == 0, p.stderr
-    assert "resuming from" in p.stdout and "0000004.pt" in p.stdout
+    capsys.readouterr()
+    assert run_cli(trainer_main, args(feats, b_run, *common, steps=8)) == 0  # the re-run: the same command
+    out = capsys.readouterr().out
+    assert "resuming from" in out and "0000004.pt" in out
     assert not any(x.name.startswith(".tmp-") for x in (b_run / "checkpoints").iterdir())
     ca, cb = ckpt(a_run, 8), ckpt(b_run, 8)
     for part in ("model", "ema"):
