@@ -44,7 +44,7 @@ RESOLUTION = 128  # a 16x16 latent: 64 tokens for SiT-Debug/2 and an 8x8 grid fo
 FULL = DemoSize(classes=8, per_class=24, steps=600, batch_size=16, ckpt_every=200, log_every=10, sample_every=100,
                 num_samples=64, sample_steps=50, align_images=64, watch_samples=64, grid_steps=32)
 FAST = DemoSize(classes=4, per_class=6, steps=30, batch_size=8, ckpt_every=15, log_every=5, sample_every=15,
-                num_samples=16, sample_steps=10, align_images=24, watch_samples=16, grid_steps=8)
+                num_samples=16, sample_steps=10, align_images=24, watch_samples=8, grid_steps=8)
 
 
 def run(step: str, args: list[str], log: list[tuple[str, float]]) -> None:

@@ -88,8 +88,12 @@ def run_module(*args: str, cwd: str | os.PathLike | None = None, env: dict | Non
                check: bool = False) -> subprocess.CompletedProcess:
     """Run `python -m <args>` with this interpreter, capturing output."""
     full_env = {**os.environ, "OMP_NUM_THREADS": "1", "PYTHONUNBUFFERED": "1", **(env or {})}
-    p = subprocess.run([sys.executable, "-m", *args], cwd=cwd or REPO, env=full_env, capture_output=True,
-                       text=True, timeout=timeout)
+    try:
+        p = subprocess.run([sys.executable, "-m", *args], cwd=cwd or REPO, env=full_env, capture_output=True,
+                           text=True, timeout=timeout)
+    except subprocess.TimeoutExpired as e:  # what it printed, whole, not the repr pytest cuts short
+        err = e.stderr.decode(errors="replace") if isinstance(e.stderr, bytes) else e.stderr or ""
+        raise AssertionError(f"{' '.join(args)} still running after {timeout:g} s; its stderr ends:\n{err[-6000:]}")
     if check and p.returncode != 0:
         raise AssertionError(f"{' '.join(args)} failed ({p.returncode}):\n{p.stdout}\n{p.stderr}")
     return p

@@ -25,7 +25,7 @@ sys.path.insert(0, str(REPO))
 BENCHES = {"trainer": ("gpu_trainer.py", 170, 420), "pipeline": ("gpu_pipeline.py", 90, 420),
            "sampler": ("gpu_sampler.py", 110, 420), "evaluation": ("gpu_evaluation.py", 100, 420)}
 TINY_ARGS = {"trainer": ["--device", "cpu", "--tiny"], "pipeline": ["--device", "cpu", "--tiny"],
-             "sampler": ["--device", "cpu", "--tiny"], "evaluation": ["--device", "cpu", "--n", "16", "--ref-n", "8"]}
+             "sampler": ["--device", "cpu", "--tiny"], "evaluation": ["--device", "cpu", "--n", "8", "--ref-n", "8"]}
 
 
 def run_one(name: str, tiny: bool, env: dict) -> dict:
