@@ -24,13 +24,18 @@ def one_thread():
 def own_caches(tmp_path_factory):
     """The caches the code writes by default (evaluation's Inception statistics, ~66 MB per image set; remote
     inputs) go to this run's temp folder, shared by its xdist workers, not the user's ~/.cache."""
-    base = tmp_path_factory.getbasetemp()
-    os.environ["XDG_CACHE_HOME"] = str((base.parent if os.environ.get("PYTEST_XDIST_WORKER") else base) / "cache")
+    os.environ["XDG_CACHE_HOME"] = str(_run_root(tmp_path_factory) / "cache")
 
 
 def pytest_collection_modifyitems(config, items):
     """End-to-end (`slow`) tests first: with `-n 2` the long ones then overlap instead of trailing at the end."""
     items.sort(key=lambda item: item.get_closest_marker("slow") is None)  # a stable sort keeps file order
+
+
+def _run_root(tmp_path_factory) -> Path:
+    """This test run's temp folder: common to its xdist workers (each has its own basetemp inside it)."""
+    base = tmp_path_factory.getbasetemp()
+    return base.parent if os.environ.get("PYTEST_XDIST_WORKER") else base
 
 
 def _once(tmp_path_factory, name: str, build) -> Path:
@@ -40,7 +45,7 @@ def _once(tmp_path_factory, name: str, build) -> Path:
         out = tmp_path_factory.mktemp(name)
         build(out)
         return out
-    root = tmp_path_factory.getbasetemp().parent  # common to the workers of one run
+    root = _run_root(tmp_path_factory)
     out, done = root / name, root / f"{name}.done"
     with open(root / f"{name}.lock", "w") as lock:
         fcntl.flock(lock, fcntl.LOCK_EX)
