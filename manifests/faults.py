@@ -1,4 +1,4 @@
-"""Deterministic fault injection for tests: `REPA_KILL_AT=<point>[:n]` SIGKILLs the job at a named point.
+"""Deterministic fault injection for tests: `REPA_KILL_AT=<point>[:n][@<after>[:m]]` SIGKILLs the job at a point.
 
 Writers call `kill_point("<point>")` at the moments a crash is most harmful (a tar written but not renamed, a
 tar renamed but without its sidecar, every sidecar but no manifest). With the variable unset this is one
@@ -8,6 +8,11 @@ would: the driver, Ray's helpers and every actor together. Tests must therefore 
 session (`subprocess.Popen(..., start_new_session=True)`). Ray puts each worker in its own group, so the first
 process that imports this module records its group in the environment, which Ray's workers inherit, and a hook
 firing in an actor kills that group (the driver's) as well as its own.
+
+Concurrent writers reach points in any order. `@<after>[:m]` makes a kill independent of that order: the firing
+arrival first waits until `<after>` has been reached m times (default 1) by any process of the job. For example
+`tar-before-sidecar:2@shard-finished:1` kills with one shard's tar in place and no sidecar, after another shard has
+finished, however the two shards' writes interleave.
 """
 from __future__ import annotations
 
@@ -15,6 +20,7 @@ import os
 import signal
 import sys
 import tempfile
+import time
 from pathlib import Path
 
 KILL_ENV = "REPA_KILL_AT"
@@ -26,10 +32,17 @@ if os.environ.get(KILL_ENV) and not os.environ.get(ROOT_GROUP_ENV):
     os.environ[ROOT_GROUP_ENV] = str(os.getpgid(0))
 
 
+AFTER_TIMEOUT_S = 120.0  # an `@after` point that never comes: kill anyway, so the test fails on its asserts
+
+
+def _count_dir() -> Path:
+    group = os.environ.get(ROOT_GROUP_ENV) or os.getpgid(0)
+    return Path(os.environ.get(COUNT_DIR_ENV) or Path(tempfile.gettempdir()) / f"repa-kill-{group}")
+
+
 def _arrival(point: str) -> int:
     """This arrival's number at `point` over every process of the group: 1, 2, ... (one O_EXCL file each)."""
-    group = os.environ.get(ROOT_GROUP_ENV) or os.getpgid(0)
-    folder = Path(os.environ.get(COUNT_DIR_ENV) or Path(tempfile.gettempdir()) / f"repa-kill-{group}")
+    folder = _count_dir()
     folder.mkdir(parents=True, exist_ok=True)
     i = 1
     while True:
@@ -45,12 +58,20 @@ def kill_point(point: str) -> None:
     spec = os.environ.get(KILL_ENV)
     if not spec:
         return
-    name, _, nth = spec.partition(":")
-    if name != point:
+    target, _, after = spec.partition("@")
+    name, _, nth = target.partition(":")
+    after_name, _, after_nth = after.partition(":")
+    if point != name:
+        if point == after_name:
+            _arrival(point)  # counted, so that a kill waiting for it can go ahead
         return
     n = _arrival(point)
     if n != int(nth or 1):
         return
+    if after_name:
+        mark, deadline = _count_dir() / f"{after_name}.{int(after_nth or 1)}", time.monotonic() + AFTER_TIMEOUT_S
+        while not mark.exists() and time.monotonic() < deadline:
+            time.sleep(0.005)
     own, root = os.getpgid(0), int(os.environ.get(ROOT_GROUP_ENV) or os.getpgid(0))
     print(f"[test hook] {KILL_ENV}={spec}: killing process groups {sorted({root, own})}", file=sys.stderr, flush=True)
     if root != own:

@@ -100,6 +100,7 @@ def write_shard_once(out: Path, plan: ShardPlan, fp: str, samples: Iterable[dict
         kill_point("tar-before-sidecar")  # test hook: the tar is in place, its sidecar not yet written
         side.update(nsamples=len(info.keys), keys=info.keys, sha256=info.sha256, bytes=info.bytes, index=info.index)
     atomic_write_json(sidecar_path(out, plan), side)
+    kill_point("shard-finished")  # test hook: tar and sidecar in place (kills wait for it with `@shard-finished`)
     return side
 
 

@@ -46,8 +46,9 @@ def test_sigkill_extract_to_s3_then_resume_is_byte_identical(synth_dir, tiny_fea
     reference = {p.name: p.read_bytes() for p in sorted((tiny_features / "shards").glob("*.tar"))}
     shards = storage.path(out) / "shards"
     try:
-        # Arrival 2: the 1st shard wrote its sidecar right after arrival 1, while the 2nd was still encoding.
-        run_until_killed(cmd, "tar-before-sidecar:2", tmp_path / "kill.log",
+        # Arrival 2, once the shard of arrival 1 has its sidecar (`@shard-finished`): one actor runs two shards at
+        # once, and the 1st one's sidecar upload may come after the 2nd one's tar.
+        run_until_killed(cmd, "tar-before-sidecar:2@shard-finished", tmp_path / "kill.log",
                          env={"RAY_TMPDIR": str(ray_tmp), "PYTHONPATH": str(REPO)}, marker=str(ray_tmp))
         tars, sides = _tars(out), {p.stem for p in shards.glob("*.json")}
         # The 3rd shard may have been uploaded too (it encodes while the 2nd uploads), never past its sidecar.
