@@ -146,6 +146,10 @@ class InceptionFeatures:
         net.load_state_dict(sd)
         self.device = torch.device(device)
         self.net = net.to(self.device).eval().requires_grad_(False)
+        if self.device.type == "cpu":
+            # oneDNN's own layout (the NHWC input already is): ~25% less CPU per image, mostly in the pools; the
+            # same operations, only summed in another order (float32 rounding).
+            self.net = self.net.to(memory_format=torch.channels_last)
         self._spatial: torch.Tensor | None = None
         # BasicConv2d returns relu(bn(conv(x))): its output is ADM's post-ReLU `mixed_6/conv:0`.
         self.net.Mixed_6d.branch1x1.register_forward_hook(self._grab_spatial)
