@@ -53,23 +53,29 @@ def _arrival(point: str) -> int:
             i += 1
 
 
+def parse_kill_spec(spec: str) -> tuple[str, int, str, int]:
+    """'<point>[:n][@<after>[:m]]' -> (point, n, after or '', m); n and m default to 1."""
+    target, _, after = spec.partition("@")
+    name, _, nth = target.partition(":")
+    after_name, _, after_nth = after.partition(":")
+    return name, int(nth or 1), after_name, int(after_nth or 1)
+
+
 def kill_point(point: str) -> None:
     """SIGKILL this process group if REPA_KILL_AT names `point` and this is its n-th arrival."""
     spec = os.environ.get(KILL_ENV)
     if not spec:
         return
-    target, _, after = spec.partition("@")
-    name, _, nth = target.partition(":")
-    after_name, _, after_nth = after.partition(":")
+    name, nth, after_name, after_nth = parse_kill_spec(spec)
     if point != name:
         if point == after_name:
             _arrival(point)  # counted, so that a kill waiting for it can go ahead
         return
     n = _arrival(point)
-    if n != int(nth or 1):
+    if n != nth:
         return
     if after_name:
-        mark, deadline = _count_dir() / f"{after_name}.{int(after_nth or 1)}", time.monotonic() + AFTER_TIMEOUT_S
+        mark, deadline = _count_dir() / f"{after_name}.{after_nth}", time.monotonic() + AFTER_TIMEOUT_S
         while not mark.exists() and time.monotonic() < deadline:
             time.sleep(0.005)
     own, root = os.getpgid(0), int(os.environ.get(ROOT_GROUP_ENV) or os.getpgid(0))

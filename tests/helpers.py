@@ -146,7 +146,8 @@ def run_until_killed(cmd: list[str], point: str, log: Path, *, env: dict | None 
     whose last words never reach the driver's stderr. Processes whose command line holds `marker` (Ray's
     temp folder) are the job's stragglers in other groups: they are killed and waited for.
     """
-    name, _, nth = point.partition("@")[0].partition(":")
+    from manifests.faults import parse_kill_spec
+    name, nth, _, _ = parse_kill_spec(point)
     kills = log.with_name(log.name + ".kills")
     full_env = {**os.environ, "OMP_NUM_THREADS": "1", "PYTHONUNBUFFERED": "1", **(env or {}), "REPA_KILL_AT": point,
                 "REPA_KILL_DIR": str(kills)}
@@ -162,7 +163,7 @@ def run_until_killed(cmd: list[str], point: str, log: Path, *, env: dict | None 
                 kill_marked(marker)
     err = log.read_text()
     assert p.returncode == -9, f"{point}: expected SIGKILL at the hook, got exit {p.returncode}:\n{err[-3000:]}"
-    assert (kills / f"{name}.{nth or 1}").exists(), f"{point}: the hook did not fire:\n{err[-3000:]}"
+    assert (kills / f"{name}.{nth}").exists(), f"{point}: the hook did not fire:\n{err[-3000:]}"
     return err
 
 
