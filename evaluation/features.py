@@ -18,14 +18,14 @@ from pathlib import Path
 
 import numpy as np
 
-from manifests import UserError
-from manifests.faults import kill_point
+from common import UserError
+from common.faults import kill_point
 from manifests.io import TMP_MARK, atomic_path
 from manifests.storage import pid_alive
 
-from .images import ImageSet
-from .inception import LOGIT_DIM, POOL_DIM, SPATIAL_DIM, InceptionFeatures
-from .metrics import statistics
+from evaluation.images import ImageSet
+from evaluation.inception import LOGIT_DIM, POOL_DIM, SPATIAL_DIM, InceptionFeatures
+from evaluation.metrics import statistics
 
 CACHE_VERSION = 2  # bump when what goes into an entry changes
 ARRAYS = ("pool", "logits", "mu", "sigma", "mu_s", "sigma_s")  # checksummed, in this order

@@ -17,8 +17,9 @@ from typing import Any, Callable, Iterator, Sequence
 
 import numpy as np
 
-from manifests import MANIFEST_NAME, UserError, index_shard, load_manifest, read_member, sha256_file
-from manifests.errors import os_error_message
+from manifests import MANIFEST_NAME, index_shard, load_manifest, read_member, sha256_file
+from common import UserError
+from common.errors import os_error_message
 
 IMAGE_EXTS = (".png", ".jpg", ".jpeg")
 EIGHT_BIT_MODES = ("1", "L", "LA", "P", "PA", "RGB", "RGBA", "RGBX", "CMYK", "YCbCr", "LAB", "HSV")
@@ -117,7 +118,7 @@ def decode_image(data: bytes | Path, what: str, crop: int | None = None, size: t
                 raise UserError(f"{what}: image mode {im.mode} is not 8-bit (expected uint8 RGB)")
             im.load()
             if crop is not None and im.size != (crop, crop):
-                from pipeline.transforms import adm_center_crop
+                from manifests.preprocess import adm_center_crop
                 im = adm_center_crop(im, crop)
             arr = np.asarray(im.convert("RGB"))
     except UserError:

@@ -9,8 +9,8 @@ from pathlib import Path
 import torch
 from torch_fidelity.feature_extractor_inceptionv3 import URL_INCEPTION_V3, FeatureExtractorInceptionV3
 
-from manifests import UserError
-from manifests.errors import os_error_message
+from common import UserError
+from common.errors import os_error_message
 from manifests.io import sha256_file
 
 INPUT_SIZE = 299  # TF Inception input (ADM evaluator, torch-fidelity INPUT_IMAGE_SIZE)

@@ -13,10 +13,11 @@ from typing import Any, Sequence
 
 import numpy as np
 
-from manifests import UserError, atomic_open
-from manifests.cli import ArgumentParser, positive_int
+from common import UserError
+from manifests import atomic_open
+from common.cli import ArgumentParser, positive_int
 from manifests import storage
-from manifests.config_file import add_config_flag, layered
+from common.config_file import add_config_flag, layered
 from manifests.io import ensure_writable_dir
 from manifests.remote_inputs import localize, sync_down, sync_up
 
@@ -144,8 +145,8 @@ def _check_out(path: Path, what: str) -> None:
 
 def _load_reference_stats(path: Path) -> tuple[dict[str, np.ndarray], str | None]:
     """A reference .npz's stored statistics (validated before any work) and the weights tag, if any."""
-    from .images import load_npz_arrays
-    from .inception import POOL_DIM, SPATIAL_DIM
+    from evaluation.images import load_npz_arrays
+    from evaluation.inception import POOL_DIM, SPATIAL_DIM
     arrays = load_npz_arrays(path, [*STAT_SHAPES, WEIGHTS_TAG])
     stats = {k: v for k, v in arrays.items() if k in STAT_SHAPES}
     for a, b in (("mu", "sigma"), ("mu_s", "sigma_s")):
@@ -177,7 +178,7 @@ def _use_stored_stats(stats: dict[str, np.ndarray], tag: str | None, model, cfg:
 
 
 def _open_inputs(cfg: EvalConfig):
-    from .images import open_images
+    from evaluation.images import open_images
     samples = None
     if cfg.samples is not None:
         samples = open_images(cfg.samples, num_workers=cfg.num_workers, what="samples").limit(cfg.num_samples)
@@ -226,10 +227,10 @@ def main(argv: Sequence[str] | None = None) -> int:
     ref_stats, ref_tag = _load_reference_stats(ref.path) if ref.kind == "npz" else ({}, None)
     device = _device(cfg.device)
 
-    from .features import compute_activations
-    from .inception import InceptionFeatures
-    from .metrics import frechet_distance, inception_score, precision_recall
-    from .report import NOT_COMPARABLE, format_table, write_report
+    from evaluation.features import compute_activations
+    from evaluation.inception import InceptionFeatures
+    from evaluation.metrics import frechet_distance, inception_score, precision_recall
+    from evaluation.report import NOT_COMPARABLE, format_table, write_report
     model = InceptionFeatures(cfg.inception_weights, device=device)
     remote_cache = None if cfg.no_cache or not storage.is_url(cfg.cache_dir) else cfg.cache_dir
     cache_dir = (None if cfg.no_cache else sync_down(remote_cache, ".h5") if remote_cache

@@ -22,9 +22,11 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any, Iterator, Sequence
 
-from manifests import UserError, atomic_write_bytes, check, read_json
-from manifests.cli import ArgumentParser, nonneg_int, positive_float, positive_int
-from manifests.tracking import DONE_MARKER, EVAL_TB_DIR, list_exports, open_tracker
+from common import UserError, check
+from manifests import atomic_write_bytes, read_json
+from common.cli import ArgumentParser, nonneg_int, positive_float, positive_int
+from manifests.runs import DONE_MARKER, EVAL_TB_DIR, list_exports
+from common.tracking import open_tracker
 
 METRICS = ("fid", "sfid", "is", "precision", "recall")
 EXAMPLE = """examples:
@@ -187,7 +189,7 @@ def evaluate(cfg: WatchConfig, step: int, export: Path, log) -> dict[str, Any] |
         raise UserError(f"step {step}: sampling failed (exit {rc}): {' '.join(cmd)}")
     t_sample = time.perf_counter() - t0
     t0 = time.perf_counter()
-    from .job import main as metrics_main
+    from evaluation.job import main as metrics_main
     report_path = work / "report.json"
     args = ["--samples", str(work / "samples"), "--reference", cfg.reference, "--out", str(report_path),
             "--batch-size", str(cfg.eval_batch_size), "--device", cfg.device, "--num-samples", str(cfg.num_samples)]

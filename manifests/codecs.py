@@ -18,7 +18,7 @@ from typing import TYPE_CHECKING, Any
 
 import numpy as np
 
-from .errors import UserError, check
+from common.errors import UserError, check
 
 if TYPE_CHECKING:
     import torch

@@ -10,7 +10,7 @@ from pathlib import Path
 from typing import Any, Iterator
 
 from . import storage
-from .errors import UserError, os_error_message
+from common.errors import UserError, os_error_message
 
 TMP_MARK = ".tmp-"  # every half-written file carries this in its name; re-runs delete them
 

@@ -7,9 +7,9 @@ import os
 from pathlib import Path
 
 from . import storage
-from .errors import UserError
+from .schema import MANIFEST_NAME
+from common.errors import UserError
 
-MANIFEST_NAME = "manifest.json"
 
 
 def cache_root() -> Path:

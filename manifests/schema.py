@@ -8,17 +8,13 @@ from typing import Any, Iterable, Sequence
 
 from . import storage
 from .codecs import field_codec
-from .errors import UserError, check
+from common.errors import UserError, check
 from .io import atomic_write_json, read_json, sha256_file
 
 SCHEMA_VERSION = 1
 WIDS_VERSION = 1
 MANIFEST_NAME = "manifest.json"
 KINDS = ("features", "samples")
-# Rombach et al. (LDM), SD-VAE; REPA train.py `latents_scale` / `latents_bias`.
-SD_VAE_SCALE = 0.18215
-SD_VAE_SHIFT = 0.0
-
 
 @dataclass
 class ShardEntry:
@@ -27,7 +23,6 @@ class ShardEntry:
     nsamples: int
     sha256: str
     bytes: int
-
 
 @dataclass
 class Manifest:
@@ -82,7 +77,6 @@ class Manifest:
         return {"wids_version": WIDS_VERSION, "name": self.name,
                 "shardlist": [asdict(s) for s in self.shardlist], "repa": repa}
 
-
 def safe_relpath(url: str, what: str) -> str:
     """Reject absolute paths and '..' so a shard can never leave the manifest's folder."""
     check(isinstance(url, str) and url != "", f"{what}: empty or non-string path {url!r}")
@@ -93,14 +87,12 @@ def safe_relpath(url: str, what: str) -> str:
           f"{what}: path {url!r} leaves the manifest's folder ('..' is not allowed)")
     return url
 
-
 def manifest_path(path: str | os.PathLike) -> Path:
     """Accept a manifest file or the folder that holds it (a plain path or a storage URL)."""
     p = storage.path(path)
     if isinstance(p, storage.ObjectPath):  # a folder on an object store is just a prefix: one HEAD decides
         return p if p.name.endswith(".json") else p / MANIFEST_NAME
     return p / MANIFEST_NAME if p.is_dir() else p
-
 
 def load_manifest(path: str | os.PathLike, *, kind: str | None = None, verify: bool = False,
                   check_exists: bool = True) -> Manifest:
@@ -163,7 +155,6 @@ def load_manifest(path: str | os.PathLike, *, kind: str | None = None, verify: b
         verify_shards(m)
     return m
 
-
 def verify_shards(m: Manifest, progress: bool = False) -> None:
     """Check each shard's sha256 against the manifest; the first mismatch is a UserError."""
     it: Iterable[ShardEntry] = m.shardlist
@@ -175,7 +166,6 @@ def verify_shards(m: Manifest, progress: bool = False) -> None:
         check(p.is_file(), f"shard '{s.url}' listed in {m.path} does not exist")
         got = sha256_file(p)
         check(got == s.sha256, f"shard '{s.url}' fails sha256 check (manifest {s.sha256[:12]}…, file {got[:12]}…)")
-
 
 def write_manifest(m: Manifest) -> Path:
     """Write manifest.json atomically, last, after every shard it lists is in place."""

@@ -13,8 +13,8 @@ from typing import Any, Iterator, Mapping
 import numpy as np
 
 from . import storage
-from .errors import UserError, check
-from .faults import kill_point
+from common.errors import UserError, check
+from common.faults import kill_point
 from .io import atomic_open, sha256_file
 
 KEY_RE = re.compile(r"^[A-Za-z0-9_\-]+$")

@@ -14,7 +14,7 @@ import time
 from pathlib import Path, PurePosixPath
 from typing import Any, Callable, Iterator, TypeVar
 
-from .errors import UserError
+from common.errors import UserError
 
 T = TypeVar("T")
 UPLOAD_BLOCK = 64 << 20  # multipart part size; objects below it go up in one PUT

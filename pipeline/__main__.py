@@ -5,9 +5,9 @@ import argparse
 import sys
 from typing import Sequence
 
-from manifests import run_cli
+from common import run_cli
 from manifests.codecs import CODECS, DEFAULT_CODEC
-from manifests.cli import ArgumentParser, HelpFormatter
+from common.cli import ArgumentParser, HelpFormatter
 
 EXAMPLES = """examples:
   python -m pipeline synth --out data/synth --classes 10 --per-class 20

@@ -11,7 +11,8 @@ from concurrent.futures import ProcessPoolExecutor
 from dataclasses import asdict, dataclass
 from pathlib import Path
 
-from manifests import Manifest, check, load_manifest
+from manifests import Manifest, load_manifest
+from common import check
 from manifests.codecs import (CODEC_KEY, DEFAULT_CODEC, TokenCodec, decode_arrays, encode_members, field_codec,
                               get_codec, scale_field, token_field)
 from manifests.io import ensure_writable_dir

@@ -7,7 +7,8 @@ from typing import Any
 import torch
 import torch.nn.functional as F
 
-from manifests import SD_VAE_SCALE, SD_VAE_SHIFT, UserError
+from manifests import SD_VAE_SCALE, SD_VAE_SHIFT
+from common import UserError
 
 from . import vit_loaders
 from .presets import (ENCODERS, IMAGENET_MEAN, IMAGENET_STD, SIGLIP_MEAN, SIGLIP_STD, TINY_SEED,

@@ -10,9 +10,10 @@ import time
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
 
-from manifests import UserError, check, load_manifest, storage
+from common import UserError, check
+from manifests import load_manifest, storage
 from manifests.codecs import CODECS, DEFAULT_CODEC
-from manifests.errors import free_space
+from common.errors import free_space
 from manifests.io import ensure_writable_dir
 
 from .presets import ENCODERS, VAES, parse_spec

@@ -3,7 +3,8 @@ from __future__ import annotations
 
 from dataclasses import dataclass, field
 
-from manifests import SD_VAE_SCALE, UserError
+from manifests import SD_VAE_SCALE
+from common import UserError
 
 # ImageNet statistics (timm IMAGENET_DEFAULT_MEAN/STD), used by DINOv2 and by REPA's preprocessing.
 IMAGENET_MEAN = (0.485, 0.456, 0.406)

@@ -5,7 +5,8 @@ from __future__ import annotations
 from concurrent.futures import ThreadPoolExecutor
 from pathlib import PurePosixPath
 
-from manifests import UserError, sanitize_key, storage
+from common import UserError
+from manifests import sanitize_key, storage
 
 LIST_THREADS = 16  # tars indexed at once (each read is network-bound)
 READ_THREADS = 32  # image GETs in flight per decode task

@@ -6,8 +6,9 @@ import tarfile
 from dataclasses import asdict, dataclass
 from pathlib import Path
 
-from manifests import UserError, sanitize_key, storage
-from manifests.errors import os_error_message
+from common import UserError
+from manifests import sanitize_key, storage
+from common.errors import os_error_message
 from manifests.shards import open_tar
 
 WDS_IMAGE_EXTS = ("jpg", "jpeg", "png", "webp")

@@ -8,7 +8,8 @@ from pathlib import Path
 import numpy as np
 from PIL import Image, ImageDraw
 
-from manifests import atomic_write_bytes, check
+from manifests import atomic_write_bytes
+from common import check
 from manifests.io import ensure_writable_dir
 
 SHAPES = ("disc", "square", "triangle", "cross", "ring", "stripes", "diamond", "checker", "star", "bars")

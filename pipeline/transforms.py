@@ -1,4 +1,4 @@
-"""Image decoding and the ADM centre crop (the ADM / REPA preprocessing rule)."""
+"""Image decoding into the crop the manifest records (the crops themselves live with the contract)."""
 from __future__ import annotations
 
 import io
@@ -7,22 +7,11 @@ import warnings
 import numpy as np
 from PIL import Image, UnidentifiedImageError
 
+from manifests.preprocess import adm_center_crop
+
 
 class BadImage(Exception):
     """An input that cannot become a sample; the message is the `skipped` reason."""
-
-
-def adm_center_crop(img: Image.Image, resolution: int) -> Image.Image:
-    """ADM `center_crop_arr`: BOX-halve while short side >= 2*res, BICUBIC to short side res, centre crop, RGB."""
-    if img.mode != "RGB":
-        img = img.convert("RGB")  # REPA's dataset tool converts on load, before any resize (grayscale, CMYK, P)
-    while min(img.size) >= 2 * resolution:
-        img = img.resize(tuple(x // 2 for x in img.size), resample=Image.BOX)
-    scale = resolution / min(img.size)
-    img = img.resize(tuple(round(x * scale) for x in img.size), resample=Image.BICUBIC)
-    w, h = img.size
-    top, left = (h - resolution) // 2, (w - resolution) // 2
-    return img.crop((left, top, left + resolution, top + resolution))
 
 
 def decode_crop(data: bytes, resolution: int) -> tuple[np.ndarray, tuple[int, int]]:

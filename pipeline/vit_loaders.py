@@ -15,7 +15,7 @@ from typing import Any
 import torch
 from torch import nn
 
-from manifests import UserError
+from common import UserError
 
 from .presets import TINY_SEED, EncoderSpec
 

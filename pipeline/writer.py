@@ -7,9 +7,9 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any, Iterable, Mapping
 
-from manifests import (Manifest, ShardEntry, UserError, atomic_write_json, read_json, sha256_file, write_manifest,
-                       write_shard)
-from manifests.faults import kill_point
+from manifests import Manifest, ShardEntry, atomic_write_json, read_json, sha256_file, write_manifest, write_shard
+from common import UserError
+from common.faults import kill_point
 from manifests.io import remove_tmp_files
 
 from .sources import Item

@@ -72,7 +72,7 @@ def fixed_projector_outputs(ref: torch.Tensor, hidden: int = 256, noise: float =
 
 def repa_loss_error(ref: torch.Tensor, dec: torch.Tensor) -> tuple[float, float, float]:
     """(loss on fp32 tokens, loss on decoded tokens, relative error) of the trainer's cosine REPA loss."""
-    from trainer.transport import cos_proj_loss
+    from trainer.objectives.interpolant import cos_proj_loss
     z_hat = fixed_projector_outputs(ref)
     a = float(cos_proj_loss([z_hat], [ref]))
     b = float(cos_proj_loss([z_hat], [dec]))

@@ -13,7 +13,7 @@ import torch
 from manifests import Manifest, ShardEntry, write_manifest, write_shard
 from pipeline.encoders import load_vae, vae_meta, vae_moments
 from pipeline.synth import _draw
-from pipeline.transforms import adm_center_crop
+from manifests.preprocess import adm_center_crop
 
 
 def synth_crops(classes: int, per_class: int, resolution: int, seed: int = 0) -> tuple[np.ndarray, np.ndarray]:

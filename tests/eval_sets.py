@@ -9,7 +9,8 @@ import pytest
 from PIL import Image
 
 from helpers import assert_user_error
-from manifests import Manifest, ShardEntry, run_cli, write_manifest, write_shard
+from manifests import Manifest, ShardEntry, write_manifest, write_shard
+from common import run_cli
 
 RES, N = 32, 6  # Inception resizes to 299 whatever the size: small images cost no less, few images do
 

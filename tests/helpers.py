@@ -146,7 +146,7 @@ def run_until_killed(cmd: list[str], point: str, log: Path, *, env: dict | None 
     whose last words never reach the driver's stderr. Processes whose command line holds `marker` (Ray's
     temp folder) are the job's stragglers in other groups: they are killed and waited for.
     """
-    from manifests.faults import parse_kill_spec
+    from common.faults import parse_kill_spec
     name, nth, _, _ = parse_kill_spec(point)
     kills = log.with_name(log.name + ".kills")
     full_env = {**os.environ, "OMP_NUM_THREADS": "1", "PYTHONUNBUFFERED": "1", **(env or {}), "REPA_KILL_AT": point,

@@ -8,9 +8,9 @@ import numpy as np
 import pytest
 import torch
 
-from evaluation.align import (PLATONIC_EPS, cknna, cknna_dense, cknna_graphs, graph_self_hsic, hsic_unbiased,
+from evaluation.align.metric import (PLATONIC_EPS, cknna, cknna_dense, cknna_graphs, graph_self_hsic, hsic_unbiased,
                               knn_graph, pool_tokens)
-from evaluation.probe import ProbeConfig, heldout_mask, linear_probe
+from evaluation.align.probe import ProbeConfig, heldout_mask, linear_probe
 
 
 def _gen(seed: int) -> torch.Generator:

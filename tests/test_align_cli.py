@@ -9,9 +9,10 @@ import torch
 from PIL import Image
 
 from helpers import assert_user_error, make_features_manifest, run_module
-from manifests import load_manifest, run_cli
+from manifests import load_manifest
+from common import run_cli
 
-from evaluation.align_cli import main as align_main
+from evaluation.align.cli import main as align_main
 
 MODEL_KWARGS = dict(input_size=32, in_channels=4, num_classes=4, encoder_depth=2, z_dims=[64], projector_dim=256,
                     class_dropout_prob=0.1)
@@ -32,7 +33,7 @@ def _tiny_model(seed: int = 0) -> torch.nn.Module:
 @pytest.fixture(scope="module")
 def setup(tmp_path_factory) -> dict:
     """A features manifest (4 classes, 60 images) and our export layout (safetensors + config.json)."""
-    from trainer.checkpoint import export_ema
+    from trainer.loop.checkpoint import export_ema
     root = tmp_path_factory.mktemp("align")
     make_features_manifest(root / "feat", num=60, classes=4, shard_size=16, encoders={"tiny-dinov2": 64,
                                                                                        "tiny-siglip": 32})
@@ -93,8 +94,8 @@ def test_on_pipeline_features(setup, tiny_features, capsys, tmp_path):
 
 def test_hooks_match_manual_forward(setup):
     """Pooled hook outputs equal a hand-run of the blocks on the same noisy input, and are batch-size free."""
-    from evaluation.align_data import read_align_data
-    from evaluation.align_model import LoadedModel, hidden_states
+    from evaluation.align.data import read_align_data
+    from evaluation.align.model import LoadedModel, hidden_states
     model = setup["model"]
     m = load_manifest(setup["feat"])
     data = read_align_data(m, "tiny-dinov2", 10, seed=0)
@@ -121,8 +122,8 @@ def test_hooks_match_manual_forward(setup):
 
 def test_null_label_hides_the_class(setup):
     """With the null class the hidden states do not depend on the label; with real labels they do (adaLN leak)."""
-    from evaluation.align_data import read_align_data
-    from evaluation.align_model import LoadedModel, hidden_states
+    from evaluation.align.data import read_align_data
+    from evaluation.align.model import LoadedModel, hidden_states
     data = read_align_data(load_manifest(setup["feat"]), "tiny-dinov2", 8, seed=0)
     lm = LoadedModel(model=setup["model"], name="SiT-Debug/2", path="linear", depth=4, step=None)
     kw = dict(layers=[4], t=0.5, scale=data.scale, shift=data.shift, seed=0, device=torch.device("cpu"),
@@ -186,9 +187,9 @@ def test_user_errors(setup, capsys, tmp_path):
 
 
 def test_probe_split_too_small():
-    from evaluation.align_cli import run_probes
-    from evaluation.probe import ProbeConfig, heldout_mask
-    from manifests import UserError
+    from evaluation.align.cli import run_probes
+    from evaluation.align.probe import ProbeConfig, heldout_mask
+    from common import UserError
     keys = [k for k in (f"img{i}" for i in range(40)) if not heldout_mask([k])[0]][:6]
     feats = np.random.default_rng(0).standard_normal((6, 8)).astype(np.float32)
     with pytest.raises(UserError, match="held-out"):

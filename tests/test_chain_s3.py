@@ -7,14 +7,15 @@ import numpy as np
 import torch
 
 from helpers import make_features_manifest
-from manifests import load_manifest, run_cli, storage
+from manifests import load_manifest, storage
+from common import run_cli
 
 
 def test_train_sample_evaluate_on_s3(s3_bucket, tmp_path, monkeypatch, capsys):
     """--run-dir, --ckpt, --out, --samples, --reference, report and evaluation cache all as s3:// URLs."""
     from evaluation.__main__ import main as eval_main
     from trainer.__main__ import main as trainer_main
-    from trainer.sample import main as sample_main
+    from trainer.sampling.job import main as sample_main
     torch.set_num_threads(1)
     monkeypatch.setenv("REPA_REMOTE_CACHE", str(tmp_path / "mirror1"))
     feats, run = f"{s3_bucket}/feats", f"{s3_bucket}/run"

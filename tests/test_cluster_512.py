@@ -25,7 +25,8 @@ import pytest
 import torch
 
 from helpers import REPO, free_ports, kill_group, kill_marked
-from manifests import iter_shard, load_manifest, run_cli
+from manifests import iter_shard, load_manifest
+from common import run_cli
 
 from evaluation.__main__ import main as evaluation_main
 from trainer.__main__ import main as trainer_main
@@ -108,7 +109,7 @@ def test_512_job_on_a_ray_cluster_then_train_sample_evaluate(synth_dir, tmp_path
     from PIL import Image
 
     from pipeline.encoders import load_encoder, load_vae, vae_moments
-    from pipeline.transforms import adm_center_crop
+    from manifests.preprocess import adm_center_crop
     clip, src = tmp_path / "ViT-L-14.pt", tmp_path / "src"
     feats, exps, samples = tmp_path / "feats512", tmp_path / "exps", tmp_path / "samples512"
     _openai_clip_file(clip)

@@ -9,10 +9,11 @@ import torch
 
 from codec_fidelity import encoder_tokens, fidelity, synth_crops
 from helpers import make_features_manifest
-from manifests import UserError, load_manifest
+from common import UserError
+from manifests import load_manifest
 from manifests.codecs import CODECS, decode, encode, field_codec, get_codec, token_field
 from manifests.shards import iter_shard
-from trainer.data import (FeatureBatches, StepSampler, build_index, make_loader, needed_exts, resolve_fields,
+from trainer.data.indexed import (FeatureBatches, StepSampler, build_index, make_loader, needed_exts, resolve_fields,
                           tokens_to_device)
 
 CODED = ("int8", "float8_e4m3")

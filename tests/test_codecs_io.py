@@ -9,7 +9,8 @@ import pytest
 import torch
 
 from helpers import make_features_manifest, run_module
-from manifests import load_manifest, run_cli, sha256_file, write_manifest, write_shard
+from manifests import load_manifest, sha256_file, write_manifest, write_shard
+from common import run_cli
 from manifests.codecs import decode, encode, get_codec
 from manifests.io import TMP_MARK
 from manifests.shards import iter_shard

@@ -12,10 +12,10 @@ import torch
 from PIL import Image
 
 from demo_data import write_pixel_features
-from manifests import run_cli
+from common import run_cli
 
 from trainer.__main__ import main as trainer_main
-from trainer.preview import PAD
+from trainer.loop.preview import PAD
 
 CLASSES, RES = 4, 64
 

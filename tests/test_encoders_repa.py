@@ -11,7 +11,7 @@ import pytest
 import torch
 import torch.nn.functional as F
 
-from manifests import UserError
+from common import UserError
 
 IMAGENET = ((0.485, 0.456, 0.406), (0.229, 0.224, 0.225))
 CLIP = ((0.48145466, 0.4578275, 0.40821073), (0.26862954, 0.26130258, 0.27577711))

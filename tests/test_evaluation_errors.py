@@ -7,7 +7,8 @@ import torch
 from PIL import Image
 
 from helpers import assert_user_error, run_module
-from manifests import Manifest, ShardEntry, run_cli, write_manifest, write_shard
+from manifests import Manifest, ShardEntry, write_manifest, write_shard
+from common import run_cli
 
 from eval_sets import N, RES, _tmp_files, evaluate, one_line_error, png_bytes, sets, write_folder, write_samples_manifest  # noqa: F401 (sets is a fixture)
 
@@ -116,8 +117,8 @@ def test_align_is_dispatched_lazily(monkeypatch):
 
     from evaluation.__main__ import main
     seen = {}
-    stub = types.ModuleType("evaluation.align_cli")
+    stub = types.ModuleType("evaluation.align.cli")
     stub.main = lambda argv: seen.setdefault("argv", list(argv)) and 0
-    monkeypatch.setitem(sys.modules, "evaluation.align_cli", stub)
+    monkeypatch.setitem(sys.modules, "evaluation.align.cli", stub)
     assert main(["align", "--k", "10"]) == 0
     assert seen["argv"] == ["--k", "10"]

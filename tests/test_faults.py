@@ -1,4 +1,4 @@
-"""The kill hook itself (`manifests/faults.py`): the n-th arrival kills, and `@after` orders a kill after a point."""
+"""The kill hook itself (`common/faults.py`): the n-th arrival kills, and `@after` orders a kill after a point."""
 from __future__ import annotations
 
 import sys
@@ -11,7 +11,7 @@ from helpers import run_until_killed
 SCRIPT = """
 import sys, threading, time
 from pathlib import Path
-from manifests.faults import kill_point
+from common.faults import kill_point
 log = Path(sys.argv[1])
 def writer(name, delay):
     time.sleep(delay)

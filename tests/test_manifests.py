@@ -10,8 +10,8 @@ import numpy as np
 import pytest
 
 from helpers import make_features_manifest
-from manifests import (UserError, atomic_open, index_shard, iter_shard, load_manifest, read_member, run_cli,
-                       write_shard)
+from common import UserError, run_cli
+from manifests import atomic_open, index_shard, iter_shard, load_manifest, read_member, write_shard
 from manifests.io import TMP_MARK
 from manifests.schema import safe_relpath
 
@@ -160,7 +160,8 @@ def test_run_cli_exit_codes(capsys):
 def test_real_disk_full_at_the_manifest_write(small_disk):
     """Rewriting a manifest on a real full tmpfs: one-line error naming it and the free space; the old one intact."""
     from helpers import fill_disk, make_features_manifest
-    from manifests import UserError, write_manifest
+    from common import UserError
+    from manifests import write_manifest
     m = make_features_manifest(small_disk / "set", num=4, shard_size=2, latent_shape=(8, 8, 8), tokens=16,
                                encoders={"tiny-dinov2": 4})
     before = (small_disk / "set" / "manifest.json").read_bytes()

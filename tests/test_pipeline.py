@@ -13,9 +13,10 @@ import torch.nn.functional as F
 from PIL import Image
 
 from helpers import assert_user_error, run_module
-from manifests import UserError
+from common import UserError
 from pipeline.sources import list_source, select
-from pipeline.transforms import BadImage, adm_center_crop, decode_crop
+from manifests.preprocess import adm_center_crop
+from pipeline.transforms import BadImage, decode_crop
 from pipeline.worker import decode_shard
 
 

@@ -105,7 +105,7 @@ def test_webdataset_tars_on_s3_list_and_decode(synth_dir, s3_bucket, tmp_path):
     from PIL import Image
 
     from pipeline.sources import list_source
-    from pipeline.transforms import adm_center_crop
+    from manifests.preprocess import adm_center_crop
     from pipeline.worker import decode_shard
     from pipeline.writer import plan_shards
     keys = _write_wds(synth_dir, tmp_path / "wds")

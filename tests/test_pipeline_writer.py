@@ -9,7 +9,8 @@ import os
 import numpy as np
 import pytest
 
-from manifests import UserError, iter_shard
+from common import UserError
+from manifests import iter_shard
 from pipeline.sources import Item
 from pipeline.writer import ShardPlan, clean_tmp, fingerprint, plan_shards, shard_done, tar_path, write_shard_once
 

@@ -6,7 +6,7 @@ import json
 import pytest
 
 from helpers import assert_user_error, cli_help, run_module
-from manifests import UserError
+from common import UserError
 
 REPA_TRAIN = ("--data-dir feats --output-dir exps --exp-name e1 --model SiT-B/2 --enc-type dinov2-vit-b,clip-vit-L "
               "--encoder-depth 4 --proj-coeff 0.7 --mixed-precision no --max-train-steps 10 --checkpointing-steps 5 "
@@ -20,7 +20,7 @@ OURS_TRAIN = ("--manifest feats --run-dir exps/e1 --model SiT-B/2 --encoders din
 
 
 def test_repa_train_command_equals_ours():
-    from trainer.config import resolve
+    from trainer.loop.config import resolve
     repa, _ = resolve(REPA_TRAIN.split())
     ours, _ = resolve(OURS_TRAIN.split())
     assert repa == ours
@@ -31,7 +31,7 @@ def test_repa_train_command_equals_ours():
 
 def test_512_training_preset_checks_the_manifest(tmp_path):
     from helpers import make_features_manifest
-    from trainer.config import resolve
+    from trainer.loop.config import resolve
     make_features_manifest(tmp_path / "f256", num=2, shard_size=2)
     with pytest.raises(UserError, match="512 px recipe, but manifest .* is 256 px"):
         resolve(["--manifest", str(tmp_path / "f256"), "--run-dir", "r", "--preset", "sit-xl2-repa-512"])
@@ -41,8 +41,8 @@ def test_512_training_preset_checks_the_manifest(tmp_path):
 
 
 def test_per_proc_batch_size_is_per_gpu(monkeypatch):
-    from trainer.config import resolve
-    from trainer.sample_config import per_rank_batch, resolve as sample_resolve
+    from trainer.loop.config import resolve
+    from trainer.sampling.config import per_rank_batch, resolve as sample_resolve
     monkeypatch.setenv("WORLD_SIZE", "8")
     cfg, _ = resolve("--manifest f --run-dir r --per-proc-batch-size 32".split())
     assert cfg.batch_size == 256  # 32 per GPU x 8 GPUs: our --batch-size is global
@@ -55,7 +55,7 @@ def test_per_proc_batch_size_is_per_gpu(monkeypatch):
                                       ("--qk-norm", "QK-norm"), ("--prediction eps", "velocity"),
                                       ("--resolution 512", "manifest"), ("--mixed-precision fp8", "invalid choice")])
 def test_meaningless_train_flags_say_why(flag, why):
-    from trainer.config import resolve
+    from trainer.loop.config import resolve
     with pytest.raises(UserError, match=why) as e:
         resolve(["--manifest", "f", "--run-dir", "r", *flag.split()])
     assert "\n" not in str(e.value)
@@ -77,7 +77,7 @@ def test_help_lists_aliases_under_one_heading_and_cli_error_is_one_line():
 
 
 def test_config_file_layers_flags_over_file_over_preset(tmp_path):
-    from trainer.config import resolve
+    from trainer.loop.config import resolve
     (tmp_path / "c.yaml").write_text("preset: sit-b2-repa\nmanifest: feats\nrun_dir: r\nmax_train_steps: 7\n"
                                      "enc-type: [dinov2-vit-b, mocov3-vit-b]\nlr: 3.0e-4\nbetas: [0.5, 0.6]\n")
     cfg, _ = resolve(["--config", str(tmp_path / "c.yaml"), "--lr", "5e-5"])
@@ -94,7 +94,7 @@ def test_config_file_layers_flags_over_file_over_preset(tmp_path):
 
 def test_run_config_json_feeds_back(tmp_path):
     """A run's config.json (its `train` section) reproduces the run's settings; flags still override."""
-    from trainer.config import resolve
+    from trainer.loop.config import resolve
     cfg, _ = resolve(OURS_TRAIN.split() + ["--preset", "sit-l2-repa", "--micro-batch", "8", "--hflip"])
     (tmp_path / "config.json").write_text(json.dumps({"model": cfg.model, "resolution": 256,
                                                       "train": cfg.to_json()}))
@@ -105,7 +105,7 @@ def test_run_config_json_feeds_back(tmp_path):
 
 
 def test_repa_generate_command_and_presets(tmp_path, capsys):
-    from trainer.sample_config import resolve
+    from trainer.sampling.config import resolve
     repa, _ = resolve("--ckpt SiT-XL-2-256.pt --sample-dir s --num-fid-samples 100 --num-steps 250 --mode sde "
                       "--cfg-scale 1.8 --guidance_low 0 --guidance_high 0.7 --path-type linear --global-seed 4 "
                       "--vae mse --no-tf32 --encoder-depth 8 --projector-embed-dims 768 --fused-attn "
@@ -119,7 +119,7 @@ def test_repa_generate_command_and_presets(tmp_path, capsys):
     assert (nocfg.mode, nocfg.steps, nocfg.cfg_scale) == ("sde", 250, 1.5)  # the flag overrides the preset
     p512, _ = resolve("--ckpt c --out o --preset paper-512-cfg".split())
     assert p512.cfg_scale == 1.35 and p512.expect_resolution == 512
-    from trainer.sample_config import check_resolution
+    from trainer.sampling.config import check_resolution
     with pytest.raises(UserError, match="512 px setting"):
         check_resolution(p512, 256)
     (tmp_path / "s.yaml").write_text("ckpt: c\nout: o\npreset: paper-cfg\nnum_fid_samples: 10\n")
@@ -127,7 +127,7 @@ def test_repa_generate_command_and_presets(tmp_path, capsys):
     assert from_file.num_samples == 10 and from_file.cfg_scale == 1.8 and from_file.guidance_high == 0.7
     with pytest.raises(UserError, match="QK-norm"):
         resolve("--ckpt c --out o --qk-norm".split())
-    from trainer.sample import main
+    from trainer.sampling.job import main
     assert main(["--config", str(tmp_path / "s.yaml"), "--dry-run"]) == 0
     assert json.loads(capsys.readouterr().out)["num_samples"] == 10
 
@@ -154,7 +154,7 @@ def test_readme_maps_every_repa_flag():
 
 def test_one_spelling_for_encoders_and_counts_across_commands():
     """align takes --encoders / --num-samples like train and sample (its old --encoder / --num-images still work)."""
-    from evaluation.align_cli import build_parser
+    from evaluation.align.cli import build_parser
     p = build_parser()
     new = p.parse_args("--ckpt c --manifest m --encoders tiny-clip --num-samples 12".split())
     old = p.parse_args("--ckpt c --manifest m --encoder tiny-clip --num-images 12".split())

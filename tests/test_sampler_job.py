@@ -17,10 +17,11 @@ import pytest
 import torch
 
 from helpers import REPO, assert_user_error, filled_before, free_port, run_module
-from manifests import iter_shard, load_manifest, run_cli
-from trainer import sample as job
+from manifests import iter_shard, load_manifest
+from common import run_cli
+from trainer.sampling import job as job
 from trainer.models import SiT_models
-from trainer.official import load_sit_weights
+from trainer.models.checkpoints import load_sit_weights
 
 KW = dict(input_size=8, in_channels=4, num_classes=4, encoder_depth=2, z_dims=[64], class_dropout_prob=0.1)
 FAST = ["--steps", "3", "--shard-size", "4"]  # 64 px images from 8x8 latents; 3 SDE steps keep it cheap
@@ -45,7 +46,7 @@ def run_config() -> dict:
 @pytest.fixture(scope="module")
 def ckpts(tmp_path_factory) -> dict[str, Path]:
     """One set of weights in every layout the loader accepts."""
-    from trainer import checkpoint
+    from trainer.loop import checkpoint
     root = tmp_path_factory.mktemp("ckpts")
     sd = debug_model().state_dict()
     run = root / "run"

@@ -8,7 +8,8 @@ import numpy as np
 import pytest
 
 from helpers import assert_user_error, make_features_manifest, run_module
-from manifests import UserError, atomic_open, iter_shard, load_manifest, storage
+from common import UserError
+from manifests import atomic_open, iter_shard, load_manifest, storage
 
 
 def test_manifest_roundtrip_on_s3_matches_local(s3_bucket, tmp_path):

@@ -12,7 +12,7 @@ import torch
 
 from helpers import make_features_manifest
 from manifests import load_manifest
-from trainer.data import FeatureBatches, StepSampler, build_index, make_loader, needed_exts, resolve_fields
+from trainer.data.indexed import FeatureBatches, StepSampler, build_index, make_loader, needed_exts, resolve_fields
 
 NUM, BATCH, STEPS = 24, 4, 16  # 16 batches: 8 per worker with 2 workers, more than a worker's ring of 6
 
@@ -74,7 +74,7 @@ def test_loader_returns_the_shard_arrays(feats, workers, hflip, pin):
                     assert zs[k].dtype == dtypes[name]
                     np.testing.assert_array_equal(zs[k][j], t[name + sfx])
                 # The moments (mean then std) of the same twin, byte for byte; the posterior draw happens on the
-                # device from (seed, step, sample) (trainer/steprng.py, tests/test_trainer_gpu_paths.py).
+                # device from (seed, step, sample) (trainer/loop/steprng.py, tests/test_trainer_gpu_paths.py).
                 np.testing.assert_array_equal(x[j], t["latent" + sfx])
             batches += 1
     assert batches == STEPS
@@ -126,7 +126,7 @@ def test_pin_memory_needs_an_accelerator():
 
 def test_posterior_draw_is_a_function_of_seed_and_step_and_uses_both_moments():
     """The step's latent z = (mean + std·ε)·scale + shift, with ε ~ N(0, 1) fresh per step and per sample."""
-    from trainer.steprng import StepRandom, posterior
+    from trainer.loop.steprng import StepRandom, posterior
     r = StepRandom(seed=3, batch=64, shape=(4, 8, 8), drop_prob=0.1, device=torch.device("cpu"))
     a, b = r.draw(5), r.draw(6)
     assert torch.equal(r.draw(5).post, a.post) and not torch.equal(a.post, b.post)

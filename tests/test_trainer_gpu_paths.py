@@ -10,11 +10,11 @@ import pytest
 import torch
 
 from helpers import make_features_manifest
-from manifests import run_cli
+from common import run_cli
 from trainer_common import assert_weights_close
 
 from trainer.__main__ import main as trainer_main
-from trainer.steprng import StepRandom, flip_bits
+from trainer.loop.steprng import StepRandom, flip_bits
 
 def args(manifest, run, *extra: str, steps: int = 3, batch: int = 4) -> list[str]:
     return ["train", "--manifest", str(manifest), "--run-dir", str(run), "--model", "SiT-Debug/2",
@@ -78,7 +78,7 @@ def test_micro_batch_sizes_agree(feats, tmp_path, capsys):
 def test_micro_batch_auto_under_a_budget(feats, tmp_path, capsys, monkeypatch):
     """A budget too small for the whole per-rank batch: auto picks a smaller micro-batch, recorded everywhere,
     and the run equals an explicit --micro-batch run of that size."""
-    from trainer.microbatch import HEADROOM
+    from trainer.loop.microbatch import HEADROOM
     big = tmp_path / "big"
     assert run_cli(trainer_main, args(feats, big, batch=4, steps=1)) == 0
     out = capsys.readouterr().out
@@ -130,7 +130,7 @@ def test_sampler_bf16_casts_weights_once_with_autocast_numbers():
     """--precision bf16: weights cast once, and the velocity equals per-call bf16 autocast of the fp32 model."""
     import copy
     from trainer.models import SiT_models
-    from trainer.sample import Velocity
+    from trainer.sampling.job import Velocity
     torch.manual_seed(0)
     model = SiT_models["SiT-Debug/2"](input_size=8, num_classes=4, z_dims=[]).eval()
     for p in model.parameters():  # the zero-initialised adaLN/final layers would make every output 0

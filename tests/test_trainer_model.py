@@ -7,9 +7,9 @@ import numpy as np
 import pytest
 import torch
 
-from trainer.data import StepSampler, epoch_permutation
-from trainer.models import SiT_models, param_count
-from trainer.transport import alpha_sigma, cos_proj_loss, interpolate, ntxent_proj_loss, repa_loss
+from trainer.data.indexed import StepSampler, epoch_permutation
+from trainer.models.sit import SiT_models, param_count
+from trainer.objectives.interpolant import alpha_sigma, cos_proj_loss, interpolate, ntxent_proj_loss, repa_loss
 
 
 def official_layout(depth: int, d: int, patch: int, c: int, n_cls: int, tokens: int, z_dims: list[int],
@@ -78,7 +78,7 @@ def test_pos_embed_is_mae_sincos():
 
 
 def test_timestep_embedding_cos_then_sin_unscaled():
-    from trainer.models import TimestepEmbedder
+    from trainer.models.sit import TimestepEmbedder
     e = TimestepEmbedder.timestep_embedding(torch.tensor([0.5]), 256)
     assert torch.allclose(e[0, 0], torch.tensor(math.cos(0.5))) and torch.allclose(e[0, 128], torch.tensor(math.sin(0.5)))
 

@@ -12,7 +12,7 @@ import pytest
 import torch
 
 from helpers import REPO, free_port
-from manifests import run_cli
+from common import run_cli
 from trainer_common import (ENV, args, assert_weights_close, ckpt, feats, popen, run_inproc,  # noqa: F401
                             same_state, small_feats, stats, wait_for)
 
@@ -120,7 +120,7 @@ def test_two_rank_torchrun_killed_and_resumed_is_bit_identical(small_feats, tmp_
     rounding: its ranks take disjoint halves of each global batch and end with identical weights.
     """
     from helpers import kill_group, kill_marked
-    from trainer.shard_index import StepSampler
+    from trainer.data.index import StepSampler
 
     def train(run: Path) -> list[str]:
         return args(small_feats, run, "--hflip", "--trace-data", "--lr", "1e-3", steps=6, batch=4)

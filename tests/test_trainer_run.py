@@ -12,12 +12,13 @@ import pytest
 import torch
 
 from helpers import REPO, assert_user_error, filled_before, make_features_manifest, run_module
-from manifests import load_manifest, run_cli, write_manifest, write_shard
+from manifests import load_manifest, write_manifest, write_shard
+from common import run_cli
 from manifests.shards import iter_shard
 from trainer_common import ENV, args, ckpt, feats, run_inproc, small_feats, stats  # noqa: F401
 
 from trainer.__main__ import main as trainer_main
-from trainer.data import epoch_permutation
+from trainer.data.indexed import epoch_permutation
 
 
 @pytest.fixture(scope="module")
@@ -154,7 +155,7 @@ def test_persistent_nonfinite_loss_stops_the_run(feats, tmp_path, capsys):
 
 
 def test_init_from_and_dry_run(feats, tmp_path, capsys):
-    from trainer.models import SiT
+    from trainer.models.sit import SiT
     run = tmp_path / "run"
     rc, err = run_inproc(args(feats, run, steps=2), capsys)
     assert rc == 0, err
@@ -267,8 +268,8 @@ def test_learning_on_pipeline_features(tiny_features, tmp_path):
 def test_real_disk_full(small_feats, small_disk, monkeypatch, capsys, writer, culprit):
     """The run folder on a real tmpfs, filled just before one writer runs: exit 2, one line naming the file and
     the free space, and nothing half-written (no tmp file, no partial checkpoint, no half stats line)."""
-    from trainer import checkpoint
-    import trainer.train as train_mod
+    from trainer.loop import checkpoint
+    import trainer.loop.train as train_mod
     run = small_disk / "run"
     if writer == "checkpoint":
         monkeypatch.setattr(checkpoint, "save", filled_before(checkpoint.save, small_disk))

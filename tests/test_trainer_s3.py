@@ -7,7 +7,8 @@ from pathlib import Path
 import torch
 
 from helpers import make_features_manifest
-from manifests import run_cli, storage
+from common import run_cli
+from manifests import storage
 from trainer.__main__ import main as trainer_main
 
 

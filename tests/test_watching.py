@@ -20,10 +20,10 @@ import torch
 
 from demo_data import write_pixel_features
 from helpers import REPO, assert_user_error
-from manifests import run_cli
+from common import run_cli
 
 from trainer.__main__ import main as trainer_main
-from trainer.checkpoint import kept_steps
+from trainer.loop.checkpoint import kept_steps
 
 ENV = {**os.environ, "OMP_NUM_THREADS": "1", "PYTHONUNBUFFERED": "1"}
 
@@ -92,9 +92,9 @@ def test_tensorboard_curves_grids_and_log_continue_across_a_resume(pix, tmp_path
 
 def test_same_noise_at_every_grid(pix, tmp_path):
     """Two grids of the same EMA weights are identical: fixed classes and fixed noise."""
-    from trainer.preview import Preview, grid_labels
-    from trainer.sample import load_model
-    from trainer.sample_config import parse
+    from trainer.loop.preview import Preview, grid_labels
+    from trainer.sampling.job import load_model
+    from trainer.sampling.config import parse
     run = tmp_path / "run"
     assert run_cli(trainer_main, train_args(pix, run, "--ckpt-every", "2", "--report-to", "none",
                                             "--sample-every", "0", steps=2)) == 0
@@ -173,7 +173,7 @@ def test_pixel_vae_round_trip_and_interface():
     """The latent is the 8x8 area average in a fixed colour basis; a flat colour decodes exactly; SD geometry."""
     from pipeline.encoders import load_vae, vae_meta, vae_moments
     from pipeline.pixel_vae import GAIN
-    from trainer.sample_io import decode
+    from trainer.sampling.output import decode
     vae = load_vae("pixel-vae")
     rng = np.random.default_rng(0)
     blocks = rng.integers(0, 256, size=(2, 4, 4, 3), dtype=np.uint8)

@@ -12,7 +12,7 @@ import pytest
 import torch
 
 from helpers import REPO, make_features_manifest
-from manifests import run_cli
+from common import run_cli
 
 from trainer.__main__ import main as trainer_main
 

@@ -4,9 +4,9 @@ from __future__ import annotations
 import sys
 from typing import Sequence
 
-from manifests import UserError, run_cli
+from common import UserError, run_cli
 
-COMMANDS = {"train": "trainer.train", "sample": "trainer.sample"}
+COMMANDS = {"train": "trainer.loop.train", "sample": "trainer.sampling.job"}
 USAGE = ("usage: python -m trainer {train,sample} [options]\n"
          "  train   train SiT + REPA from a features manifest (python -m trainer train --help)\n"
          "  sample  generate images from a checkpoint (python -m trainer sample --help)")

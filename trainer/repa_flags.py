@@ -9,7 +9,7 @@ import argparse
 import os
 from typing import Any
 
-from manifests.aliases import Alias, add_aliases, times_world
+from common.aliases import Alias, add_aliases, times_world
 
 HEADING = "REPA {} names (aliases of the flags above)"
 PER_GPU = "REPA's is per GPU; ours is global: multiplied by WORLD_SIZE"
@@ -99,7 +99,7 @@ def finish_aliases(values: dict[str, Any]) -> dict[str, Any]:
     if exp is not None and not values.get("run_dir"):
         values["run_dir"] = os.path.join(out_dir or "exps", exp)
     elif out_dir is not None and exp is None and not values.get("run_dir"):
-        from manifests import UserError
+        from common import UserError
         raise UserError("--output-dir needs --exp-name (the run folder is OUTPUT_DIR/EXP_NAME), or use --run-dir")
     return values
 

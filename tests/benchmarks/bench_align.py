@@ -12,7 +12,7 @@ sys.path.insert(0, str(Path(__file__).resolve().parents[2]))
 
 import torch  # noqa: E402
 
-from evaluation.align import cknna, cknna_dense, cknna_graphs, graph_self_hsic, knn_graph  # noqa: E402
+from evaluation.align.metric import cknna, cknna_dense, cknna_graphs, graph_self_hsic, knn_graph  # noqa: E402
 
 
 def features(n: int, seed: int = 0) -> tuple[torch.Tensor, torch.Tensor]:

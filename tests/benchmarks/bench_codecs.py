@@ -30,7 +30,7 @@ sys.path.insert(0, str(Path(__file__).resolve().parents[2]))
 from helpers import make_features_manifest  # noqa: E402
 
 from manifests import load_manifest  # noqa: E402
-from trainer.data import FeatureBatches, StepSampler, build_index, make_loader, needed_exts, resolve_fields  # noqa: E402
+from trainer.data.indexed import FeatureBatches, StepSampler, build_index, make_loader, needed_exts, resolve_fields  # noqa: E402
 
 CODECS = ("float16", "int8", "float8_e4m3")
 

@@ -14,9 +14,9 @@ sys.path.insert(0, str(Path(__file__).resolve().parents[2]))
 import torch  # noqa: E402
 
 from trainer.models import SiT_models  # noqa: E402
-from trainer.sample import SampleConfig, Velocity, draw_inputs  # noqa: E402
-from trainer.sample_io import decode, png_bytes  # noqa: E402
-from trainer.samplers import sample_sde  # noqa: E402
+from trainer.sampling.job import SampleConfig, Velocity, draw_inputs  # noqa: E402
+from trainer.sampling.output import decode, png_bytes  # noqa: E402
+from trainer.sampling.samplers import sample_sde  # noqa: E402
 
 
 class Counting:

@@ -21,9 +21,9 @@ from helpers import make_features_manifest  # noqa: E402
 from s3_fixture import start_server  # noqa: E402
 
 from manifests import load_manifest, storage  # noqa: E402
-from trainer.data import StepSampler, build_index, make_loader, needed_exts, resolve_fields  # noqa: E402
-from trainer.remote_data import build_remote_index, make_dataset  # noqa: E402
-from trainer.stream_data import StreamBatches, make_stream_loader  # noqa: E402
+from trainer.data.indexed import StepSampler, build_index, make_loader, needed_exts, resolve_fields  # noqa: E402
+from trainer.data.ranged import build_remote_index, make_dataset  # noqa: E402
+from trainer.data.stream import StreamBatches, make_stream_loader  # noqa: E402
 
 
 def drain(loader) -> int:

@@ -20,9 +20,9 @@ sys.path.insert(0, str(Path(__file__).resolve().parents[2]))
 from helpers import make_features_manifest  # noqa: E402
 
 from manifests import load_manifest  # noqa: E402
-from trainer.data import FeatureBatches, StepSampler, build_index, make_loader, needed_exts, resolve_fields  # noqa: E402
+from trainer.data.indexed import FeatureBatches, StepSampler, build_index, make_loader, needed_exts, resolve_fields  # noqa: E402
 from trainer.models import SiT_models  # noqa: E402
-from trainer.transport import repa_loss  # noqa: E402
+from trainer.objectives.interpolant import repa_loss  # noqa: E402
 
 IMAGENET_MEAN, IMAGENET_STD = (0.485, 0.456, 0.406), (0.229, 0.224, 0.225)  # DINOv2 preprocessing
 

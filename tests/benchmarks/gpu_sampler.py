@@ -52,8 +52,8 @@ def main() -> int:
         print("skipped: no CUDA (gpu_sampler needs one GPU; try --device cpu --tiny to check the logic)")
         return 0
     from trainer.models import SiT_models
-    from trainer.sample import SampleConfig, Velocity, draw_inputs, set_precision
-    from trainer.sample_io import decode
+    from trainer.sampling.job import SampleConfig, Velocity, draw_inputs, set_precision
+    from trainer.sampling.output import decode
     from trainer.samplers import sample_sde
     torch.set_grad_enabled(False)
     name = "SiT-Debug/2" if args.tiny else "SiT-XL/2"

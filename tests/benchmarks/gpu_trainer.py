@@ -44,7 +44,7 @@ class SyncCounter:
         self.marks: list[int] = []  # len(self.warnings) at each step's end
 
     def hook(self):
-        from trainer import health
+        from trainer.loop import health
         orig = health.Health.record
         counter = self
 
@@ -80,7 +80,7 @@ def main() -> int:
         return 0
     from helpers import make_features_manifest
 
-    from trainer.train import main as train_main
+    from trainer.loop.train import main as train_main
     steps = a.steps or (3 if a.tiny else 25)
     log_every = 1 if a.tiny else 5
     model, batch, num = ("SiT-Debug/2", 4, 16) if a.tiny else ("SiT-XL/2", 256, 512)

@@ -11,7 +11,8 @@ from typing import Any
 
 import torch
 
-from manifests import UserError, read_json, storage
+from common import UserError
+from manifests import read_json, storage
 from manifests.remote_inputs import localize
 
 # The only non-tensor class that official REPA train.py pickles into its checkpoints: `"args": args`, an

@@ -18,16 +18,17 @@ from typing import Any, Sequence
 import numpy as np
 import torch
 
-from manifests import (SD_VAE_SCALE, SD_VAE_SHIFT, Manifest, ShardEntry, UserError, atomic_write_json,
-                       read_json, sha256_file, write_manifest, write_shard)
+from manifests import (SD_VAE_SCALE, SD_VAE_SHIFT, Manifest, ShardEntry, atomic_write_json, read_json, sha256_file,
+                       write_manifest, write_shard)
+from common import UserError
 from manifests import storage
 from manifests.io import ensure_writable_dir, remove_tmp_files
 
-from .official import check_state_dict, load_sit_weights
-from .sample_io import decode, png_bytes, write_grid, write_npz
+from trainer.models.checkpoints import check_state_dict, load_sit_weights
+from trainer.sampling.output import decode, png_bytes, write_grid, write_npz
 # `parse` is re-exported for callers of trainer.sample.
-from .sample_config import SampleConfig, check_resolution, dumps, parse, per_rank_batch, resolve  # noqa: F401
-from .samplers import nfe, sample_ode, sample_sde
+from trainer.sampling.config import SampleConfig, check_resolution, dumps, parse, per_rank_batch, resolve  # noqa: F401
+from trainer.sampling.samplers import nfe, sample_ode, sample_sde
 
 SHARD_NAME = "samples-{:06d}"
 SIDECAR_VERSION = 1
@@ -48,7 +49,7 @@ class Loaded:
 
 def load_model(cfg: SampleConfig) -> Loaded:
     """Build the SiT the checkpoint describes (or the flags, for official files) and load it strictly."""
-    from .models import SiT_models
+    from trainer.models.sit import SiT_models
     sd, meta = load_sit_weights(cfg.ckpt, encoder_depth=cfg.encoder_depth)
     conf, args = meta.get("config"), meta.get("args") or {}
     if conf is not None:  # ours: config.json decides; contradicting flags are a mistake

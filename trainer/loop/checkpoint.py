@@ -10,9 +10,10 @@ from typing import Any
 
 import torch
 
-from manifests import UserError, atomic_open, atomic_write_bytes, atomic_write_json
+from common import UserError
+from manifests import atomic_open, atomic_write_bytes, atomic_write_json
 from manifests.io import fsync_dir, remove_tmp_files
-from manifests.tracking import EXPORT_DIR, export_name, list_exports
+from manifests.runs import EXPORT_DIR, export_name, list_exports
 
 CKPT_RE = re.compile(r"^(\d{7})\.pt$")
 ABANDONED = "abandoned"  # where --resume-from moves the checkpoints and exports it skips over

@@ -18,7 +18,7 @@ from typing import Callable
 import torch
 from tqdm import tqdm
 
-from manifests import UserError
+from common import UserError
 
 
 @dataclass

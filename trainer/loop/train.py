@@ -1,4 +1,4 @@
-"""`python -m trainer train`: one readable loop; setup lives in trainer/runtime.py (DESIGN §4)."""
+"""`python -m trainer train`: one readable loop; setup lives in trainer/loop/runtime.py (DESIGN §4)."""
 from __future__ import annotations
 
 import hashlib
@@ -12,16 +12,18 @@ import torch
 import torch.distributed as dist
 from tqdm import tqdm
 
-from manifests import UserError
+from common import UserError
 
-from . import checkpoint, remote_run
-from .config import resolve
-from .data import nonfinite_rows, tokens_to_device
-from .health import Health
-from .monitor import Monitor
-from .runtime import Run, setup
-from .steprng import posterior
-from .transport import repa_loss
+from trainer.loop import checkpoint
+
+from trainer.loop import remote_run
+from trainer.loop.config import resolve
+from trainer.data.indexed import nonfinite_rows, tokens_to_device
+from trainer.loop.health import Health
+from trainer.loop.monitor import Monitor
+from trainer.loop.runtime import Run, setup
+from trainer.loop.steprng import posterior
+from trainer.objectives.interpolant import repa_loss
 
 
 class _Term:
@@ -61,7 +63,7 @@ def save(r: Run, step: int, state: dict) -> None:
 def append_line(path, line: str) -> None:
     """Append one line whole or not at all: on a full disk the file is cut back and the error names it."""
     import os
-    from manifests.errors import os_error_message
+    from common.errors import os_error_message
     data = (line + "\n").encode()
     try:
         fd = os.open(path, os.O_WRONLY | os.O_APPEND | os.O_CREAT, 0o644)

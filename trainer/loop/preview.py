@@ -14,9 +14,9 @@ import torch
 
 from manifests import atomic_open
 
-from .sample import sample_generator
-from .sample_io import decode
-from .samplers import sample_sde
+from trainer.sampling.job import sample_generator
+from trainer.sampling.output import decode
+from trainer.sampling.samplers import sample_sde
 
 PREVIEW_SEED = 0x5EED  # the grid's own noise stream, apart from any `trainer sample --seed`
 PAD = 2  # pixels between grid cells

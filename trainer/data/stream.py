@@ -15,11 +15,12 @@ from typing import Any, Iterator
 import numpy as np
 import torch
 
-from manifests import Manifest, UserError, storage
+from manifests import Manifest, storage
+from common import UserError
 from manifests.codecs import CODECS, scale_field
 from manifests.shards import CLS, npy_ext
 
-from .data import LATENT, DataSpec
+from trainer.data.indexed import LATENT, DataSpec
 
 
 def shard_order(seed: int, epoch: int, n: int, rank: int, world: int) -> list[int]:

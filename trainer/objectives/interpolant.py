@@ -73,7 +73,7 @@ def repa_loss(model, x: torch.Tensor, y: torch.Tensor, zs: list[torch.Tensor], *
               eps: torch.Tensor | None = None, drop: torch.Tensor | None = None) -> LossOut:
     """Denoising MSE on the velocity plus proj_coeff * alignment of the projector outputs with `zs`.
 
-    The trainer passes `t`, `eps` and the label `drop` drawn per sample (trainer/steprng.py), so a compiled
+    The trainer passes `t`, `eps` and the label `drop` drawn per sample (trainer/loop/steprng.py), so a compiled
     model sees the same randomness as an eager one; without them they are drawn here from the global RNG.
     """
     n = x.shape[0]

@@ -16,12 +16,13 @@ from concurrent.futures import Future, ThreadPoolExecutor
 from typing import Any
 
 from manifests import atomic_write_json
-from manifests.tracking import DONE_MARKER as DONE
-from manifests.tracking import TB_DIR, RunLog, Tracker, open_tracker
+from manifests.runs import DONE_MARKER as DONE
+from manifests.runs import TB_DIR
+from common.tracking import RunLog, Tracker, open_tracker
 
-from . import checkpoint
-from .plot import draw_loss_png, read_stats
-from .preview import Preview, grid_path, save_png
+from trainer.loop import checkpoint
+from trainer.loop.plot import draw_loss_png, read_stats
+from trainer.loop.preview import Preview, grid_path, save_png
 
 PLOT_BUDGET = 0.05  # loss.png at every log interval, unless drawing would take more than 5% of the time
 

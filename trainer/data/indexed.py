@@ -12,12 +12,13 @@ import numpy as np
 import numpy.lib.format as npformat
 import torch
 
-from manifests import Manifest, UserError, check
+from manifests import Manifest
+from common import UserError, check
 from manifests.codecs import CODECS, decode, field_codec, scale_field
 from manifests.shards import CLS, npy_ext
 
-from .shard_index import ShardIndex, StepSampler, build_index, epoch_permutation  # noqa: F401 (re-exported)
-from .steprng import flip_bits
+from trainer.data.index import ShardIndex, StepSampler, build_index, epoch_permutation  # noqa: F401 (re-exported)
+from trainer.loop.steprng import flip_bits
 
 LATENT = "latent"
 PREFETCH = 4  # batches in flight per loader worker

@@ -1,5 +1,5 @@
-"""The run folder's watch contract: trackers (`--report-to tensorboard|wandb|none`), RUN/log.txt, and the
-names the trainer writes and `python -m evaluation watch` follows (EMA exports, RUN/DONE, RUN/tb/).
+"""Run trackers (`--report-to tensorboard|wandb|none`) and RUN/log.txt; the run folder's names are in
+`manifests/runs.py`.
 
 TensorBoard is the default and writes RUN/tb/. A resumed run opens its writer with `purge_step` = the
 checkpoint's step + 1: TensorBoard's reader then drops whatever the lost run logged after the checkpoint,
@@ -11,7 +11,6 @@ from __future__ import annotations
 import json
 import math
 import os
-import re
 import sys
 import time
 from pathlib import Path
@@ -19,29 +18,11 @@ from typing import Any
 
 import numpy as np
 
-from manifests import UserError, atomic_write_bytes
-
-# The run folder, as the trainer writes it and the FID watcher follows it.
-EXPORT_DIR = "export"
-EXPORT_RE = re.compile(r"^ema-(\d{7})\.safetensors$")  # RUN/export/ema-0400000.safetensors
-DONE_MARKER = "DONE"  # RUN/DONE: the trainer reached its final step
-TB_DIR = "tb"  # RUN/tb: the trainer's TensorBoard run; RUN/tb/eval: the watcher's
-EVAL_TB_DIR = "tb/eval"
+from common.errors import UserError
+from manifests.io import atomic_write_bytes
 
 SKIP_KEYS = ("step", "time")  # stats.jsonl keys that are not curves
 WANDB_ID_FILE = "wandb-id.txt"
-
-
-def export_name(step: int) -> str:
-    return f"ema-{step:07d}.safetensors"
-
-
-def list_exports(run_dir: str | os.PathLike) -> list[tuple[int, Path]]:
-    """Finished EMA exports of a run, oldest first (tmp files never match)."""
-    d = Path(run_dir) / EXPORT_DIR
-    if not d.is_dir():
-        return []
-    return sorted((int(m.group(1)), p) for p in d.iterdir() if (m := EXPORT_RE.match(p.name)))
 
 
 class Tracker:
@@ -169,5 +150,4 @@ def _fmt(v: Any) -> str:
     return json.dumps(v) if isinstance(v, (dict, list)) else str(v)
 
 
-__all__ = ["Tracker", "TensorBoard", "WandB", "open_tracker", "RunLog", "numeric", "list_exports", "export_name",
-           "EXPORT_RE", "DONE_MARKER", "TB_DIR", "EVAL_TB_DIR"]
+__all__ = ["Tracker", "TensorBoard", "WandB", "open_tracker", "RunLog", "numeric"]

@@ -9,7 +9,8 @@ from pathlib import Path
 import numpy as np
 import torch
 
-from manifests import UserError, atomic_open, iter_shard
+from common import UserError
+from manifests import atomic_open, iter_shard
 
 DECODE_CHUNK = 32  # images per VAE decode call
 GRID_SIZE = 64  # grid.png shows the first 64 samples (8x8)

@@ -8,7 +8,8 @@ from typing import Iterator
 
 import numpy as np
 
-from manifests import Manifest, atomic_write_json, check, index_shard, sanitize_key
+from manifests import Manifest, atomic_write_json, index_shard, sanitize_key
+from common import check
 
 INDEX_VERSION = 1
 

@@ -6,14 +6,14 @@ import json
 from dataclasses import asdict, dataclass, fields
 from typing import Any, Sequence
 
-from manifests import check
-from manifests.cli import ArgumentParser, nonneg_int, positive_float, positive_int
-from manifests.config_file import add_config_flag, layered
+from common import check
+from common.cli import ArgumentParser, nonneg_int, positive_float, positive_int
+from common.config_file import add_config_flag, layered
 
-from .repa_flags import TRAIN_ALIASES, add_train_aliases, finish_aliases
+from trainer.repa_flags import TRAIN_ALIASES, add_train_aliases, finish_aliases
 
-from .models import SiT_models
-from .transport import PATHS, PROJ_LOSSES
+from trainer.models.sit import SiT_models
+from trainer.objectives.interpolant import PATHS, PROJ_LOSSES
 
 PRECISIONS = ("fp16", "bf16", "fp32")
 REPORT_TO = ("tensorboard", "wandb", "none")
@@ -38,7 +38,7 @@ class TrainConfig:
     path: str = "linear"
     # optimisation (REPA train.py defaults)
     batch_size: int = 256  # global, split across ranks
-    micro_batch: int | str = "auto"  # per-rank images per pass; "auto": the largest that fits (trainer/microbatch.py)
+    micro_batch: int | str = "auto"  # per-rank images per pass; "auto": the largest that fits (trainer/loop/microbatch.py)
     steps: int = 400_000
     lr: float = 1e-4
     betas: tuple[float, float] = (0.9, 0.999)
@@ -56,14 +56,14 @@ class TrainConfig:
     verify: bool = False
     cache_dir: str | None = None  # object-store manifests: local folder that keeps whole shards once read
     cache_gb: float = 100.0  # bound of --cache-dir
-    stream: bool = False  # sequential webdataset reads; resume at shard + sample offset (trainer/stream_data.py)
+    stream: bool = False  # sequential webdataset reads; resume at shard + sample offset (trainer/data/stream.py)
     # run
     ckpt_every: int = 50_000
     log_every: int = 100
     max_nonfinite: int = 100  # consecutive non-finite losses that stop the run
     init_from: str | None = None
     trace_data: bool = False  # write RUN/trace/rank{r}.jsonl with the sample keys of each step
-    # watching the run (trainer/tracking.py, trainer/preview.py) and checkpoint retention (trainer/checkpoint.py)
+    # watching the run (common/tracking.py, trainer/loop/preview.py) and checkpoint retention (trainer/loop/checkpoint.py)
     report_to: str = "tensorboard"
     sample_every: int = 10_000  # 0: no sample grids
     sample_steps: int = 32  # SDE steps of a grid (the reported numbers use 250)

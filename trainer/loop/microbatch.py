@@ -14,9 +14,9 @@ from typing import Callable, ContextManager
 
 import torch
 
-from manifests import UserError, check
+from common import UserError, check
 
-from .transport import repa_loss
+from trainer.objectives.interpolant import repa_loss
 
 BUDGET_ENV = "REPA_MEMORY_BUDGET_GB"
 # The probe may fill this share of the budget: the rest is for allocator fragmentation, cuBLAS/cuDNN/NCCL

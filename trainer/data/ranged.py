@@ -11,11 +11,12 @@ from pathlib import Path
 
 import numpy as np
 
-from manifests import Manifest, UserError, index_shard, storage
+from manifests import Manifest, index_shard, storage
+from common import UserError
 from manifests.io import read_json
 
-from .data import FeatureBatches, ShardIndex
-from .shard_index import assemble_index
+from trainer.data.indexed import FeatureBatches, ShardIndex
+from trainer.data.index import assemble_index
 
 SIDECAR_VERSION = 1  # pipeline/writer.py's sidecar format
 

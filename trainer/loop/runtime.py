@@ -12,19 +12,20 @@ from typing import Any, Callable, ContextManager
 import torch
 import torch.distributed as dist
 
-from manifests import UserError, check, load_manifest, storage
+from common import UserError, check
+from manifests import load_manifest, storage
 from manifests.io import atomic_write_bytes, atomic_write_json, ensure_writable_dir
 
-from . import checkpoint
-from .config import TrainConfig
-from .data import (DataSpec, StepSampler, build_index, make_loader, needed_exts, resolve_fields)
-from .microbatch import probe_batch, probe_micro
-from .models import SiT, SiT_models
-from .plot import read_stats
-from .steprng import StepRandom
-from . import remote_run
-from .remote_data import build_remote_index, is_remote, make_dataset
-from .stream_data import StreamBatches, make_stream_loader
+from trainer.loop import checkpoint
+from trainer.loop.config import TrainConfig
+from trainer.data.indexed import (DataSpec, StepSampler, build_index, make_loader, needed_exts, resolve_fields)
+from trainer.loop.microbatch import probe_batch, probe_micro
+from trainer.models.sit import SiT, SiT_models
+from trainer.loop.plot import read_stats
+from trainer.loop.steprng import StepRandom
+from trainer.loop import remote_run
+from trainer.data.ranged import build_remote_index, is_remote, make_dataset
+from trainer.data.stream import StreamBatches, make_stream_loader
 
 # Keys of config.json that must match to resume a run (the rest, e.g. steps or workers, may change).
 RESUME_KEYS = ("model", "path", "encoders", "model_kwargs")  # most telling first
@@ -52,12 +53,12 @@ class Run:
     n_micro: int
     stats_path: Path
     micro: int = 0  # images per pass (local_batch // n_micro)
-    rand: StepRandom | None = None  # the per-sample randomness of each global batch (trainer/steprng.py)
+    rand: StepRandom | None = None  # the per-sample randomness of each global batch (trainer/loop/steprng.py)
     latent_scale: float = 1.0
     latent_shift: float = 0.0
     resume_state: dict[str, Any] = field(default_factory=dict)
     monitor: Any = None  # trainer.monitor.Monitor, set by train()
-    run_url: str | None = None  # --run-dir on an object store: run_dir is its local mirror (trainer/remote_run.py)
+    run_url: str | None = None  # --run-dir on an object store: run_dir is its local mirror (trainer/loop/remote_run.py)
 
     def no_sync(self, skip: bool) -> ContextManager:
         """Skip the DDP all-reduce on all but the last micro-batch of a step."""
@@ -153,7 +154,7 @@ def check_compatible(saved: dict[str, Any], now: dict[str, Any], run_dir: Path) 
 def load_init(model: SiT, path: str, cfg: TrainConfig) -> None:
     """--init-from: weights from our checkpoint/export or an official REPA file, checked shape by shape."""
     check(Path(path).exists(), f"--init-from: file not found: {path}")
-    from .official import load_sit_weights  # owned by the sampler stage
+    from trainer.models.checkpoints import load_sit_weights  # owned by the sampler stage
     sd, _meta = load_sit_weights(path, encoder_depth=cfg.enc_depth)
     own = model.state_dict()
     missing = [k for k in own if k not in sd]
@@ -242,7 +243,7 @@ def setup(cfg: TrainConfig, dry_run: bool = False) -> Run | None:
         if cfg.init_from:
             load_init(model, cfg.init_from, cfg)
             ema.load_state_dict(model.state_dict())
-        torch.manual_seed(cfg.seed + 1_000_003 * (rank + 1))  # the step's draws come from trainer/steprng.py
+        torch.manual_seed(cfg.seed + 1_000_003 * (rank + 1))  # the step's draws come from trainer/loop/steprng.py
     amp_dtype = {"fp16": torch.float16, "bf16": torch.bfloat16}.get(cfg.precision)
     amp = ((lambda: torch.autocast(device.type, dtype=amp_dtype)) if amp_dtype is not None
            else contextlib.nullcontext)
@@ -264,7 +265,7 @@ def setup(cfg: TrainConfig, dry_run: bool = False) -> Run | None:
               f"torch.compile {'on' if compiled else 'off'} ({device.type})", flush=True)
     rand = StepRandom(cfg.seed, cfg.batch_size, (spec.in_channels, spec.input_size, spec.input_size),
                       cfg.class_dropout_prob, device)
-    if cfg.stream:  # sequential webdataset reads (weaker shuffle and resume, see trainer/stream_data.py)
+    if cfg.stream:  # sequential webdataset reads (weaker shuffle and resume, see trainer/data/stream.py)
         check(not cfg.hflip, "--stream reads no flipped twins; drop --hflip or --stream")
         loader = make_stream_loader(StreamBatches(m, spec, cfg.seed, rank, world, cfg.batch_size, micro, start,
                                                   cfg.steps), cfg.num_workers, pin=device.type == "cuda")

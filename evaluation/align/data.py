@@ -7,7 +7,8 @@ import numpy as np
 from tqdm import tqdm
 
 from manifests import storage
-from manifests import SD_VAE_SCALE, SD_VAE_SHIFT, Manifest, UserError, check, decode_member, index_shard, read_member
+from manifests import SD_VAE_SCALE, SD_VAE_SHIFT, Manifest, decode_member, index_shard, read_member
+from common import UserError, check
 from manifests.codecs import decode_arrays, field_codec, scale_field
 
 

@@ -6,12 +6,12 @@ import json
 from dataclasses import asdict, dataclass, fields
 from typing import Any, Sequence
 
-from manifests import UserError
-from manifests.cli import ArgumentParser, HelpFormatter, nonneg_int, positive_int
-from manifests.config_file import add_config_flag, layered
+from common import UserError
+from common.cli import ArgumentParser, HelpFormatter, nonneg_int, positive_int
+from common.config_file import add_config_flag, layered
 
-from .repa_flags import add_sample_aliases
-from .samplers import PATHS
+from trainer.repa_flags import add_sample_aliases
+from trainer.sampling.samplers import PATHS
 
 DEFAULT_STEPS = {"sde": 250, "ode": 50}  # REPA generate.py: SDE 250 (paper), ODE 50
 

@@ -12,14 +12,15 @@ import numpy as np
 import torch
 from tqdm import tqdm
 
-from manifests import UserError, atomic_write_json, check, load_manifest, run_cli
-from manifests.cli import ArgumentParser, HelpFormatter
+from common import UserError, check, run_cli
+from manifests import atomic_write_json, load_manifest
+from common.cli import ArgumentParser, HelpFormatter
 from manifests.io import ensure_writable_dir
 
-from .align import CKNNA_EPS, DEFAULT_K, cknna_graphs, graph_self_hsic, knn_graph
-from .align_data import pick_encoder, read_align_data
-from .align_model import ModelSpec, hidden_states, load_model
-from .probe import HELDOUT_PERCENT, PROBE_BATCH, PROBE_EPOCHS, PROBE_LR, ProbeConfig, heldout_mask, linear_probe
+from evaluation.align.metric import CKNNA_EPS, DEFAULT_K, cknna_graphs, graph_self_hsic, knn_graph
+from evaluation.align.data import pick_encoder, read_align_data
+from evaluation.align.model import ModelSpec, hidden_states, load_model
+from evaluation.align.probe import HELDOUT_PERCENT, PROBE_BATCH, PROBE_EPOCHS, PROBE_LR, ProbeConfig, heldout_mask, linear_probe
 
 REPORT_NAME = "alignment.json"
 PLOT_NAME = "alignment.png"
@@ -144,7 +145,7 @@ def run_probes(pooled: dict[int, np.ndarray], enc: np.ndarray, labels: np.ndarra
 
 def write_figures(out: Path, layers: list[int], cknna: dict[int, float], probe: dict[int, Any] | None,
                   enc_ref: Any | None, encoder: str) -> None:
-    from .align_plot import curve_panel, hstack, save_png
+    from evaluation.align.plot import curve_panel, hstack, save_png
     panels = []
     if probe is not None:
         panels.append(curve_panel(layers, [100 * probe[i].top1 for i in layers], title="(a) linear probing",
@@ -155,7 +156,7 @@ def write_figures(out: Path, layers: list[int], cknna: dict[int, float], probe: 
 
 
 def write_pca(out: Path, tokens: dict[int, np.ndarray], enc_tokens: np.ndarray, encoder: str) -> list[str]:
-    from .align_plot import pca_strip, save_png, vstack
+    from evaluation.align.plot import pca_strip, save_png, vstack
     rows, files = [], []
     if len(enc_tokens):
         rows.append(pca_strip(enc_tokens, f"{encoder} (target)"))

@@ -9,7 +9,7 @@ import numpy as np
 import torch
 from tqdm import tqdm
 
-from manifests import UserError, check
+from common import UserError, check
 
 OFFICIAL_MODEL = "SiT-XL/2"  # REPA generate.py / train.py --model default
 OFFICIAL_ENCODER_DEPTH = 8  # REPA train.py --encoder-depth default
@@ -60,7 +60,7 @@ def _infer_kwargs(sd: dict[str, torch.Tensor], spec: ModelSpec) -> dict[str, Any
 
 
 def _build(name: str, kwargs: dict[str, Any], ckpt: str, device: str) -> torch.nn.Module:
-    from trainer.models import SiT_models
+    from trainer.models.sit import SiT_models
     try:
         with torch.device(device):
             return SiT_models[name](**kwargs)
@@ -70,7 +70,7 @@ def _build(name: str, kwargs: dict[str, Any], ckpt: str, device: str) -> torch.n
 
 def _detect_model(sd: dict[str, torch.Tensor], kwargs: dict[str, Any]) -> str:
     """The registry entry whose parameter shapes match a config-less state dict (SiT-XL/2 first), else SiT-XL/2."""
-    from trainer.models import SiT_models
+    from trainer.models.sit import SiT_models
     for name in [OFFICIAL_MODEL] + sorted(n for n in SiT_models if n != OFFICIAL_MODEL):
         try:
             with torch.device("meta"):
@@ -84,7 +84,7 @@ def _detect_model(sd: dict[str, torch.Tensor], kwargs: dict[str, Any]) -> str:
 
 def _raw_weights(meta: dict[str, Any], encoder_depth: int | None) -> dict[str, torch.Tensor]:
     """The non-EMA `model` state dict of a training checkpoint (ours or official)."""
-    from trainer.official import rename_legacy, safe_torch_load
+    from trainer.models.checkpoints import rename_legacy, safe_torch_load
     path = meta["path"]
     check(meta.get("format") in ("ours-train", "official-train"),
           f"--weights model needs a training checkpoint with a 'model' entry; {path} is {meta.get('format')}")
@@ -98,8 +98,8 @@ def _raw_weights(meta: dict[str, Any], encoder_depth: int | None) -> dict[str, t
 
 def load_model(ckpt: str, spec: ModelSpec, device: torch.device) -> LoadedModel:
     """Load ours (training checkpoint or export + config.json) or an official REPA file, strictly, in eval mode."""
-    from trainer.models import SiT_models
-    from trainer.official import check_state_dict, load_sit_weights
+    from trainer.models.sit import SiT_models
+    from trainer.models.checkpoints import check_state_dict, load_sit_weights
     sd, meta = load_sit_weights(ckpt, encoder_depth=spec.encoder_depth)
     if spec.weights == "model":
         sd = _raw_weights(meta, spec.encoder_depth)
@@ -142,7 +142,7 @@ def hidden_states(lm: LoadedModel, moments: np.ndarray, labels: np.ndarray, *, l
     Inputs: z = (mean + std·ε')·scale + shift from the stored moments, x_t = α(t)·z + σ(t)·ε on the model's
     path; image i draws ε' and ε from its own generator (seed, i), so results do not depend on batch size.
     """
-    from trainer.transport import alpha_sigma
+    from trainer.objectives.interpolant import alpha_sigma
     model = lm.model
     n = len(moments)
     c = moments.shape[1] // 2

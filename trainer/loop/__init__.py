@@ -1,0 +1,1 @@
+"""The training loop (`train`), its setup (`runtime`), checkpoints, monitor and the `train` command line."""

@@ -1,0 +1,1 @@
+"""Training objectives: the SiT interpolant (`interpolant`)."""
