@@ -25,4 +25,20 @@ def adm_center_crop(img: Image.Image, resolution: int) -> Image.Image:
     return img.crop((left, top, left + resolution, top + resolution))
 
 
-CROPS = {"adm-center": adm_center_crop}  # manifest `preprocess.crop` -> the rule
+def uvit_center_crop(img: Image.Image, resolution: int) -> Image.Image:
+    """U-ViT `center_crop` (datasets.py, MS-COCO): RGB, the centre square of the shorter side, LANCZOS to res.
+
+    The square starts at ((w - side) // 2, (h - side) // 2), the extra pixel of an odd margin going to the right or
+    bottom. It is cut out before resizing: resizing with `box=` would let the filter read pixels outside the square.
+    """
+    if img.mode != "RGB":
+        img = img.convert("RGB")  # MSCOCODatabase._load_image converts on load, before the crop
+    w, h = img.size
+    side = min(w, h)
+    left, top = (w - side) // 2, (h - side) // 2
+    square = img.crop((left, top, left + side, top + side))
+    return square.resize((resolution, resolution), resample=Image.LANCZOS)
+
+
+CROPS = {"adm-center": adm_center_crop, "uvit-center": uvit_center_crop}  # manifest `preprocess.crop` -> the rule
+CROP_FLAGS = {"adm": "adm-center", "uvit": "uvit-center"}  # `--crop` value -> manifest name (DESIGN §8)
