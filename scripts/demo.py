@@ -124,7 +124,7 @@ def chain(a, size: DemoSize, out: Path, data: Path, data_src: str, feats: str, r
     encoders = "tiny-dinov2,tiny-siglip"
     print("REPA demo on CPU: the analytic pixel-vae lets you watch the SiT learn (RUN/samples/step-*.png);\n"
           "the encoders are tiny RANDOM-INIT ones, so alignment and metrics are meaningless by design.\n"
-          f"For real ones use pretrained weights: {REAL_FLAGS} (hub cache or NAME=PATH); see README.")
+          f"For real ones use pretrained weights: {REAL_FLAGS} (hub cache or NAME=PATH); see docs/reproducing.md.")
     t_start, log = time.time(), []
     run("1/7 synthesise the embedded dataset",
         ["pipeline", "synth", "--out", str(data), "--classes", str(size.classes), "--per-class", str(size.per_class)],
@@ -183,7 +183,7 @@ def chain(a, size: DemoSize, out: Path, data: Path, data_src: str, feats: str, r
     print(f"\nWatch the grids sharpen: {len(grids)} grids in {run_p / 'samples'} (one column per class, the same "
           f"noise in each), or: tensorboard --logdir {run_p / 'tb'}\n"
           "The encoders are tiny and random, so alignment and metrics are meaningless here.\n"
-          f"Real runs: python -m pipeline extract ... {REAL_FLAGS}  (README: Reproducing the paper)")
+          f"Real runs: python -m pipeline extract ... {REAL_FLAGS}  (docs/reproducing.md)")
     return 0
 
 

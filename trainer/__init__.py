@@ -1,1 +1,1 @@
-"""Lean SiT + REPA trainer: models, transport, data, training loop, checkpoints (and the sampler)."""
+"""Lean REPA trainer: model families, objectives, data, the training loop and sampling."""

@@ -1,4 +1,4 @@
-"""The training loader: micro-batches read by tar offsets into reused shared rings (index and order: shard_index.py)."""
+"""The training loader: micro-batches read by tar offsets into reused shared rings (index and order: index.py)."""
 from __future__ import annotations
 
 import io
