@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import argparse
 import json
+from dataclasses import fields
 from pathlib import Path
 from typing import Any, Collection, Mapping, Sequence
 
@@ -22,7 +23,10 @@ def explicit_args(parser: argparse.ArgumentParser, argv: Sequence[str]) -> dict[
     ns = argparse.Namespace(**{a.dest: _UNSET for a in parser._actions
                                if a.dest not in (argparse.SUPPRESS, "help")})
     parser.parse_args(list(argv), namespace=ns)  # argparse fills a default only where the namespace has none
-    return {k: v for k, v in vars(ns).items() if v is not _UNSET}
+    # An optional positional (nargs '?') that was left out still gets its default written: that is not a setting.
+    absent = {a.dest for a in parser._actions if not a.option_strings and a.nargs in ("?", "*")
+              and getattr(ns, a.dest, _UNSET) == a.default}
+    return {k: v for k, v in vars(ns).items() if v is not _UNSET and k not in absent}
 
 
 def read_config(path: str, section: str | None = None) -> dict[str, Any]:
@@ -106,9 +110,26 @@ def layered(parser: argparse.ArgumentParser, argv: Sequence[str], fields: Collec
     return values
 
 
-def add_config_flag(group: argparse._ActionsContainer) -> None:
+def add_config_flag(group: argparse._ActionsContainer, preset: bool = True) -> None:
     group.add_argument("--config", metavar="FILE", help="settings from a YAML or JSON file (a run's config.json "
-                       "works); flags override the file, the file overrides --preset")
+                       "works); flags override the file, the file overrides "
+                       + ("--preset and the defaults" if preset else "the defaults"))
 
 
-__all__ = ["add_config_flag", "explicit_args", "file_values", "layered", "read_config"]
+def add_run_flags(group: argparse._ActionsContainer) -> None:
+    """`--config FILE` and `--dry-run` for a command without presets: every command has both (docs/cli.md)."""
+    add_config_flag(group, preset=False)
+    group.add_argument("--dry-run", action="store_true", help="print the resolved settings as JSON and exit")
+
+
+def config_values(parser: argparse.ArgumentParser, argv: Sequence[str], cls: type,
+                  presets: Mapping[str, Mapping[str, Any]] | None = None, section: str | None = None,
+                  extra: Collection[str] = ()) -> tuple[dict[str, Any], bool]:
+    """The settings for dataclass `cls` (defaults < preset < file < flags) and whether --dry-run was given."""
+    names = {f.name for f in fields(cls)} | set(extra)
+    values = layered(parser, argv, names, presets or {}, section)
+    return values, bool(values.pop("dry_run", False))
+
+
+__all__ = ["add_config_flag", "add_run_flags", "config_values", "explicit_args", "file_values", "layered",
+           "read_config"]

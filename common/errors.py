@@ -1,11 +1,12 @@
 """User-facing errors and the CLI wrapper that turns them into one line and exit code 2."""
 from __future__ import annotations
 
+import contextlib
 import errno
 import os
 import sys
 import traceback
-from typing import Callable, Sequence
+from typing import Callable, Iterator, Sequence
 
 EXIT_OK, EXIT_INTERNAL, EXIT_USER = 0, 1, 2
 
@@ -26,9 +27,19 @@ def os_error_message(err: OSError, path: str | os.PathLike | None = None) -> str
     # The errno's own text: libraries such as h5py put many lines of detail in strerror.
     reason = os.strerror(err.errno) if err.errno else (err.strerror or str(err) or type(err).__name__)
     reason = reason.strip().splitlines()[0] if reason.strip() else type(err).__name__
-    if err.errno in (errno.ENOSPC, errno.EDQUOT) and where != "?":
-        reason += f" ({free_space(where)} free)"
+    if err.errno in (errno.ENOSPC, errno.EDQUOT) and where != "?" and "://" not in str(where):
+        reason += f" ({free_space(where)} free)"  # a local disk's free space (an object store has none to show)
     return f"{where}: {reason}"
+
+
+@contextlib.contextmanager
+def as_user_error(doing: str, path: str | os.PathLike | None = None, hint: str = "") -> Iterator[None]:
+    """An OSError inside the block becomes one UserError: '{doing} {path}: {reason}{hint}', e.g.
+    'cannot write /out/x.tar: No space left on device (12.0 KiB free)'. Other errors pass unchanged."""
+    try:
+        yield
+    except OSError as e:
+        raise UserError(f"{doing} {os_error_message(e, path)}{hint}") from e
 
 
 def free_space(path: str | os.PathLike) -> str:

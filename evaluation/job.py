@@ -2,12 +2,11 @@
 from __future__ import annotations
 
 import argparse
-import json
 import os
 import shlex
 import sys
 import time
-from dataclasses import asdict, dataclass, field, fields
+from dataclasses import asdict, dataclass, field
 from pathlib import Path
 from typing import Any, Sequence
 
@@ -15,9 +14,10 @@ import numpy as np
 
 from common import UserError
 from manifests import atomic_open
-from common.cli import ArgumentParser, positive_int
+from common.cli import ArgumentParser, PlainHelpFormatter, flag, positive_int, print_config
+from common.config_file import add_run_flags, config_values
+from common.device import DEVICE_HELP, device_flag, resolve_device
 from manifests import storage
-from common.config_file import add_config_flag, layered
 from manifests.io import ensure_writable_dir
 from manifests.remote_inputs import localize, sync_down, sync_up
 
@@ -60,7 +60,7 @@ class EvalConfig:
 
 def build_parser() -> argparse.ArgumentParser:
     d = EvalConfig()
-    p = ArgumentParser(prog="python -m evaluation", formatter_class=argparse.RawDescriptionHelpFormatter,
+    p = ArgumentParser(prog="python -m evaluation", formatter_class=PlainHelpFormatter,
                 description="FID, sFID, IS, precision and recall as the ADM evaluator computes them, in PyTorch.",
                 epilog=EXAMPLE)
     g = p.add_argument_group("inputs")
@@ -78,13 +78,15 @@ def build_parser() -> argparse.ArgumentParser:
     g.add_argument("--inception-weights", metavar="PATH|random:SEED",
                    help="converted 2015 TF Inception weights (default: torch-fidelity's cached download); "
                         "random:SEED is for tests and marks the report 'not comparable'")
-    g.add_argument("--device", default=d.device, choices=["auto", "cpu", "cuda"], help="(default: %(default)s)")
-    g.add_argument("--batch-size", type=positive_int, default=d.batch_size, help="(default: %(default)s)")
+    g.add_argument("--device", default=d.device, type=device_flag, help=f"{DEVICE_HELP} (default: %(default)s)")
+    g.add_argument("--batch-size", type=positive_int, default=d.batch_size, help="images per Inception forward "
+                   "pass; one process, so global (default: %(default)s)")
     g.add_argument("--num-workers", type=positive_int, default=d.num_workers, help="image decoding threads "
                    "(default: %(default)s)")
     g = p.add_argument_group("metrics")
-    g.add_argument("--pr-dtype", default=d.pr_dtype, choices=["float32", "float16"],
-                   help="distance precision for P/R; float16 reproduces ADM (default: %(default)s)")
+    flag(g, "--precision", "--pr-dtype", dest="pr_dtype", default=d.pr_dtype, type=pr_precision,
+         metavar="{fp32,fp16}", help="numerics of the P/R pairwise distances, the one choice here (Inception "
+         "always runs in fp32 without TF32); fp16 reproduces ADM. float32/float16 also work (default: fp32)")
     g.add_argument("--pr-k", type=positive_int, default=d.pr_k, help="k-NN radius for P/R (default: %(default)s)")
     g.add_argument("--is-split", type=positive_int, default=d.is_split, help="IS split size (default: %(default)s)")
     g.add_argument("--recompute-reference-stats", action="store_true",
@@ -94,9 +96,18 @@ def build_parser() -> argparse.ArgumentParser:
     g.add_argument("--cache-dir", default=d.cache_dir, help="HDF5 activation cache (default: %(default)s)")
     g.add_argument("--no-cache", action="store_true", help="do not read or write the activation cache")
     g.add_argument("--no-progress", action="store_true", help="no progress bars")
-    add_config_flag(g)
-    g.add_argument("--dry-run", action="store_true", help="print the resolved settings and exit")
+    add_run_flags(g)
     return p
+
+
+PR_PRECISION = {"fp32": "float32", "fp16": "float16", "float32": "float32", "float16": "float16"}
+
+
+def pr_precision(text: str) -> str:
+    """--precision fp32|fp16 (old --pr-dtype float32|float16) -> the torch dtype name kept in pr_dtype."""
+    if text not in PR_PRECISION:
+        raise argparse.ArgumentTypeError(f"invalid choice {text!r} (choose from fp32, fp16)")
+    return PR_PRECISION[text]
 
 
 def parse_config(argv: Sequence[str] | None) -> EvalConfig:
@@ -107,9 +118,7 @@ def parse_config(argv: Sequence[str] | None) -> EvalConfig:
 
 def resolve(argv: Sequence[str] | None) -> tuple[EvalConfig, bool]:
     argv = list(sys.argv[1:] if argv is None else argv)
-    names = {f.name for f in fields(EvalConfig)} | {"no_progress"}
-    values = layered(build_parser(), argv, names, {})
-    dry = bool(values.pop("dry_run", False))
+    values, dry = config_values(build_parser(), argv, EvalConfig, extra={"no_progress"})
     if "no_progress" in values:
         values["progress"] = not values.pop("no_progress")
     cfg = EvalConfig(**values)
@@ -118,15 +127,6 @@ def resolve(argv: Sequence[str] | None) -> tuple[EvalConfig, bool]:
     if cfg.samples is None and cfg.write_reference is None:
         raise UserError("python -m evaluation: --samples is required (unless --write-reference is given)")
     return cfg, dry
-
-
-def _device(name: str) -> str:
-    import torch
-    if name == "auto":
-        return "cuda" if torch.cuda.is_available() else "cpu"
-    if name == "cuda" and not torch.cuda.is_available():
-        raise UserError("--device cuda: no CUDA device is available (use --device cpu)")
-    return name
 
 
 def _outpath(loc: str) -> Path:
@@ -211,8 +211,7 @@ def main(argv: Sequence[str] | None = None) -> int:
     t_start = time.perf_counter()
     cfg, dry = resolve(argv)
     if dry:
-        print(json.dumps(asdict(cfg), indent=2))
-        return 0
+        return print_config(cfg)
     out = _outpath(cfg.out)
     urls = (cfg.samples, cfg.reference)  # recorded in the report as given
     # Object-store inputs are fetched once into a local cache (sha256-checked shard sets, files by size).
@@ -225,7 +224,7 @@ def main(argv: Sequence[str] | None = None) -> int:
     samples, ref = _open_inputs(cfg)
     cfg.samples, cfg.reference = urls
     ref_stats, ref_tag = _load_reference_stats(ref.path) if ref.kind == "npz" else ({}, None)
-    device = _device(cfg.device)
+    device = resolve_device(cfg.device)
 
     from evaluation.features import compute_activations
     from evaluation.inception import InceptionFeatures

@@ -1,7 +1,7 @@
 """`python -m evaluation watch RUN --reference REF`: FID, sFID, IS, P/R of each new EMA export of a run.
 
 For each export RUN/export/ema-NNNNNNN.safetensors newer than the last evaluated step, it samples with
-`python -m trainer sample` (a subprocess: torchrun with --nproc > 1; finished shards survive a kill), runs
+`python -m trainer sample` (a subprocess: torchrun with --num-gpus > 1; finished shards survive a kill), runs
 the metrics job on the samples, logs the numbers to the run's tracker (RUN/tb/eval) and only then appends
 a row to RUN/eval/metrics.jsonl and redraws RUN/eval/fid.png. A killed watcher re-run skips finished rows and
 reuses finished sample shards; an unfinished evaluation never becomes a row. It stops with --once, at
@@ -24,33 +24,40 @@ from typing import Any, Iterator, Sequence
 
 from common import UserError, check
 from manifests import atomic_write_bytes, read_json
-from common.cli import ArgumentParser, nonneg_int, positive_float, positive_int
+from common.cli import ArgumentParser, PlainHelpFormatter, flag, nonneg_int, positive_float, positive_int, print_config
+from common.config_file import add_run_flags, config_values
+from common.device import DEVICE_HELP, device_flag
 from manifests.runs import DONE_MARKER, EVAL_TB_DIR, list_exports
 from common.tracking import open_tracker
 
 METRICS = ("fid", "sfid", "is", "precision", "recall")
 EXAMPLE = """examples:
   python -m evaluation watch runs/xl --reference VIRTUAL_imagenet256_labeled.npz          # follow until DONE
-  python -m evaluation watch runs/xl --reference ref.npz --once --num-samples 50000 --nproc 8
+  python -m evaluation watch runs/xl --reference ref.npz --once --num-samples 50000 --num-gpus 8
 Rows go to RUN/eval/metrics.jsonl, the plot to RUN/eval/fid.png, the curves to the run's tracker (RUN/tb/eval)."""
+
+
+SAMPLE_PRECISIONS = ("fp32", "tf32", "bf16")  # trainer sample --precision
+BATCH_PER_GPU = 64  # the default global sampling batch is this times --num-gpus
 
 
 @dataclass(kw_only=True)
 class WatchConfig:
-    run: str
-    reference: str
+    """`python -m evaluation watch` settings."""
+    run: str = ""
+    reference: str = ""
     once: bool = False
     latest: bool = False
     until: int | None = None
     poll: float = 300.0
     num_samples: int = 10_000
-    steps: int = 250
+    num_steps: int = 250  # sampler steps
     cfg_scale: float = 1.0
     guidance_high: float = 1.0
     seed: int = 0
-    nproc: int = 1
-    batch_size: int = 64
-    sample_precision: str = "tf32"
+    num_gpus: int = 1  # sampling processes (torchrun), one per GPU
+    batch_size: int | None = None  # global sampling batch; None: BATCH_PER_GPU x num_gpus
+    precision: str = "tf32"  # of the sampler (trainer sample --precision)
     inception_weights: str | None = None
     eval_batch_size: int = 100
     device: str = "auto"
@@ -60,13 +67,15 @@ class WatchConfig:
 
 
 def build_parser() -> argparse.ArgumentParser:
-    d = WatchConfig(run="", reference="")
-    p = ArgumentParser(prog="python -m evaluation watch", formatter_class=argparse.RawDescriptionHelpFormatter,
+    d = WatchConfig()
+    p = ArgumentParser(prog="python -m evaluation watch", formatter_class=PlainHelpFormatter,
                        description="Evaluate every new EMA export of a training run (FID over training).",
                        epilog=EXAMPLE)
-    p.add_argument("run", help="the run folder (RUN/export/ema-*.safetensors), local or on a shared file system")
-    p.add_argument("--reference", required=True, help="ADM reference .npz (or anything `python -m evaluation` "
-                   "takes as --reference)")
+    p.add_argument("run", nargs="?", help="the run folder (RUN/export/ema-*.safetensors), local or on a shared "
+                   "file system; required")
+    p.add_argument("--reference", help="ADM reference .npz (or anything `python -m evaluation` takes as "
+                   "--reference); required")
+    add_run_flags(p)
     g = p.add_argument_group("what to evaluate and when to stop")
     g.add_argument("--once", action="store_true", help="evaluate what exists now, then exit (default: poll)")
     g.add_argument("--latest", action="store_true", help="evaluate only the newest export, then exit (e.g. a finished run)")
@@ -76,22 +85,26 @@ def build_parser() -> argparse.ArgumentParser:
     g = p.add_argument_group("sampling (python -m trainer sample)")
     g.add_argument("--num-samples", type=positive_int, default=d.num_samples, help="images per checkpoint "
                    "(default %(default)s; the paper's numbers use 50000)")
-    g.add_argument("--steps", type=positive_int, default=d.steps, help="SDE steps (default %(default)s)")
+    flag(g, "--num-steps", "--steps", dest="num_steps", metavar="N", type=positive_int, default=d.num_steps,
+         help="SDE sampler steps (default %(default)s)")
     g.add_argument("--cfg-scale", type=float, default=d.cfg_scale, help="(default %(default)s: no guidance, "
                    "as in the paper's FID-over-training figures)")
     g.add_argument("--guidance-high", type=float, default=d.guidance_high, help="(default %(default)s)")
     g.add_argument("--seed", type=nonneg_int, default=d.seed, help="(default %(default)s)")
-    g.add_argument("--nproc", type=positive_int, default=d.nproc, help="sampling processes via torchrun, one per "
-                   "GPU (default %(default)s)")
-    g.add_argument("--batch-size", type=positive_int, default=d.batch_size, help="sampling batch per process "
-                   "(default %(default)s)")
-    g.add_argument("--sample-precision", choices=("fp32", "tf32", "bf16"), default=d.sample_precision,
-                   help="(default %(default)s)")
+    flag(g, "--num-gpus", "--nproc", dest="num_gpus", metavar="N", type=positive_int, default=d.num_gpus,
+         help="sampling processes via torchrun, one per GPU (default %(default)s)")
+    g.add_argument("--batch-size", type=positive_int, default=d.batch_size, help="global sampling batch, split "
+                   f"across the --num-gpus processes as `trainer sample` does (default: {BATCH_PER_GPU} per GPU)")
+    flag(g, "--precision", "--sample-precision", dest="precision", choices=SAMPLE_PRECISIONS, default=d.precision,
+         help="the sampler's numerics, as `trainer sample --precision`; the metrics always run in fp32 "
+              "(default %(default)s)")
     g = p.add_argument_group("metrics (python -m evaluation)")
     g.add_argument("--inception-weights", metavar="PATH|random:SEED", help="as for python -m evaluation "
                    "(default: torch-fidelity's cached download)")
-    g.add_argument("--eval-batch-size", type=positive_int, default=d.eval_batch_size, help="(default %(default)s)")
-    g.add_argument("--device", choices=("auto", "cpu", "cuda"), default=d.device, help="(default %(default)s)")
+    g.add_argument("--eval-batch-size", type=positive_int, default=d.eval_batch_size, help="the metrics job's "
+                   "--batch-size (global: one process) (default %(default)s)")
+    g.add_argument("--device", type=device_flag, default=d.device, help=f"of the metrics job: {DEVICE_HELP} "
+                   "(default %(default)s)")
     g.add_argument("--report-to", choices=("tensorboard", "wandb", "none"), help="tracker (default: the run's "
                    "--report-to)")
     g.add_argument("--cache-dir", help="HDF5 activation cache (default: python -m evaluation's)")
@@ -99,12 +112,28 @@ def build_parser() -> argparse.ArgumentParser:
     return p
 
 
-def parse(argv: Sequence[str]) -> WatchConfig:
-    cfg = WatchConfig(**vars(build_parser().parse_args(list(argv))))
+def resolve(argv: Sequence[str]) -> tuple[WatchConfig, bool]:
+    """argv -> (settings, dry_run); defaults < --config file < flags. The paths are checked when it runs."""
+    values, dry = config_values(build_parser(), argv, WatchConfig)
+    check(bool(values.get("run")), "python -m evaluation watch: RUN is required (or 'run' in --config)")
+    check(bool(values.get("reference")), "python -m evaluation watch: --reference is required "
+                                         "(or 'reference' in --config)")
+    cfg = WatchConfig(**values)
+    if cfg.batch_size is None:
+        cfg.batch_size = BATCH_PER_GPU * cfg.num_gpus
+    check(cfg.cfg_scale >= 1.0, f"--cfg-scale must be >= 1 (1 = no guidance), got {cfg.cfg_scale}")
+    return cfg, dry
+
+
+def check_paths(cfg: WatchConfig) -> WatchConfig:
+    """A watch that is about to run: its run folder and reference must exist."""
     check(Path(cfg.run).is_dir(), f"run folder not found: {cfg.run}")
     check(Path(cfg.reference).exists(), f"--reference not found: {cfg.reference}")
-    check(cfg.cfg_scale >= 1.0, f"--cfg-scale must be >= 1 (1 = no guidance), got {cfg.cfg_scale}")
     return cfg
+
+
+def parse(argv: Sequence[str]) -> WatchConfig:
+    return check_paths(resolve(argv)[0])
 
 
 # ---- the run folder ---------------------------------------------------------------------------------------------
@@ -166,11 +195,11 @@ def snapshot(export: Path, work: Path) -> Path | None:
 def sample_command(cfg: WatchConfig, ckpt: Path, out: Path) -> list[str]:
     """`trainer sample` as a subprocess (the evaluation stage does not import the trainer)."""
     launcher = [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc-per-node",
-                str(cfg.nproc)] if cfg.nproc > 1 else [sys.executable]
+                str(cfg.num_gpus)] if cfg.num_gpus > 1 else [sys.executable]
     return [*launcher, "-m", "trainer", "sample", "--ckpt", str(ckpt), "--out", str(out),
-            "--num-samples", str(cfg.num_samples), "--mode", "sde", "--steps", str(cfg.steps),
+            "--num-samples", str(cfg.num_samples), "--mode", "sde", "--num-steps", str(cfg.num_steps),
             "--cfg-scale", str(cfg.cfg_scale), "--guidance-high", str(cfg.guidance_high), "--seed", str(cfg.seed),
-            "--batch-size", str(cfg.batch_size), "--precision", cfg.sample_precision]
+            "--batch-size", str(cfg.batch_size), "--precision", cfg.precision]  # both global
 
 
 def evaluate(cfg: WatchConfig, step: int, export: Path, log) -> dict[str, Any] | None:
@@ -183,7 +212,7 @@ def evaluate(cfg: WatchConfig, step: int, export: Path, log) -> dict[str, Any] |
         return None
     t0 = time.perf_counter()
     cmd = sample_command(cfg, ckpt, work / "samples")
-    log(f"step {step}: sampling {cfg.num_samples} images ({cfg.steps} SDE steps, cfg {cfg.cfg_scale})")
+    log(f"step {step}: sampling {cfg.num_samples} images ({cfg.num_steps} SDE steps, cfg {cfg.cfg_scale})")
     rc = subprocess.call(cmd, env={**os.environ, "PYTHONUNBUFFERED": "1"})
     if rc != 0:
         raise UserError(f"step {step}: sampling failed (exit {rc}): {' '.join(cmd)}")
@@ -201,7 +230,7 @@ def evaluate(cfg: WatchConfig, step: int, export: Path, log) -> dict[str, Any] |
     report = read_json(report_path, "evaluation report")
     t_eval = time.perf_counter() - t0
     return {"step": step, **{k: report["metrics"].get(k) for k in METRICS}, "num_samples": cfg.num_samples,
-            "sampler": {"mode": "sde", "steps": cfg.steps, "cfg_scale": cfg.cfg_scale,
+            "sampler": {"mode": "sde", "steps": cfg.num_steps, "cfg_scale": cfg.cfg_scale,
                         "guidance_high": cfg.guidance_high, "seed": cfg.seed},
             "comparable": report.get("comparable"), "export": export.name, "sample_s": round(t_sample, 2),
             "eval_s": round(t_eval, 2), "time": time.time()}
@@ -317,4 +346,6 @@ def watch(cfg: WatchConfig) -> int:
 
 
 def main(argv: Sequence[str] | None = None) -> int:
-    return watch(parse(list(sys.argv[1:] if argv is None else argv)))
+    argv = list(sys.argv[1:] if argv is None else argv)
+    cfg, dry = resolve(argv)
+    return print_config(cfg) if dry else watch(check_paths(cfg))

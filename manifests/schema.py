@@ -90,9 +90,7 @@ def safe_relpath(url: str, what: str) -> str:
 def manifest_path(path: str | os.PathLike) -> Path:
     """Accept a manifest file or the folder that holds it (a plain path or a storage URL)."""
     p = storage.path(path)
-    if isinstance(p, storage.ObjectPath):  # a folder on an object store is just a prefix: one HEAD decides
-        return p if p.name.endswith(".json") else p / MANIFEST_NAME
-    return p / MANIFEST_NAME if p.is_dir() else p
+    return p if p.suffix == ".json" or not p.is_dir() else p / MANIFEST_NAME
 
 def load_manifest(path: str | os.PathLike, *, kind: str | None = None, verify: bool = False,
                   check_exists: bool = True) -> Manifest:
@@ -121,8 +119,8 @@ def load_manifest(path: str | os.PathLike, *, kind: str | None = None, verify: b
     shardlist = raw.get("shardlist")
     check(isinstance(shardlist, list), f"{where}: 'shardlist' must be a list")
     root = mpath.parent
-    # On an object store one listing gives every size (instead of a HEAD per shard).
-    sizes = {str(o): n for o, n in root.find()} if check_exists and isinstance(root, storage.ObjectPath) else None
+    urls = [s.get("url") if isinstance(s, dict) else None for s in shardlist]
+    sizes = root.file_sizes([u for u in urls if isinstance(u, str)]) if check_exists else {}
     entries: list[ShardEntry] = []
     for i, s in enumerate(shardlist):
         check(isinstance(s, dict) and "url" in s, f"{where}: shardlist[{i}] has no 'url'")
@@ -133,14 +131,10 @@ def load_manifest(path: str | os.PathLike, *, kind: str | None = None, verify: b
         except (KeyError, TypeError, ValueError) as e:
             raise UserError(f"{where}: shard '{url}' has a bad or missing 'nsamples'") from e
         if check_exists:
-            sp = root / url
-            check(str(sp) in sizes if sizes is not None else sp.is_file(),
-                  f"{where}: shard '{url}' does not exist ({sp})")
-            if entry.bytes >= 0:
-                size = sizes[str(sp)] if sizes is not None else sp.stat().st_size
-                check(size == entry.bytes,
-                      f"shard '{url}' is {size} bytes on disk, manifest says {entry.bytes} (truncated or replaced?)"
-                      + (f": {sp}" if sizes is not None else ""))
+            size = sizes.get(url)
+            check(size is not None, f"{where}: shard '{url}' does not exist ({root / url})")
+            check(entry.bytes < 0 or size == entry.bytes, f"shard '{url}' is {size} bytes on disk, manifest says "
+                                                          f"{entry.bytes} (truncated or replaced?): {root / url}")
         entries.append(entry)
     total = sum(e.nsamples for e in entries)
     check(total == int(repa["num_samples"]),

@@ -1,6 +1,7 @@
 """Shard format helpers: sample keys, member naming, deterministic tar writing, indexed reading."""
 from __future__ import annotations
 
+import contextlib
 import io
 import json
 import os
@@ -173,12 +174,11 @@ def iter_shard(path: str | os.PathLike, decode: bool = True) -> Iterator[dict[st
         yield cur
 
 
-def open_tar(path: str | os.PathLike) -> tarfile.TarFile:
-    """A tar reader over a local file, or over an object read ahead in large blocks."""
-    p = storage.path(path)
-    if isinstance(p, storage.ObjectPath):
-        return tarfile.open(fileobj=p.open("rb"), mode="r:")
-    return tarfile.open(p, mode="r:")
+@contextlib.contextmanager
+def open_tar(path: str | os.PathLike) -> Iterator[tarfile.TarFile]:
+    """A tar reader over a local file or an object (read ahead in large blocks); closes both on exit."""
+    with storage.path(path).open("rb") as f, tarfile.open(fileobj=f, mode="r:") as tar:
+        yield tar
 
 
 def read_member(f, offset: int, size: int, what: str = "member") -> bytes:

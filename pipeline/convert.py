@@ -11,7 +11,7 @@ from concurrent.futures import ProcessPoolExecutor
 from dataclasses import asdict, dataclass
 from pathlib import Path
 
-from manifests import Manifest, load_manifest
+from manifests import Manifest, load_manifest, storage
 from common import check
 from manifests.codecs import (CODEC_KEY, DEFAULT_CODEC, TokenCodec, decode_arrays, encode_members, field_codec,
                               get_codec, scale_field, token_field)
@@ -82,7 +82,7 @@ def convert_shard(src: str, url: str, nsamples: int, out: str, index: int, fp: s
             yield _convert_sample(raw, cods, tgt, f"shard '{url}': sample '{raw['__key__']}'")
         check(n == nsamples, f"shard '{url}' holds {n} samples, the manifest says {nsamples}")
 
-    return write_shard_once(Path(out), ShardPlan(index, ()), fp, samples(), [], fields)
+    return write_shard_once(storage.path(out), ShardPlan(index, ()), fp, samples(), [], fields)
 
 
 def run_convert(cfg: ConvertConfig) -> Path:
@@ -90,7 +90,7 @@ def run_convert(cfg: ConvertConfig) -> Path:
     cfg.validate()
     m = load_manifest(cfg.manifest, kind="features", verify=cfg.verify)
     target = get_codec(cfg.feature_dtype)
-    out = Path(cfg.out).resolve()
+    out = storage.resolve(cfg.out)  # a folder, or s3://bucket/prefix
     check(out != m.root.resolve(), f"--out {cfg.out} is the input set's folder; convert writes a new set")
     ensure_writable_dir(out)
     ensure_writable_dir(out / "shards", "shard folder")

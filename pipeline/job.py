@@ -7,70 +7,18 @@ import logging
 import os
 import sys
 import time
-from dataclasses import asdict, dataclass, field
+from dataclasses import asdict
 from pathlib import Path
 
 from common import UserError, check
-from manifests import load_manifest, storage
-from manifests.codecs import CODECS, DEFAULT_CODEC
 from common.errors import free_space
+from manifests import load_manifest, storage
 from manifests.io import ensure_writable_dir
 
-from .presets import ENCODERS, VAES, parse_spec
+from .config import ExtractConfig, content_settings  # noqa: F401 - ExtractConfig: the job's public name
 from .sources import list_source, select
-from .worker import PRECISIONS, EncodeConfig, ShardEncoder, cpu_threads_default, decode_shard
+from .worker import ShardEncoder, cpu_threads_default, decode_shard
 from .writer import assemble_manifest, clean_tmp, fingerprint, plan_shards, shard_done
-
-RESOLUTIONS = (128, 256, 512)  # 128: the CPU demo (an 8x8 token grid for the tiny encoders and SiT/2)
-FEATURE_DTYPES = tuple(CODECS)  # token codecs (manifests/codecs.py); .npy has no bfloat16
-
-
-@dataclass(kw_only=True)
-class ExtractConfig:
-    """`python -m pipeline extract` settings (DESIGN §3, §8)."""
-    source: str
-    out: str
-    resolution: int = 256
-    vae: str = "sd-vae-ft-ema"
-    encoders: list[str] = field(default_factory=lambda: ["dinov2-vit-b"])
-    shard_size: int = 1000
-    batch_size: int = 64
-    hflip: bool = False
-    feature_dtype: str = DEFAULT_CODEC
-    limit: int | None = None
-    num_gpus: int | None = None  # GPU actors; None: every GPU in the cluster (one CPU actor without GPUs)
-    num_cpus: int | None = None  # local Ray only; None: all cores
-    cpu_actors: int = 1  # encoder actors when the cluster has no GPU (several write shards concurrently)
-    precision: str = "default"
-    verify: bool = False
-    name: str | None = None
-    ray_address: str | None = None  # None: RAY_ADDRESS (set by `ray job submit`), else a new local Ray
-
-    def validate(self) -> None:
-        """Every bad value is a one-line UserError naming the flag."""
-        check(self.resolution in RESOLUTIONS, f"--resolution must be one of {RESOLUTIONS}, got {self.resolution}")
-        for flag, v in (("--shard-size", self.shard_size), ("--batch-size", self.batch_size)):
-            check(v > 0, f"{flag} must be a positive count, got {v}")
-        check(self.limit is None or self.limit > 0, f"--limit must be a positive count, got {self.limit}")
-        check(self.num_gpus is None or self.num_gpus >= 0, f"--num-gpus must be >= 0, got {self.num_gpus}")
-        check(self.num_cpus is None or self.num_cpus > 0, f"--num-cpus must be positive, got {self.num_cpus}")
-        check(self.cpu_actors > 0, f"--cpu-actors must be a positive count, got {self.cpu_actors}")
-        check(self.feature_dtype in FEATURE_DTYPES, f"--feature-dtype must be one of {FEATURE_DTYPES}")
-        check(self.precision in PRECISIONS, f"--precision must be one of {', '.join(PRECISIONS)}")
-        check(len(self.encoders) > 0, "--encoders needs at least one encoder name")
-        vname, _ = parse_spec(self.vae)
-        check(vname in VAES, f"unknown VAE '{vname}' (--vae); choose one of: {', '.join(sorted(VAES))}")
-        names = [parse_spec(e)[0] for e in self.encoders]
-        for n in names:
-            check(n in ENCODERS, f"unknown encoder '{n}' (--encoders); choose from: {', '.join(sorted(ENCODERS))}")
-        check(len(set(names)) == len(names), f"--encoders lists an encoder twice: {','.join(names)}")
-
-
-def content_settings(cfg: ExtractConfig) -> dict:
-    """The settings that decide shard bytes (not --num-gpus, --verify or --limit itself)."""
-    return {"resolution": cfg.resolution, "vae": cfg.vae, "encoders": cfg.encoders, "shard_size": cfg.shard_size,
-            "batch_size": cfg.batch_size, "hflip": cfg.hflip, "feature_dtype": cfg.feature_dtype,
-            "precision": cfg.precision}
 
 
 def run_extract(cfg: ExtractConfig) -> Path:
@@ -90,8 +38,8 @@ def run_extract(cfg: ExtractConfig) -> Path:
           file=sys.stderr)
     if pending:
         _run_ray(cfg, out, fp, pending, total=len(items))
-    m = assemble_manifest(out, plans, name=cfg.name or f"{storage.resolve(cfg.source.split('{')[0]).name}{cfg.resolution}-features",
-                          classes=listing.classes,
+    default_name = f"{storage.resolve(cfg.source.split('{')[0]).name}{cfg.resolution}-features"
+    m = assemble_manifest(out, plans, name=cfg.name or default_name, classes=listing.classes,
                           preprocess={"resolution": cfg.resolution, "crop": "adm-center", "hflip": cfg.hflip,
                                       "source": listing.kind, "limit": cfg.limit},
                           extra_skipped=listing.skipped,
@@ -140,9 +88,6 @@ def _run_ray(cfg: ExtractConfig, out: Path, fp: str, pending, total: int) -> Non
           f"--num-gpus {cfg.num_gpus} but the Ray cluster has {gpus_avail} GPU(s)")
     actors = max(1, min(n_gpu or cfg.cpu_actors, len(pending)))
     threads = cpu_threads_default()
-    enc_cfg = EncodeConfig(out=str(out), fingerprint=fp, resolution=cfg.resolution, vae=cfg.vae,
-                           encoders=list(cfg.encoders), batch_size=cfg.batch_size, hflip=cfg.hflip,
-                           feature_dtype=cfg.feature_dtype, precision=cfg.precision, cpu_threads=threads)
     rows = [{"shard": p.index, "resolution": cfg.resolution, "items": json.dumps([it.to_dict() for it in p.items])}
             for p in pending]
     ds = ray.data.from_items(rows, override_num_blocks=len(rows))  # one block per shard: parallel decode tasks
@@ -150,7 +95,8 @@ def _run_ray(cfg: ExtractConfig, out: Path, fp: str, pending, total: int) -> Non
     # into the actor, so decoding stays in CPU tasks that run while the actor encodes earlier shards.
     decode_mem = 2 * cfg.shard_size * cfg.resolution ** 2 * 3 + (256 << 20)  # + the worker itself
     ds = ds.map(decode_shard, num_cpus=1, memory=decode_mem)
-    ds = ds.map_batches(ShardEncoder, fn_constructor_kwargs={"cfg": enc_cfg.to_dict()}, batch_size=1,
+    ds = ds.map_batches(ShardEncoder, fn_constructor_kwargs={"cfg": cfg, "fingerprint": fp, "out": str(out),
+                                                                   "cpu_threads": threads}, batch_size=1,
                         batch_format="numpy", compute=actor_pool(actors),
                         num_gpus=1 if n_gpu else 0, num_cpus=1 if n_gpu else threads)
     done_items = total - sum(len(p.items) for p in pending)

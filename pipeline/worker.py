@@ -5,24 +5,17 @@ import json
 import os
 import queue
 import threading
-from dataclasses import asdict, dataclass, field
 from typing import Any, Iterator
 
 import numpy as np
 
 from manifests import storage
-from manifests.codecs import DEFAULT_CODEC, encode_fields, get_codec, token_field
+from manifests.codecs import encode_fields, get_codec, token_field
 
-from .remote_source import read_items
-from .sources import Item
+from .config import ExtractConfig
+from .sources import Item, read_items
 from .transforms import BadImage, decode_crop
 from .writer import ShardPlan, write_shard_once
-
-
-# default: REPA's numerics (its EDM2-derived dataset_tools.py encodes with the VAE in fp32 under PyTorch's default
-# TF32 convolutions; its train.py runs the encoders under fp16 autocast); fast: bf16 autocast for both (never fp16
-# for the VAE: its mean reaches |mu| > 16); fp32: no autocast and no TF32.
-PRECISIONS = ("default", "fast", "fp32")
 
 
 def numerics(precision: str, device_type: str) -> tuple[object, object]:
@@ -33,24 +26,6 @@ def numerics(precision: str, device_type: str) -> tuple[object, object]:
     if precision == "default" and device_type == "cuda":
         return None, torch.float16
     return None, None
-
-
-@dataclass(kw_only=True)
-class EncodeConfig:
-    """What the GPU actor needs: models, geometry and the shard-writing target."""
-    out: str
-    fingerprint: str
-    resolution: int = 256
-    vae: str = "sd-vae-ft-ema"
-    encoders: list[str] = field(default_factory=lambda: ["dinov2-vit-b"])
-    batch_size: int = 64
-    hflip: bool = False
-    feature_dtype: str = DEFAULT_CODEC  # token codec (manifests/codecs.py)
-    precision: str = "default"  # PRECISIONS: default (REPA's numerics), fast (bf16), fp32
-    cpu_threads: int = 1
-
-    def to_dict(self) -> dict:
-        return asdict(self)
 
 
 def decode_shard(row: dict[str, Any]) -> dict[str, Any]:
@@ -80,17 +55,19 @@ class ShardEncoder:
     # device never waits on the writer. The lock keeps encoding itself to one call at a time (one actor per process).
     _device_lock = threading.Lock()
 
-    def __init__(self, cfg: dict):
+    def __init__(self, cfg: ExtractConfig, fingerprint: str, out: str | None = None, cpu_threads: int = 1):
+        """`cfg` as the user gave it; what the job resolved comes beside it: the extract's fingerprint, the shard
+        folder (absolute; None: cfg.out) and the CPU thread count."""
         import torch
 
         from .encoders import load_encoder, load_vae, vae_meta, vae_moments
         self.vae_moments = vae_moments
-        self.cfg = EncodeConfig(**cfg)
+        self.cfg, self.fingerprint, self.out = cfg, fingerprint, storage.path(out or cfg.out)
         self.torch = torch
         self.device = torch.device("cuda" if torch.cuda.is_available() else "cpu")
         if self.device.type == "cpu":
             # Same thread count and deterministic kernels in every run: byte-identical shards on CPU.
-            torch.set_num_threads(max(1, self.cfg.cpu_threads))
+            torch.set_num_threads(max(1, cpu_threads))
             torch.use_deterministic_algorithms(True, warn_only=True)
         self.vae = load_vae(self.cfg.vae, device=self.device)
         self.encoders = [load_encoder(e, self.cfg.resolution, device=self.device) for e in self.cfg.encoders]
@@ -99,7 +76,7 @@ class ShardEncoder:
         lat_c = 2 * int(self.vae.config.latent_channels)
         self.fields: dict[str, Any] = {"latent": {"dtype": "float32", "shape": [lat_c, r8, r8], "codec": "vae-moments",
                                                   "vae": vae_meta(self.cfg.vae)}}
-        self.codec = get_codec(self.cfg.feature_dtype)
+        self.codec = get_codec(self.cfg.feature_dtype)  # the TokenCodec object of the setting validate() checked
         for enc in self.encoders:
             self.fields[enc.name] = {**token_field(self.codec.name, enc.grid[0] * enc.grid[1], enc.dim, enc.name),
                                      "codec": "patch-tokens", "encoder": enc.meta}
@@ -179,7 +156,7 @@ class ShardEncoder:
 
         If encoding fails, the writer is aborted, so no partial tar is ever renamed into place.
         """
-        out, fp = storage.path(self.cfg.out), self.cfg.fingerprint
+        out, fp = self.out, self.fingerprint
         if not metas:
             return write_shard_once(out, plan, fp, [], skipped, self.fields)
         q: queue.Queue = queue.Queue(maxsize=4)

@@ -4,13 +4,13 @@ from __future__ import annotations
 import hashlib
 import json
 from dataclasses import dataclass
-from pathlib import Path
 from typing import Any, Iterable, Mapping
 
 from manifests import Manifest, ShardEntry, atomic_write_json, read_json, sha256_file, write_manifest, write_shard
 from common import UserError
 from common.faults import kill_point
 from manifests.io import remove_tmp_files
+from manifests.storage import StoragePath
 
 from .sources import Item
 
@@ -42,21 +42,21 @@ def fingerprint(settings: Mapping[str, Any], items: list[Item]) -> str:
     return h.hexdigest()
 
 
-def tar_path(out: Path, plan: ShardPlan) -> Path:
+def tar_path(out: StoragePath, plan: ShardPlan) -> StoragePath:
     return out / SHARD_DIR / f"{plan.name}.tar"
 
 
-def sidecar_path(out: Path, plan: ShardPlan) -> Path:
+def sidecar_path(out: StoragePath, plan: ShardPlan) -> StoragePath:
     """`shards/train-000000.json`: keys, counts, sha256, skipped inputs and the tar member index."""
     return out / SHARD_DIR / f"{plan.name}.json"
 
 
-def clean_tmp(out: Path) -> int:
+def clean_tmp(out: StoragePath) -> int:
     """Delete half-written tmp files a killed run left behind."""
     return remove_tmp_files(out) + remove_tmp_files(out / SHARD_DIR)
 
 
-def read_sidecar(out: Path, plan: ShardPlan) -> dict | None:
+def read_sidecar(out: StoragePath, plan: ShardPlan) -> dict | None:
     """The sidecar, or None if there is none or it is unreadable (then the shard is simply rebuilt)."""
     p = sidecar_path(out, plan)
     if not p.is_file():
@@ -68,7 +68,7 @@ def read_sidecar(out: Path, plan: ShardPlan) -> dict | None:
     return side if isinstance(side, dict) and side.get("version") == SIDECAR_VERSION else None
 
 
-def shard_done(out: Path, plan: ShardPlan, fp: str, *, verify: bool = False) -> bool:
+def shard_done(out: StoragePath, plan: ShardPlan, fp: str, *, verify: bool = False) -> bool:
     """Finished means: sidecar for this plan, and the tar has the recorded size (and sha256 with verify)."""
     side = read_sidecar(out, plan)
     if side is None:
@@ -84,7 +84,7 @@ def shard_done(out: Path, plan: ShardPlan, fp: str, *, verify: bool = False) -> 
     return not verify or sha256_file(p) == side["sha256"]
 
 
-def write_shard_once(out: Path, plan: ShardPlan, fp: str, samples: Iterable[dict], skipped: list[dict],
+def write_shard_once(out: StoragePath, plan: ShardPlan, fp: str, samples: Iterable[dict], skipped: list[dict],
                      fields: dict[str, Any]) -> dict:
     """Write the tar atomically, then its sidecar atomically: a sidecar only ever describes a whole tar.
 
@@ -104,7 +104,7 @@ def write_shard_once(out: Path, plan: ShardPlan, fp: str, samples: Iterable[dict
     return side
 
 
-def assemble_manifest(out: Path, plans: list[ShardPlan], *, name: str, classes: list[str],
+def assemble_manifest(out: StoragePath, plans: list[ShardPlan], *, name: str, classes: list[str],
                       preprocess: dict, extra_skipped: list[dict], created_by: dict) -> Manifest:
     """Build and write manifest.json from the sidecars, in plan order, once every shard is finished."""
     entries, skipped, fields, total_bytes = [], list(extra_skipped), None, 0

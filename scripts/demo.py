@@ -133,20 +133,20 @@ def chain(a, size: DemoSize, out: Path, data: Path, data_src: str, feats: str, r
         upload_folder(data, data_src)  # the ImageFolder now lives under a bucket prefix
     run("2/7 extract latents (analytic pixel-vae) + encoder features (local Ray)",
         ["pipeline", "extract", "--source", data_src, "--out", feats, "--vae", "pixel-vae",
-         "--resolution", str(RESOLUTION), "--encoders", encoders, "--shard-size", "64", "--batch-size", "16"], log)
+         "--resolution", str(RESOLUTION), "--encoders", encoders, "--shard-size", "64", "--micro-batch", "16"], log)
     run("3/7 train SiT-Debug/2 with REPA (sample grids in run/samples/, TensorBoard in run/tb/)",
         ["trainer", "train", "--manifest", feats, "--run-dir", run_dir,
-         "--model", "SiT-Debug/2", "--encoders", encoders, "--encoder-depth", "2", "--steps", str(size.steps),
+         "--model", "SiT-Debug/2", "--encoders", encoders, "--encoder-depth", "2", "--train-steps", str(size.steps),
          "--batch-size", str(size.batch_size), "--ckpt-every", str(size.ckpt_every),
          "--log-every", str(size.log_every), "--precision", "fp32", "--num-workers", "0",
          # a short CPU run: a larger step than the paper's 1e-4, and an EMA that forgets within ~50 steps
          # (0.9999 would still be ~94% the initial weights after 600 steps)
          "--lr", "1e-3", "--ema-decay", "0.98", "--sample-every", str(size.sample_every),
-         "--sample-grid", str(2 * size.classes), "--sample-steps", str(size.grid_steps)], log)
+         "--sample-num-samples", str(2 * size.classes), "--sample-num-steps", str(size.grid_steps)], log)
     ckpt = run_dir  # the run folder: its newest EMA export
     run("4/7 sample (SDE, CFG interval)",
         ["trainer", "sample", "--ckpt", ckpt, "--out", samples, "--num-samples", str(size.num_samples),
-         "--steps", str(size.sample_steps), "--cfg-scale", "1.8", "--guidance-high", "0.7", "--batch-size", "16",
+         "--num-steps", str(size.sample_steps), "--cfg-scale", "1.8", "--guidance-high", "0.7", "--batch-size", "16",
          "--precision", "fp32"], log)
     run("5/7 evaluate (random Inception weights: NOT comparable to published numbers)",
         ["evaluation", "--samples", samples, "--reference", data_src, "--out", report,
@@ -157,7 +157,7 @@ def chain(a, size: DemoSize, out: Path, data: Path, data_src: str, feats: str, r
     if local:  # the watcher follows a run folder on a file system (shared between machines, or this one)
         run("7/7 FID watcher, once, on the final EMA export (random Inception: meaningless numbers)",
             ["evaluation", "watch", run_dir, "--reference", data_src, "--latest", "--num-samples",
-             str(size.watch_samples), "--steps", str(size.grid_steps), "--batch-size", "16", "--inception-weights", "random:0",
+             str(size.watch_samples), "--num-steps", str(size.grid_steps), "--batch-size", "16", "--inception-weights", "random:0",
              "--eval-batch-size", "16"], log)
     print(f"\n=== demo finished in {time.time() - t_start:.0f}s")
     for step, secs in log:

@@ -189,7 +189,8 @@ def test_extract_actor_encodes_tokens_on_the_device(tmp_path):
     """The extract actor stores codes + scales computed from the float32 tokens (flipped twins too)."""
     from pipeline.sources import list_source
     from pipeline.synth import synthesize
-    from pipeline.worker import EncodeConfig, ShardEncoder, decode_shard
+    from pipeline.config import ExtractConfig
+    from pipeline.worker import ShardEncoder, decode_shard
     synthesize(tmp_path / "src", classes=2, per_class=2)
     items = list_source(str(tmp_path / "src")).items
     row = decode_shard({"shard": 0, "resolution": 256, "items": json.dumps([it.to_dict() for it in items])})
@@ -197,9 +198,9 @@ def test_extract_actor_encodes_tokens_on_the_device(tmp_path):
     got = {}
     for codec in ("float16", "int8"):
         (tmp_path / codec / "shards").mkdir(parents=True)
-        actor = ShardEncoder(EncodeConfig(out=str(tmp_path / codec), fingerprint="f", vae="tiny-vae",
-                                          encoders=["tiny-dinov2"], batch_size=4, hflip=True,
-                                          feature_dtype=codec).to_dict())
+        actor = ShardEncoder(ExtractConfig(source=str(tmp_path / "src"), out=str(tmp_path / codec), vae="tiny-vae",
+                                           encoders=["tiny-dinov2"], batch_size=4, hflip=True, feature_dtype=codec),
+                             fingerprint="f")
         actor({k: np.asarray([v], dtype=object) for k, v in row.items()})
         assert actor.fields["tiny-dinov2"]["dtype"] == codec
         got[codec] = list(iter_shard(tmp_path / codec / "shards" / "train-000000.tar"))

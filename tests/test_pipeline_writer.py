@@ -87,9 +87,12 @@ def test_ray_wrapped_user_error_becomes_one_line():
 
 def _streaming_actor(tmp_path, batches):
     """A ShardEncoder whose sample stream is given (the streaming writer under test, no models)."""
-    from pipeline.worker import EncodeConfig, ShardEncoder
+    from manifests import storage
+    from pipeline.config import ExtractConfig
+    from pipeline.worker import ShardEncoder
     actor = ShardEncoder.__new__(ShardEncoder)
-    actor.cfg = EncodeConfig(out=str(tmp_path), fingerprint="fp", encoders=[])
+    actor.cfg = ExtractConfig(source="-", out=str(tmp_path), encoders=[])
+    actor.out, actor.fingerprint = storage.path(tmp_path), "fp"
     actor.fields = {}
     actor._samples = lambda crops, metas: batches()
     (tmp_path / "shards").mkdir(exist_ok=True)
@@ -141,14 +144,15 @@ def test_actor_encodes_the_next_shard_while_the_last_one_is_written(tmp_path, mo
     from pipeline.job import actor_pool
     from pipeline.sources import list_source
     from pipeline.synth import synthesize
-    from pipeline.worker import EncodeConfig, ShardEncoder, decode_shard
+    from pipeline.config import ExtractConfig
+    from pipeline.worker import ShardEncoder, decode_shard
     assert actor_pool(1).max_concurrent_calls_per_actor == 2  # this Ray supports the overlap
     synthesize(tmp_path / "src", classes=2, per_class=2)
     items = list_source(str(tmp_path / "src")).items
     rows = [decode_shard({"shard": i, "resolution": 256, "items": json.dumps([items[i].to_dict()])}) for i in (0, 1)]
     (tmp_path / "out" / "shards").mkdir(parents=True)
-    actor = ShardEncoder(EncodeConfig(out=str(tmp_path / "out"), fingerprint="f", vae="tiny-vae",
-                                      encoders=["tiny-dinov2"], batch_size=4).to_dict())
+    actor = ShardEncoder(ExtractConfig(source=str(tmp_path / "src"), out=str(tmp_path / "out"), vae="tiny-vae",
+                                       encoders=["tiny-dinov2"], batch_size=4), fingerprint="f")
     events, inside = [], []
     real_write, real_iter = worker.write_shard_once, actor._encode_iter
 

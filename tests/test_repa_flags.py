@@ -50,7 +50,7 @@ def test_per_proc_batch_size_is_per_gpu(monkeypatch):
     assert s.batch_size == 256 and per_rank_batch(s, 8) == 32
 
 
-@pytest.mark.parametrize("flag,why", [("--epochs 1400", "--steps"), ("--epochs=1400", "--steps"),
+@pytest.mark.parametrize("flag,why", [("--epochs 1400", "--train-steps"), ("--epochs=1400", "--train-steps"),
                                       ("--gradient-accumulation-steps 2", "--micro-batch"),
                                       ("--qk-norm", "QK-norm"), ("--prediction eps", "velocity"),
                                       ("--resolution 512", "manifest"), ("--mixed-precision fp8", "invalid choice")])
@@ -73,7 +73,7 @@ def test_help_lists_aliases_under_one_heading_and_cli_error_is_one_line():
                 continue
             assert a.flag in section, (cmd, a.flag)
     assert_user_error(run_module("trainer", "train", "--manifest", "f", "--run-dir", "r", "--epochs", "3"),
-                      "--epochs", "--steps")
+                      "--epochs", "--train-steps")
 
 
 def test_config_file_layers_flags_over_file_over_preset(tmp_path):
@@ -144,12 +144,12 @@ def test_evaluation_config_and_dry_run(tmp_path, capsys):
         main(["--config", str(tmp_path / "bad.json"), "--dry-run"])
 
 
-def test_readme_maps_every_repa_flag():
+def test_docs_map_every_repa_flag():
     from helpers import REPO
     from trainer.repa_flags import mapping_rows
-    readme = (REPO / "README.md").read_text()
+    page = (REPO / "docs" / "coming-from-repa.md").read_text()
     for cmd, flag, _ in mapping_rows():
-        assert f"`{flag}`" in readme, (cmd, flag)
+        assert f"`{flag}`" in page, (cmd, flag)
 
 
 def test_one_spelling_for_encoders_and_counts_across_commands():

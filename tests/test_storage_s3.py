@@ -9,7 +9,7 @@ import pytest
 
 from helpers import assert_user_error, make_features_manifest, run_module
 from common import UserError
-from manifests import atomic_open, iter_shard, load_manifest, storage
+from manifests import atomic_open, iter_shard, load_manifest, objects, storage
 
 
 def test_manifest_roundtrip_on_s3_matches_local(s3_bucket, tmp_path):
@@ -37,22 +37,22 @@ def test_failed_write_leaves_no_object_and_aborts_multipart(s3_bucket, tmp_path,
             f.write(b"half")
             raise RuntimeError("writer died")
     assert not target.exists()
-    monkeypatch.setattr(storage, "UPLOAD_BLOCK", 5 << 20)  # S3's smallest part: 3 parts for 12 MiB
-    real_copy = storage.shutil.copyfileobj
+    monkeypatch.setattr(objects, "UPLOAD_BLOCK", 5 << 20)  # S3's smallest part: 3 parts for 12 MiB
+    real_copy = objects.shutil.copyfileobj
 
     def copy_two_parts_then_fail(src, dst, length):
         dst.write(src.read(2 * length))  # two parts go up (a multipart upload is open)...
         dst.flush()
         raise ConnectionResetError("network down mid-upload")  # ...then the link drops
-    monkeypatch.setattr(storage.shutil, "copyfileobj", copy_two_parts_then_fail)
-    monkeypatch.setattr(storage, "RETRIES", 1)
+    monkeypatch.setattr(objects.shutil, "copyfileobj", copy_two_parts_then_fail)
+    monkeypatch.setattr(objects, "RETRIES", 1)
     with pytest.raises(UserError, match="big.bin"):
         with atomic_open(target) as f:
             f.write(os.urandom(12 << 20))
     assert not target.exists()
     bucket = target.bucket
     assert storage.filesystem("s3").list_multipart_uploads(bucket) == []  # aborted, not left to linger
-    monkeypatch.setattr(storage.shutil, "copyfileobj", real_copy)
+    monkeypatch.setattr(objects.shutil, "copyfileobj", real_copy)
     data = os.urandom(12 << 20)
     with atomic_open(target) as f:  # the same write without the fault: one completed multipart upload
         f.write(data)

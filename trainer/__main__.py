@@ -1,27 +1,26 @@
-"""`python -m trainer train|sample ...`: dispatch to the training loop or the sampling job."""
+"""`python -m trainer train|sample ...`: the training loop or the sampling job (flag convention: docs/cli.md)."""
 from __future__ import annotations
 
 import sys
 from typing import Sequence
 
-from common import UserError, run_cli
+from common import run_cli
+from common.cli import Command, dispatch
 
-COMMANDS = {"train": "trainer.loop.train", "sample": "trainer.sampling.job"}
-USAGE = ("usage: python -m trainer {train,sample} [options]\n"
-         "  train   train SiT + REPA from a features manifest (python -m trainer train --help)\n"
-         "  sample  generate images from a checkpoint (python -m trainer sample --help)")
+COMMANDS = (  # modules imported only when chosen: sampling never imports the training loop
+    Command("train", "train SiT + REPA from a features manifest", "trainer.loop.train"),
+    Command("sample", "generate images from a checkpoint into PNG shards and a samples manifest",
+            "trainer.sampling.job"),
+)
+EPILOG = """examples:
+  python -m trainer train --manifest feats/ --run-dir runs/xl --preset sit-xl2-repa
+  python -m trainer sample --ckpt runs/xl --out samples --preset paper-cfg --npz
+Each command's own options: python -m trainer COMMAND --help."""
 
 
 def main(argv: Sequence[str] | None = None) -> int:
-    args = list(sys.argv[1:] if argv is None else argv)
-    if not args or args[0] in ("-h", "--help"):
-        print(USAGE)
-        return 0
-    if args[0] not in COMMANDS:
-        raise UserError(f"unknown command {args[0]!r}; expected one of {sorted(COMMANDS)}")
-    import importlib
-    module = importlib.import_module(COMMANDS[args[0]])  # lazy: sampling does not import the trainer
-    return int(module.main(args[1:]) or 0)
+    return dispatch("python -m trainer", "Train SiT + REPA, and sample from its checkpoints (DESIGN §4, §5).",
+                    COMMANDS, argv, epilog=EPILOG)
 
 
 if __name__ == "__main__":

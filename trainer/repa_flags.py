@@ -1,4 +1,7 @@
-"""REPA's train.py and generate.py flag names, mapped onto ours (README "Coming from REPA").
+"""REPA's train.py and generate.py flag names, mapped onto ours (docs/coming-from-repa.md).
+
+Our own old spellings (e.g. --enc-depth) are not here: they are second names of the same flag
+(common.cli.flag), listed in docs/cli.md.
 
 Each row is one of REPA's flags: the flag of ours it means, or why it has no meaning here. The tables are the
 single source for `--help` (one heading per command) and for the README mapping table.
@@ -23,7 +26,7 @@ def _mixed_precision(text: str) -> str:
 
 TRAIN_ALIASES: tuple[Alias, ...] = (
     Alias("--enc-type", "--encoders", "comma list; names are case-insensitive"),
-    Alias("--max-train-steps", "--steps"),
+    Alias("--max-train-steps", "--train-steps"),
     Alias("--checkpointing-steps", "--ckpt-every"),
     Alias("--mixed-precision", "--precision", "'no' -> fp32", value=_mixed_precision),
     Alias("--path-type", "--path"),
@@ -44,7 +47,7 @@ TRAIN_ALIASES: tuple[Alias, ...] = (
     Alias("--qk-norm", why=NO_QK),
     Alias("--prediction", noop=True, only="v", why="the model predicts velocity"),
     Alias("--weighting", noop=True, only="uniform", why="t ~ U(0, 1)"),
-    Alias("--epochs", why="training length is --steps (REPA --max-train-steps)"),
+    Alias("--epochs", why="training length is --train-steps, in optimiser steps (REPA --max-train-steps)"),
     Alias("--gradient-accumulation-steps", why="--batch-size is the optimiser batch here; --micro-batch splits "
                                                "it into passes without changing the step"),
     Alias("--logging-dir", why="logs go to RUN/log.txt, RUN/stats.jsonl and RUN/tb/"),
@@ -53,7 +56,7 @@ TRAIN_ALIASES: tuple[Alias, ...] = (
 )
 
 SAMPLE_ALIASES: tuple[Alias, ...] = (
-    Alias("--num-steps", "--steps"),
+    Alias("--num-steps", "--num-steps"),  # the same name as ours (docs/cli.md)
     Alias("--num-fid-samples", "--num-samples"),
     Alias("--per-proc-batch-size", "--batch-size", PER_GPU, value=times_world),
     Alias("--sample-dir", "--out"),
@@ -71,10 +74,6 @@ SAMPLE_ALIASES: tuple[Alias, ...] = (
     Alias("--legacy", noop=True, why="the legacy decoder_blocks layout is detected from the checkpoint's keys"),
     Alias("--no-legacy", noop=True, why="the legacy layout is detected from the checkpoint's keys"),
 )
-
-# Our spellings that changed: the old ones keep working (same dest), the help shows the new one first.
-RENAMED = {"--enc-depth": "--encoder-depth"}
-
 
 def add_train_aliases(p: argparse.ArgumentParser) -> dict[str, str]:
     dests = add_aliases(p, TRAIN_ALIASES, HEADING.format("train.py"))

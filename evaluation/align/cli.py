@@ -5,6 +5,7 @@ import argparse
 import math
 import sys
 import time
+from dataclasses import dataclass
 from pathlib import Path
 from typing import Any, Sequence
 
@@ -14,7 +15,9 @@ from tqdm import tqdm
 
 from common import UserError, check, run_cli
 from manifests import atomic_write_json, load_manifest
-from common.cli import ArgumentParser, HelpFormatter
+from common.cli import ArgumentParser, HelpFormatter, flag, print_config
+from common.config_file import add_run_flags, config_values
+from common.device import DEVICE_HELP, device_flag, resolve_device
 from manifests.io import ensure_writable_dir
 
 from evaluation.align.metric import CKNNA_EPS, DEFAULT_K, cknna_graphs, graph_self_hsic, knn_graph
@@ -28,22 +31,58 @@ PAPER_NUM_IMAGES = 10_000  # REPA C.1: "we randomly sample 10,000 images in the 
 
 EPILOG = """example:
   python -m evaluation align --ckpt RUN/export/ema-0400000.safetensors --manifest imagenet256-val \\
-      --encoder dinov2-vit-b --layers 1-28 --t 0.5 --out align-400k --pca
+      --encoders dinov2-vit-b --layers 1-28 --t 0.5 --out align-400k --pca
   # an official REPA file (no config.json beside it):
   python -m evaluation align --ckpt last.pt --model SiT-XL/2 --encoder-depth 8 --manifest val --out align
 """
+
+
+@dataclass(kw_only=True)
+class AlignConfig:
+    """`python -m evaluation align` settings (recorded in alignment.json)."""
+    ckpt: str = ""
+    manifest: str = ""
+    encoder: str | None = None  # None: the manifest's first patch-tokens field
+    num_images: int = PAPER_NUM_IMAGES
+    layers: str | None = None
+    t: float = 0.5
+    k: int = DEFAULT_K
+    label: str = "null"
+    cknna_eps: float = CKNNA_EPS
+    seed: int = 0
+    epochs: int = PROBE_EPOCHS
+    probe_batch_size: int = PROBE_BATCH
+    probe_lr: float = PROBE_LR
+    skip_probe: bool = False
+    model: str | None = None
+    encoder_depth: int | None = None
+    projector_embed_dims: str | None = None
+    weights: str = "ema"
+    path: str | None = None
+    out: str = "alignment"
+    pca: bool = False
+    pca_images: int = 4
+    batch_size: int = 64
+    device: str = "auto"
+
+
+def _one_encoder(text: str) -> str:
+    if "," in text:
+        raise argparse.ArgumentTypeError(f"align compares against one encoder field, got {text!r}")
+    return text.strip()
 
 
 def build_parser() -> argparse.ArgumentParser:
     p = ArgumentParser(prog="python -m evaluation align", description=__doc__, epilog=EPILOG,
                        formatter_class=HelpFormatter)
     g = p.add_argument_group("inputs")
-    g.add_argument("--ckpt", required=True, help="our checkpoint/export, or an official REPA .pt")
-    g.add_argument("--manifest", required=True, help="features manifest (file or folder) of held-out images")
-    g.add_argument("--encoder", "--encoders", dest="encoder", default=None,
-                   help="patch-tokens field to compare against (default: the first)")
-    g.add_argument("--num-images", "--num-samples", dest="num_images", type=int, default=PAPER_NUM_IMAGES,
-                   help="random subset size (seeded); all images when the set is smaller")
+    g.add_argument("--ckpt", help="our checkpoint/export, or an official REPA .pt; required")
+    g.add_argument("--manifest", help="features manifest (file or folder) of held-out images; required")
+    flag(g, "--encoders", "--encoder", dest="encoder", metavar="NAME", type=_one_encoder, default=None,
+         help="the one patch-tokens field to compare against (default: the first)")
+    flag(g, "--num-samples", "--num-images", dest="num_images", metavar="N", type=int, default=PAPER_NUM_IMAGES,
+         help="random subset size (seeded); all images when the set is smaller")
+    add_run_flags(g)
     a = p.add_argument_group("analysis")
     a.add_argument("--layers", default=None, help="1-based blocks, 'A-B' or 'A,B,C' (default: all)")
     a.add_argument("--t", type=float, default=0.5, help="noise level of the inputs (t=1 is pure noise)")
@@ -62,7 +101,8 @@ def build_parser() -> argparse.ArgumentParser:
     m = p.add_argument_group("model (official files; ours carry config.json)")
     m.add_argument("--model", default=None, help="SiT registry name (default: config.json, else SiT-XL/2)")
     m.add_argument("--encoder-depth", type=int, default=None, help="block whose output feeds the projectors")
-    m.add_argument("--projector-embed-dims", default=None, help="comma list of encoder dims, e.g. 768")
+    m.add_argument("--projector-embed-dims", default=None, help="each projector's output width, i.e. its "
+                   "encoder's token width (comma list, e.g. 768)")
     m.add_argument("--weights", choices=("ema", "model"), default="ema",
                    help="EMA weights (as sampling uses), or a training checkpoint's raw weights")
     m.add_argument("--path", choices=("linear", "cosine"), default=None,
@@ -71,9 +111,17 @@ def build_parser() -> argparse.ArgumentParser:
     o.add_argument("--out", default="alignment", help="output folder")
     o.add_argument("--pca", action="store_true", help="also write PCA maps of token features per layer")
     o.add_argument("--pca-images", type=int, default=4, help="images shown in the PCA maps")
-    o.add_argument("--batch-size", type=int, default=64, help="images per forward pass")
-    o.add_argument("--device", default="auto", help="auto, cpu, cuda or cuda:N")
+    o.add_argument("--batch-size", type=int, default=64, help="images per forward pass; one process, so global")
+    o.add_argument("--device", type=device_flag, default="auto", help=DEVICE_HELP)
     return p
+
+
+def resolve(argv: Sequence[str]) -> tuple[AlignConfig, bool]:
+    """argv -> (settings, dry_run); defaults < --config file < flags."""
+    values, dry = config_values(build_parser(), argv, AlignConfig)
+    for name in ("ckpt", "manifest"):
+        check(bool(values.get(name)), f"python -m evaluation align: --{name} is required (or '{name}' in --config)")
+    return AlignConfig(**values), dry
 
 
 def parse_layers(spec: str | None, depth: int) -> list[int]:
@@ -94,18 +142,7 @@ def parse_layers(spec: str | None, depth: int) -> list[int]:
     return sorted(out)
 
 
-def resolve_device(name: str) -> torch.device:
-    if name == "auto":
-        return torch.device("cuda" if torch.cuda.is_available() else "cpu")
-    try:
-        dev = torch.device(name)
-    except RuntimeError as e:
-        raise UserError(f"--device {name!r} is not a device (cpu, cuda, cuda:N)") from e
-    check(dev.type != "cuda" or torch.cuda.is_available(), f"--device {name}: CUDA is not available here")
-    return dev
-
-
-def validate(args: argparse.Namespace) -> None:
+def validate(args: AlignConfig) -> None:
     check(0.0 <= args.t <= 1.0, f"--t {args.t} must be in [0, 1] (0 = clean, 1 = pure noise)")
     check(args.k >= 1, f"--k {args.k} must be at least 1")
     check(args.num_images >= 4, f"--num-images {args.num_images}: CKNNA needs at least 4 images")
@@ -171,9 +208,11 @@ def write_pca(out: Path, tokens: dict[int, np.ndarray], enc_tokens: np.ndarray, 
 
 
 def main(argv: Sequence[str] | None = None) -> int:
-    args = build_parser().parse_args(argv)
+    args, dry = resolve(list(sys.argv[1:] if argv is None else argv))
+    if dry:
+        return print_config(args)
     validate(args)
-    device = resolve_device(args.device)
+    device = torch.device(resolve_device(args.device))
     out = ensure_writable_dir(args.out)
     t0 = time.time()
     m = load_manifest(args.manifest, kind="features")

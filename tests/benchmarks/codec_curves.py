@@ -34,7 +34,7 @@ def extract_inprocess(data: Path, out: Path) -> None:
     sys.path.insert(0, str(Path(__file__).resolve().parents[2]))
     from pipeline.job import ExtractConfig, content_settings
     from pipeline.sources import list_source
-    from pipeline.worker import EncodeConfig, ShardEncoder, decode_shard
+    from pipeline.worker import ShardEncoder, decode_shard
     from pipeline.writer import assemble_manifest, fingerprint, plan_shards, shard_done
     cfg = ExtractConfig(source=str(data), out=str(out), vae="tiny-vae", encoders=ENCODERS.split(","),
                         shard_size=64, batch_size=16, feature_dtype="float16")
@@ -42,8 +42,7 @@ def extract_inprocess(data: Path, out: Path) -> None:
     (out / "shards").mkdir(parents=True, exist_ok=True)
     plans = plan_shards(listing.items, cfg.shard_size)
     fp = fingerprint(content_settings(cfg), listing.items)
-    enc = ShardEncoder(EncodeConfig(out=str(out), fingerprint=fp, vae=cfg.vae, encoders=cfg.encoders,
-                                    batch_size=cfg.batch_size, feature_dtype=cfg.feature_dtype).to_dict())
+    enc = ShardEncoder(cfg, fingerprint=fp)
     for p in plans:
         if shard_done(out, p, fp):
             continue

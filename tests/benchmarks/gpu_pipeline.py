@@ -37,12 +37,13 @@ def build_actor(device, tiny: bool, resolution: int, batch_size: int, precision:
 
     from pipeline.encoders import ENCODERS, Encoder, load_encoder, load_vae, vae_moments
     from manifests.codecs import get_codec
-    from pipeline.worker import EncodeConfig, ShardEncoder
+    from pipeline.config import ExtractConfig
+    from pipeline.worker import ShardEncoder
 
     names = ["tiny-dinov2"] if tiny else ["dinov2-vit-b"]
     actor = ShardEncoder.__new__(ShardEncoder)  # skip __init__'s hub loading; the same numerics setup and _encode
-    actor.cfg = EncodeConfig(out="-", fingerprint="-", resolution=resolution, encoders=names, batch_size=batch_size,
-                             precision=precision)
+    actor.cfg = ExtractConfig(source="-", out="-", resolution=resolution, encoders=names, batch_size=batch_size,
+                              precision=precision)
     actor.torch, actor.device, actor.vae_moments = torch, device, vae_moments
     torch.manual_seed(0)
     if tiny:

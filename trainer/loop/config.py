@@ -7,7 +7,7 @@ from dataclasses import asdict, dataclass, fields
 from typing import Any, Sequence
 
 from common import check
-from common.cli import ArgumentParser, nonneg_int, positive_float, positive_int
+from common.cli import ArgumentParser, PlainHelpFormatter, flag, nonneg_int, positive_float, positive_int
 from common.config_file import add_config_flag, layered
 
 from trainer.repa_flags import TRAIN_ALIASES, add_train_aliases, finish_aliases
@@ -110,7 +110,7 @@ def _micro_batch(text: str) -> int | str:
 def build_parser() -> argparse.ArgumentParser:
     d = TrainConfig()
     # conflict_handler="resolve": a flag added after the REPA aliases replaces the alias of the same name.
-    p = ArgumentParser(prog="python -m trainer train", formatter_class=argparse.RawDescriptionHelpFormatter,
+    p = ArgumentParser(prog="python -m trainer train", formatter_class=PlainHelpFormatter,
                 conflict_handler="resolve",
                 description="Train SiT + REPA on precomputed VAE moments and encoder features (DESIGN §4).",
                 epilog="example:\n  python -m trainer train --manifest feats/ --run-dir runs/xl --preset sit-xl2-repa\n"
@@ -123,14 +123,15 @@ def build_parser() -> argparse.ArgumentParser:
     g.add_argument("--preset", choices=sorted(PRESETS), help="paper setting (Table 7; -512: Table 11)")
     add_config_flag(g)
     g.add_argument("--init-from", help="start from weights: our checkpoint/export, or an official REPA .pt")
-    g.add_argument("--dry-run", action="store_true", help="print the resolved config and exit")
+    g.add_argument("--dry-run", action="store_true", help="print the resolved settings as JSON and exit")
     g = p.add_argument_group("model")
     g.add_argument("--model", choices=sorted(SiT_models), help=f"(default {d.model})")
     g.add_argument("--encoders", type=_encoders, help="comma list of encoder fields, or 'none' "
                    "(default: every encoder field of the manifest)")
-    g.add_argument("--encoder-depth", "--enc-depth", dest="enc_depth", type=positive_int,
-                   help="align after this block, 1-based (default 8)")
-    g.add_argument("--projector-dim", type=positive_int, help="(default 2048)")
+    flag(g, "--encoder-depth", "--enc-depth", dest="enc_depth", metavar="N", type=positive_int,
+         help="align after this block, 1-based (default 8)")
+    flag(g, "--projector-hidden-dim", "--projector-dim", dest="projector_dim", metavar="N", type=positive_int,
+         help="width of each projector MLP's hidden layers (default 2048); its output width is the encoder's")
     g.add_argument("--class-dropout-prob", type=float, help=f"label drop for CFG (default {d.class_dropout_prob})")
     g = p.add_argument_group("objective")
     g.add_argument("--proj-coeff", type=float, help=f"REPA weight lambda (default {d.proj_coeff})")
@@ -143,7 +144,8 @@ def build_parser() -> argparse.ArgumentParser:
                    "divisor of the per-GPU batch whose forward+backward fits the memory budget (GPU memory, or "
                    "$REPA_MEMORY_BUDGET_GB if lower); smaller than the per-GPU batch means grad accumulation, same "
                    "optimiser step (default auto; 0 = the whole per-GPU batch)"),
-    g.add_argument("--steps", type=positive_int, help=f"(default {d.steps})")
+    flag(g, "--train-steps", "--steps", dest="steps", metavar="N", type=positive_int,
+         help=f"optimiser steps to train for (default {d.steps})")
     g.add_argument("--lr", type=positive_float, help=f"(default {d.lr})")
     g.add_argument("--adam-beta1", type=float, help=f"AdamW beta1 (default {d.betas[0]})")
     g.add_argument("--adam-beta2", type=float, help=f"AdamW beta2 (default {d.betas[1]})")
@@ -151,14 +153,17 @@ def build_parser() -> argparse.ArgumentParser:
     g.add_argument("--adam-eps", type=positive_float, help=f"AdamW epsilon (default {d.adam_eps})")
     g.add_argument("--grad-clip", type=positive_float, help=f"(default {d.grad_clip})")
     g.add_argument("--ema-decay", type=float, help=f"(default {d.ema_decay})")
-    g.add_argument("--precision", choices=PRECISIONS, help=f"(default {d.precision})")
+    g.add_argument("--precision", choices=PRECISIONS, help=f"forward/backward numerics: fp16 autocast with loss "
+                   f"scaling (REPA's), bf16 autocast, or fp32 (default {d.precision}; docs/cli.md)")
     g.add_argument("--loss-scale-init", type=positive_float, help=f"fp16 GradScaler init (default {d.loss_scale_init:g})")
     g.add_argument("--compile", action=argparse.BooleanOptionalAction, default=None,
                    help="torch.compile the model (default: on for CUDA, off for CPU)")
     g = p.add_argument_group("data")
     g.add_argument("--seed", type=int, help=f"(default {d.seed})")
-    g.add_argument("--num-workers", type=nonneg_int, help=f"loader workers per rank (default {d.num_workers})")
-    g.add_argument("--hflip", action="store_true", default=None, help="use the flipped twins (p=0.5)")
+    g.add_argument("--num-workers", type=nonneg_int, help=f"data loader worker processes per rank "
+                   f"(default {d.num_workers})")
+    flag(g, "--use-hflip", "--hflip", dest="hflip", action="store_true", default=None,
+         help="train on the flipped twins with p=0.5 (stored by `pipeline extract --store-hflip`)")
     g.add_argument("--verify", action="store_true", default=None, help="check shard sha256 before step 0")
     g.add_argument("--cache-dir", help="with an s3:// or gs:// --manifest: keep each shard read once in this local "
                    "folder (checked against the manifest's sha256), reads then come from local disk")
@@ -178,8 +183,10 @@ def build_parser() -> argparse.ArgumentParser:
                    f"grids; tensorboard writes RUN/tb/ (default {d.report_to})")
     g.add_argument("--sample-every", type=nonneg_int, help=f"EMA sample grid to RUN/samples/step-NNNNNNN.png every N "
                    f"steps, fixed classes and noise; 0 = never (default {d.sample_every})")
-    g.add_argument("--sample-steps", type=positive_int, help=f"SDE steps for a grid (default {d.sample_steps})")
-    g.add_argument("--sample-grid", type=positive_int, help=f"images in a grid (default {d.sample_grid})")
+    flag(g, "--sample-num-steps", "--sample-steps", dest="sample_steps", metavar="N", type=positive_int,
+         help=f"SDE steps for a grid: `trainer sample --num-steps` (default {d.sample_steps})")
+    flag(g, "--sample-num-samples", "--sample-grid", dest="sample_grid", metavar="N", type=positive_int,
+         help=f"images in a grid: `trainer sample --num-samples` (default {d.sample_grid})")
     g = p.add_argument_group("checkpoint retention and resume")
     g.add_argument("--keep-last", type=nonneg_int, help=f"keep the newest N checkpoints and EMA exports "
                    f"(default {d.keep_last}; the newest is always kept)")

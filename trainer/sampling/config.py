@@ -7,12 +7,14 @@ from dataclasses import asdict, dataclass, fields
 from typing import Any, Sequence
 
 from common import UserError
-from common.cli import ArgumentParser, HelpFormatter, nonneg_int, positive_int
+from common.cli import ArgumentParser, HelpFormatter, flag, nonneg_int, positive_int
+from common.device import DEVICE_HELP, device_flag
 from common.config_file import add_config_flag, layered
 
 from trainer.repa_flags import add_sample_aliases
 from trainer.sampling.samplers import PATHS
 
+PRECISIONS = ("fp32", "tf32", "bf16")
 DEFAULT_STEPS = {"sde": 250, "ode": 50}  # REPA generate.py: SDE 250 (paper), ODE 50
 
 # The paper's sampling settings (SDE, 250 steps, 50K samples). `resolution`: the checkpoint must be at it.
@@ -61,11 +63,17 @@ class SampleConfig:
     path: str | None = None
 
 
+def _device(text: str) -> str | None:
+    """--device: None stands for auto (the job picks cuda:LOCAL_RANK or cpu)."""
+    name = device_flag(text)
+    return None if name == "auto" else name
+
+
 def build_parser() -> argparse.ArgumentParser:
     p = ArgumentParser(prog="python -m trainer sample", formatter_class=HelpFormatter,
                 description="Generate images from a SiT checkpoint into PNG shards and a samples manifest.",
                 epilog="example (the paper's FID 1.42 setting):\n  torchrun --nproc-per-node 8 -m trainer sample "
-                       "--ckpt RUN --out samples --num-samples 50000 --mode sde --steps 250 --cfg-scale 1.8 "
+                       "--ckpt RUN --out samples --num-samples 50000 --mode sde --num-steps 250 --cfg-scale 1.8 "
                        "--guidance-high 0.7 --npz\n  (the same: --ckpt RUN --out samples --preset paper-cfg --npz)\n"
                        "an official REPA file:\n  python -m trainer sample --out samples --ckpt SiT-XL-2-256.pt "
                        "--model SiT-XL/2 --encoder-depth 8 --projector-embed-dims 768")
@@ -75,13 +83,14 @@ def build_parser() -> argparse.ArgumentParser:
     io_.add_argument("--preset", choices=sorted(PRESETS), help="the paper's sampling settings: paper-cfg (SDE 250, "
                      "CFG 1.8 on [0, 0.7]), paper-nocfg, paper-cfg-1.35, paper-512-cfg (Table 11)")
     add_config_flag(io_)
-    io_.add_argument("--dry-run", action="store_true", help="print the resolved settings and exit")
+    io_.add_argument("--dry-run", action="store_true", help="print the resolved settings as JSON and exit")
     io_.add_argument("--npz", action="store_true", help="also write samples.npz (arr_0, N×H×W×3 uint8) for ADM")
     io_.add_argument("--shard-size", type=positive_int, default=1000, help="samples per tar shard (the resume unit)")
     s = p.add_argument_group("sampling")
     s.add_argument("--num-samples", type=positive_int, default=50_000, help="images to generate (indices 0..N-1)")
     s.add_argument("--mode", choices=("sde", "ode"), default="sde", help="Euler–Maruyama SDE or Euler/Heun ODE")
-    s.add_argument("--steps", type=positive_int, default=None, help="default: 250 (sde) or 50 (ode)")
+    flag(s, "--num-steps", "--steps", dest="steps", metavar="N", type=positive_int, default=None,
+         help="sampler steps; default: 250 (sde) or 50 (ode)")
     s.add_argument("--heun", action="store_true", help="Heun instead of Euler (ode only)")
     s.add_argument("--cfg-scale", type=float, default=1.0, help="1 = no guidance; the paper uses 1.8")
     s.add_argument("--guidance-low", type=float, default=0.0, help="CFG applies only for low <= t <= high")
@@ -91,15 +100,17 @@ def build_parser() -> argparse.ArgumentParser:
     r = p.add_argument_group("runtime")
     r.add_argument("--batch-size", type=positive_int, default=64, help="global, split across ranks as in train; "
                    "does not change the images")
-    r.add_argument("--precision", choices=("fp32", "tf32", "bf16"), default="tf32",
-                   help="SiT matmuls; the state stays float64 (tf32 is the reference's setting)")
-    r.add_argument("--device", default=None, help="default: cuda:LOCAL_RANK if available, else cpu")
+    r.add_argument("--precision", choices=PRECISIONS, default="tf32",
+                   help="SiT matmuls; the state stays float64 (tf32 is the reference's setting; docs/cli.md)")
+    r.add_argument("--device", type=_device, default=None, help=f"{DEVICE_HELP}; auto takes cuda:LOCAL_RANK "
+                   "(default: auto)")
     r.add_argument("--vae", default=None, help="NAME[=PATH] (REPA's ema|mse work); default: the checkpoint's VAE, "
                    "else sd-vae-ft-ema")
     m = p.add_argument_group("model (official checkpoints; ours carry config.json)")
     m.add_argument("--model", default=None, help="e.g. SiT-XL/2 (default for official files)")
     m.add_argument("--encoder-depth", type=positive_int, default=None, help="default 8 for official files")
-    m.add_argument("--projector-embed-dims", default=None, help="comma list, default 768 for official files")
+    m.add_argument("--projector-embed-dims", default=None, help="each projector's output width, i.e. its encoder's token width (comma list; default 768 for "
+                   "official files); `trainer train --projector-hidden-dim` is the hidden width")
     m.add_argument("--resolution", type=positive_int, default=None, help="default 256 for official files")
     m.add_argument("--num-classes", type=positive_int, default=None, help="default 1000 for official files")
     m.add_argument("--path", choices=PATHS, default=None, help="interpolant; default from the checkpoint")
@@ -117,9 +128,9 @@ def resolve(argv: Sequence[str]) -> tuple[SampleConfig, bool]:
     names = {f.name for f in fields(SampleConfig)}
     values = layered(build_parser(), argv, names, PRESETS)
     dry = bool(values.pop("dry_run", False))
-    for flag in ("ckpt", "out"):
-        if not values.get(flag):
-            raise UserError(f"python -m trainer sample: --{flag} is required (or '{flag}' in --config)")
+    for name in ("ckpt", "out"):
+        if not values.get(name):
+            raise UserError(f"python -m trainer sample: --{name} is required (or '{name}' in --config)")
     cfg = SampleConfig(**values)
     if cfg.vae in REPA_VAES:
         cfg.vae = REPA_VAES[cfg.vae]
