@@ -21,7 +21,7 @@ from manifests import iter_shard, load_manifest
 from common import run_cli
 from trainer.sampling import job as job
 from trainer.models import SiT_models
-from trainer.models.checkpoints import load_sit_weights
+from trainer.models import read_checkpoint
 
 KW = dict(input_size=8, in_channels=4, num_classes=4, encoder_depth=2, z_dims=[64], class_dropout_prob=0.1)
 FAST = ["--steps", "3", "--shard-size", "4"]  # 64 px images from 8x8 latents; 3 SDE steps keep it cheap
@@ -156,18 +156,18 @@ def test_batch_size_does_not_change_images(ckpts, reference, tmp_path):
 
 
 def test_official_loader(ckpts):
-    sd, meta = load_sit_weights(ckpts["official"])
-    assert meta["format"] == "official-train" and meta["step"] == 7 and meta["args"]["encoder_depth"] == 2
-    assert all(torch.equal(sd[k], ckpts["sd"][k]) for k in ckpts["sd"])
-    sd, meta = load_sit_weights(ckpts["legacy"])  # encoder_depth from its args
-    assert meta["legacy"] and set(sd) == set(ckpts["sd"])
-    assert all(torch.equal(sd[k], ckpts["sd"][k]) for k in ckpts["sd"])
-    sd, meta = load_sit_weights(ckpts["bare"])
-    assert meta["format"] == "state-dict" and set(sd) == set(ckpts["sd"])
-    sd, meta = load_sit_weights(ckpts["run"])  # a run folder -> its newest export
-    assert meta["format"] == "ours-export" and meta["config"]["model"] == "SiT-Debug/2"
-    sd, meta = load_sit_weights(ckpts["train"])
-    assert meta["format"] == "ours-train" and meta["step"] == 7
+    c = read_checkpoint(ckpts["official"])
+    assert c.format == "official-train" and c.step == 7 and c.args["encoder_depth"] == 2
+    assert all(torch.equal(c.weights[k], ckpts["sd"][k]) for k in ckpts["sd"])
+    c = read_checkpoint(ckpts["legacy"])  # encoder_depth from its args
+    assert c.legacy and set(c.weights) == set(ckpts["sd"])
+    assert all(torch.equal(c.weights[k], ckpts["sd"][k]) for k in ckpts["sd"])
+    c = read_checkpoint(ckpts["bare"])
+    assert c.format == "state-dict" and set(c.weights) == set(ckpts["sd"])
+    c = read_checkpoint(ckpts["run"])  # a run folder -> its newest export
+    assert c.format == "ours-export" and c.config["model"] == "SiT-Debug/2"
+    c = read_checkpoint(ckpts["train"])
+    assert c.format == "ours-train" and c.step == 7
 
 
 class Payload:

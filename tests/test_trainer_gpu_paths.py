@@ -92,8 +92,9 @@ def test_micro_batch_auto_under_a_budget(feats, tmp_path, capsys, monkeypatch):
     assert run_cli(trainer_main, args(feats, auto, batch=4, steps=2)) == 0
     out = capsys.readouterr().out
     assert "micro-batch auto: 2 of the per-rank batch 4" in out, out
-    assert json.loads((auto / "config.json").read_text())["micro_batch"] == 2
-    assert json.loads((auto / "config.json").read_text())["train"]["micro_batch"] == "auto"
+    conf = json.loads((auto / "config.json").read_text())  # the choice under "resolved", the request under "train"
+    assert conf["resolved"]["micro_batch"] == 2 and conf["resolved"]["loader"] == "indexed"
+    assert conf["train"]["micro_batch"] == "auto"
     assert all(json.loads(x)["micro_batch"] == 2 for x in (auto / "stats.jsonl").read_text().splitlines())
     monkeypatch.delenv("REPA_MEMORY_BUDGET_GB")
     fixed = tmp_path / "fixed"

@@ -13,10 +13,9 @@ import torch
 from common import UserError
 from manifests import atomic_open, atomic_write_bytes, atomic_write_json
 from manifests.io import fsync_dir, remove_tmp_files
-from manifests.runs import EXPORT_DIR, export_name, list_exports
+from manifests.runs import ABANDONED, CKPT_DIR, CONFIG_NAME, EXPORT_DIR, export_name, list_exports
 
 CKPT_RE = re.compile(r"^(\d{7})\.pt$")
-ABANDONED = "abandoned"  # where --resume-from moves the checkpoints and exports it skips over
 # Test hook (fault injection): "STEP:SECONDS" sleeps after checkpoint STEP is durable and before pruning.
 PAUSE_PRUNE_ENV = "REPA_TEST_PAUSE_PRUNE"
 # Test hook (fault injection): "STEP:SECONDS" sleeps inside the write of checkpoint STEP, after the bytes are in
@@ -25,7 +24,7 @@ SLOW_WRITE_ENV = "REPA_TEST_SLOW_CKPT"
 
 
 def ckpt_dir(run_dir: str | os.PathLike) -> Path:
-    return Path(run_dir) / "checkpoints"
+    return Path(run_dir) / CKPT_DIR
 
 
 def ckpt_path(run_dir: str | os.PathLike, step: int) -> Path:
@@ -91,7 +90,7 @@ def export_ema(run_dir: str | os.PathLike, step: int, ema_state: dict[str, torch
     path = out / export_name(step)
     tensors = {k: v.detach().to("cpu").contiguous() for k, v in ema_state.items()}
     atomic_write_bytes(path, save(tensors, metadata={"step": str(step), "model": str(config.get("model"))}))
-    atomic_write_json(out / "config.json", {**config, "step": step})
+    atomic_write_json(out / CONFIG_NAME, {**config, "step": step})
     return path
 
 

@@ -17,7 +17,7 @@ from typing import Any
 
 from manifests import atomic_write_json
 from manifests.runs import DONE_MARKER as DONE
-from manifests.runs import TB_DIR
+from manifests.runs import LOG_NAME, TB_DIR
 from common.tracking import RunLog, Tracker, open_tracker
 
 from trainer.loop import checkpoint
@@ -30,7 +30,7 @@ PLOT_BUDGET = 0.05  # loss.png at every log interval, unless drawing would take 
 class Monitor:
     def __init__(self, r):
         self.r, self.cfg, self.on = r, r.cfg, r.rank == 0
-        self.log = RunLog(r.run_dir / "log.txt" if self.on else None)
+        self.log = RunLog(r.run_dir / LOG_NAME if self.on else None)
         self.tracker: Tracker = Tracker()
         self.preview_s = 0.0  # grid time since the last stats row (reported there as sample_grid_s)
         self.rows: list[dict] = []

@@ -1,4 +1,5 @@
-"""Sample grids during training: the EMA model, fixed classes and fixed noise, a few-step SDE, the run's VAE.
+"""Sample grids during training: the EMA model, fixed classes and fixed noise, a few steps of the family's default
+sampler (SiT: the SDE), the run's VAE.
 
 The same labels and the same noise (initial and per-step, from sample i's own generator as in
 `trainer sample`) at every grid, so a viewer watches the same images sharpen over training.
@@ -14,9 +15,9 @@ import torch
 
 from manifests import atomic_open
 
-from trainer.sampling.job import sample_generator
+from trainer.models import ModelRecord
 from trainer.sampling.output import decode
-from trainer.sampling.samplers import sample_sde
+from trainer.sampling.samplers import sample_generator
 
 PREVIEW_SEED = 0x5EED  # the grid's own noise stream, apart from any `trainer sample --seed`
 PAD = 2  # pixels between grid cells
@@ -55,10 +56,12 @@ class Preview:
     """Draws RUN/samples/step-NNNNNNN.png from the EMA model (rank 0)."""
 
     def __init__(self, run_cfg: dict[str, Any], n: int, steps: int, device: torch.device):
-        kw = run_cfg["model_kwargs"]
+        self.record = rec = ModelRecord.from_config(run_cfg)  # read as sampling reads a checkpoint's config
+        kw = rec.model_kwargs
         self.num_classes, self.steps, self.device = int(kw["num_classes"]), steps, device
-        self.path, self.vae_name = run_cfg.get("path", "linear"), run_cfg.get("vae", "sd-vae-ft-ema")
-        self.scale, self.shift = float(run_cfg["latent_scale"]), float(run_cfg["latent_shift"])
+        self.path, self.vae_name = rec.path, rec.vae
+        self.scale, self.shift = rec.latent_scale, rec.latent_shift
+        self.sampler = rec.family.samplers[rec.family.default_sampler]
         self.labels = torch.tensor(grid_labels(n, self.num_classes), dtype=torch.long)  # (n,)
         self.cols = grid_columns(n, self.num_classes)
         self.shape = (int(kw["in_channels"]), int(kw["input_size"]), int(kw["input_size"]))
@@ -80,8 +83,8 @@ class Preview:
         def fn(x, t, y):
             return ema(x, t, y=y)
 
-        z = sample_sde(fn, noise.to(self.device), self.labels.to(self.device), steps=self.steps, generator=gens,
-                       path=self.path, null_class=self.num_classes)  # (n, C, h, w) float64
+        z = self.sampler(fn, noise.to(self.device), self.labels.to(self.device), steps=self.steps, generator=gens,
+                         path=self.path, null_class=self.num_classes)  # (n, C, h, w) float64
         return decode(self.vae, z, self.scale, self.shift)  # (n, H, W, 3)
 
     def grid(self, ema: torch.nn.Module) -> np.ndarray:

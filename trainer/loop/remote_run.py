@@ -7,9 +7,11 @@ from pathlib import Path
 
 from manifests import storage
 from manifests.remote_inputs import cache_root
+from manifests.runs import CKPT_DIR, CONFIG_NAME, EXPORT_DIR, LOG_NAME, STATS_NAME
 
-PUSH = ("checkpoints/*.pt", "export/*.safetensors", "export/config.json", "config.json", "stats.jsonl", "loss.png",
-        "log.txt")
+# In push order: a checkpoint before the export, config and stats that name its step.
+PUSH = (f"{CKPT_DIR}/*.pt", f"{EXPORT_DIR}/*.safetensors", f"{EXPORT_DIR}/{CONFIG_NAME}", CONFIG_NAME, STATS_NAME,
+        "loss.png", LOG_NAME)
 
 
 def mirror_for(url: str) -> Path:
@@ -26,8 +28,8 @@ def pull(url: str) -> Path:
     local = mirror_for(obj.url)
     local.mkdir(parents=True, exist_ok=True)
     have = {str(o.relative_to(obj)): (o, n) for o, n in obj.find()}
-    ckpts = sorted(k for k in have if k.startswith("checkpoints/") and k.endswith(".pt"))
-    for k in ckpts[-1:] + [k for k in ("config.json", "stats.jsonl") if k in have]:
+    ckpts = sorted(k for k in have if k.startswith(f"{CKPT_DIR}/") and k.endswith(".pt"))
+    for k in ckpts[-1:] + [k for k in (CONFIG_NAME, STATS_NAME) if k in have]:
         o, n = have[k]
         dest = local / k
         if not (dest.is_file() and dest.stat().st_size == n):

@@ -1,11 +1,15 @@
-"""Training setup: distributed init, input checks, model/EMA/optimiser, resume or --init-from, the loader."""
+"""Training setup: distributed init, input checks, model/EMA/optimiser, resume or --init-from, the loader.
+
+`setup()` leaves `cfg` as the user asked and returns what it resolved (`Resolved`: the local run folder, the loader
+kind, the micro-batch); RUN/config.json records both, the request under "train" and the choices under "resolved".
+"""
 from __future__ import annotations
 
 import contextlib
 import copy
 import json
 import os
-from dataclasses import dataclass, field
+from dataclasses import asdict, dataclass, field
 from pathlib import Path
 from typing import Any, Callable, ContextManager
 
@@ -15,50 +19,83 @@ import torch.distributed as dist
 from common import UserError, check
 from manifests import load_manifest, storage
 from manifests.io import atomic_write_bytes, atomic_write_json, ensure_writable_dir
+from manifests.runs import CONFIG_NAME, STATS_NAME
 
-from trainer.loop import checkpoint
+from trainer.data import open_loader, plan_loader
+from trainer.data.indexed import DataSpec, resolve_fields
+from trainer.loop import checkpoint, remote_run
 from trainer.loop.config import TrainConfig
-from trainer.data.indexed import (DataSpec, StepSampler, build_index, make_loader, needed_exts, resolve_fields)
 from trainer.loop.microbatch import probe_batch, probe_micro
-from trainer.models.sit import SiT, SiT_models
 from trainer.loop.plot import read_stats
 from trainer.loop.steprng import StepRandom
-from trainer.loop import remote_run
-from trainer.data.ranged import build_remote_index, is_remote, make_dataset
-from trainer.data.stream import StreamBatches, make_stream_loader
+from trainer.models import Family, build_model as build_entry, family_for, load_weights_into, resolve_kwargs
 
 # Keys of config.json that must match to resume a run (the rest, e.g. steps or workers, may change).
 RESUME_KEYS = ("model", "path", "encoders", "model_kwargs")  # most telling first
 RESUME_TRAIN_KEYS = ("batch_size", "seed", "proj_loss", "proj_coeff", "hflip", "precision")
 
 
+@dataclass(frozen=True)
+class Resolved:
+    """What setup() chose from the request; config.json's "resolved" block (cfg keeps what was asked)."""
+    run_dir: str  # where the run lives on this machine: --run-dir, or the local mirror of an s3:// --run-dir
+    run_url: str | None  # --run-dir on an object store (each checkpoint is pushed there), else None
+    loader: str  # indexed | ranged | stream (trainer/data/__init__.py)
+    micro_batch: int  # images per pass on each rank: --micro-batch N, or what "auto" probed
+    local_batch: int  # images per step on each rank (--batch-size / ranks)
+
+    def to_json(self) -> dict[str, Any]:
+        return asdict(self)
+
+
 @dataclass
 class Run:
     """Everything the loop needs."""
-    cfg: TrainConfig
-    run_dir: Path
-    run_cfg: dict[str, Any]
+    cfg: TrainConfig  # as the user asked
+    resolved: Resolved
+    run_cfg: dict[str, Any]  # RUN/config.json
+    family: Family
     rank: int
     world: int
     device: torch.device
-    model: SiT
-    ema: SiT
+    model: torch.nn.Module
+    ema: torch.nn.Module
     net: torch.nn.Module  # DDP and/or compiled wrapper of `model`
     opt: torch.optim.Optimizer
     scaler: torch.amp.GradScaler
     amp: Callable[[], ContextManager]
     loader: Any
     start_step: int
-    local_batch: int
-    n_micro: int
-    stats_path: Path
-    micro: int = 0  # images per pass (local_batch // n_micro)
-    rand: StepRandom | None = None  # the per-sample randomness of each global batch (trainer/loop/steprng.py)
+    rand: StepRandom  # the per-sample randomness of each global batch (trainer/loop/steprng.py)
+    encoders: list[str]  # the encoder fields the projectors align with, in order
     latent_scale: float = 1.0
     latent_shift: float = 0.0
     resume_state: dict[str, Any] = field(default_factory=dict)
     monitor: Any = None  # trainer.monitor.Monitor, set by train()
-    run_url: str | None = None  # --run-dir on an object store: run_dir is its local mirror (trainer/loop/remote_run.py)
+
+    @property
+    def run_dir(self) -> Path:
+        return Path(self.resolved.run_dir)
+
+    @property
+    def run_url(self) -> str | None:
+        return self.resolved.run_url
+
+    @property
+    def stats_path(self) -> Path:
+        return self.run_dir / STATS_NAME
+
+    @property
+    def micro(self) -> int:
+        return self.resolved.micro_batch
+
+    @property
+    def local_batch(self) -> int:
+        return self.resolved.local_batch
+
+    @property
+    def n_micro(self) -> int:
+        return self.local_batch // self.micro
 
     def no_sync(self, skip: bool) -> ContextManager:
         """Skip the DDP all-reduce on all but the last micro-batch of a step."""
@@ -123,12 +160,9 @@ def model_kwargs(cfg: TrainConfig, spec: DataSpec) -> dict[str, Any]:
     return {k: v for k, v in kw.items() if v is not None}  # None: the registry entry's default
 
 
-def build_model(cfg: TrainConfig, kwargs: dict[str, Any], device: torch.device | str = "cpu") -> SiT:
-    try:
-        if torch.device(device).type == "cpu":  # a device context routes every init op through torch._refs, which
-            return SiT_models[cfg.model](**kwargs)  # imports torch._dynamo (~4 s of CPU per process)
-        with torch.device(device):  # straight into accelerator memory: no host copy of an XL model
-            return SiT_models[cfg.model](**kwargs)
+def build_model(cfg: TrainConfig, kwargs: dict[str, Any], device: torch.device | str = "cpu") -> torch.nn.Module:
+    try:  # on an accelerator straight into its memory: no host copy of an XL model
+        return build_entry(cfg.model, device, **kwargs)
     except ValueError as e:  # e.g. --enc-depth beyond the model depth
         raise UserError(f"--model {cfg.model}: {e}") from e
 
@@ -151,20 +185,10 @@ def check_compatible(saved: dict[str, Any], now: dict[str, Any], run_dir: Path) 
                         f"{get(now)!r}); re-run with its settings or use a new --run-dir")
 
 
-def load_init(model: SiT, path: str, cfg: TrainConfig) -> None:
-    """--init-from: weights from our checkpoint/export or an official REPA file, checked shape by shape."""
-    check(Path(path).exists(), f"--init-from: file not found: {path}")
-    from trainer.models.checkpoints import load_sit_weights  # owned by the sampler stage
-    sd, _meta = load_sit_weights(path, encoder_depth=cfg.enc_depth)
-    own = model.state_dict()
-    missing = [k for k in own if k not in sd]
-    extra = [k for k in sd if k not in own]
-    check(not missing and not extra, f"--init-from {path}: keys differ from {cfg.model} "
-                                     f"(missing {missing[:3]}, unexpected {extra[:3]})")
-    for k, v in own.items():
-        check(tuple(sd[k].shape) == tuple(v.shape), f"--init-from {path}: '{k}' has shape {list(sd[k].shape)}, "
-                                                    f"{cfg.model} expects {list(v.shape)} (a different model size?)")
-    model.load_state_dict(sd, strict=True)
+def load_init(model: torch.nn.Module, path: str, cfg: TrainConfig) -> None:
+    """--init-from: weights from our checkpoint/export or a released file (the one loader), checked shape by shape."""
+    check(storage.is_url(path) or Path(path).exists(), f"--init-from: file not found: {path}")
+    load_weights_into(model, path, name=cfg.model, what=f"{cfg.model} (--init-from)", encoder_depth=cfg.enc_depth)
 
 
 def trim_stats(path: Path, upto: int | None) -> None:
@@ -176,21 +200,16 @@ def trim_stats(path: Path, upto: int | None) -> None:
 
 
 def setup(cfg: TrainConfig, dry_run: bool = False) -> Run | None:
-    """Validate every input before step 0, then build (or resume) the run."""
+    """Validate every input before step 0, then build (or resume) the run; `cfg` is left as asked."""
     m = load_manifest(cfg.manifest, kind="features")
-    patch = int(cfg.model.rsplit("/", 1)[1])
-    spec = resolve_fields(m, cfg.encoders, patch, cfg.hflip)
+    family = family_for(cfg.model)
+    spec = resolve_fields(m, cfg.encoders, int(resolve_kwargs(cfg.model)["patch_size"]), cfg.hflip)
     run_cfg = run_config(cfg, spec, m.path)
-    if cfg.encoders is None:
-        cfg.encoders = list(spec.encoders)
-        run_cfg["train"]["encoders"] = cfg.encoders
     try:  # the geometry check (enc depth vs depth) and the registry's defaults, before any weight exists
-        full = SiT_models[cfg.model].resolve(**run_cfg["model_kwargs"])
+        full = resolve_kwargs(cfg.model, **run_cfg["model_kwargs"])
     except ValueError as e:
         raise UserError(f"--model {cfg.model}: {e}") from e
-    cfg.enc_depth, cfg.projector_dim = full["encoder_depth"], full["projector_dim"]
-    run_cfg["model_kwargs"].update(encoder_depth=cfg.enc_depth, projector_dim=cfg.projector_dim)
-    run_cfg["train"].update(enc_depth=cfg.enc_depth, projector_dim=cfg.projector_dim)
+    run_cfg["model_kwargs"].update(encoder_depth=full["encoder_depth"], projector_dim=full["projector_dim"])
     if dry_run:
         print(json.dumps(run_cfg, indent=2))
         return None
@@ -199,18 +218,16 @@ def setup(cfg: TrainConfig, dry_run: bool = False) -> Run | None:
         print("note: no GPU; fp16 autocast on CPU is slow (--precision fp32 or bf16 is faster there)", flush=True)
     check(cfg.batch_size % world == 0, f"--batch-size {cfg.batch_size} is not divisible by {world} ranks")
     local_batch = cfg.batch_size // world
-    micro = local_batch if cfg.micro_batch in ("auto", 0) else int(cfg.micro_batch)
-    check(micro <= local_batch and local_batch % micro == 0,
+    asked = None if cfg.micro_batch == "auto" else (int(cfg.micro_batch) or local_batch)  # 0: the whole batch
+    check(asked is None or (asked <= local_batch and local_batch % asked == 0),
           f"--micro-batch {cfg.micro_batch} must divide the per-rank batch {local_batch}")
     run_url = cfg.run_dir if storage.is_url(cfg.run_dir) else None
-    if run_url:  # train in a local mirror, push each checkpoint to the bucket
-        cfg.run_dir = str(remote_run.pull(run_url))  # every rank: each node needs the checkpoint to resume
-    run_dir = ensure_writable_dir(cfg.run_dir, "run folder (--run-dir)")
+    # An s3:// run trains in a local mirror and pushes each checkpoint; every rank pulls (each node resumes).
+    run_dir = ensure_writable_dir(remote_run.pull(run_url) if run_url else cfg.run_dir, "run folder (--run-dir)")
     if cfg.verify:
         from manifests import verify_shards
         verify_shards(m, progress=rank == 0)
-    index = (None if cfg.stream else build_remote_index(m, needed_exts(spec, cfg.hflip)) if is_remote(m)
-             else build_index(m, needed_exts(spec, cfg.hflip), cache_dir=run_dir / "index"))
+    plan = plan_loader(m, spec, stream=cfg.stream, hflip=cfg.hflip, index_cache=run_dir / "index")
 
     torch.manual_seed(cfg.seed)  # the same initial weights on every rank
     model = build_model(cfg, run_cfg["model_kwargs"], device).train()
@@ -218,7 +235,7 @@ def setup(cfg: TrainConfig, dry_run: bool = False) -> Run | None:
     opt = torch.optim.AdamW(model.parameters(), lr=cfg.lr, betas=tuple(cfg.betas), weight_decay=cfg.weight_decay,
                             eps=cfg.adam_eps, fused=device.type == "cuda")
     scaler = torch.amp.GradScaler(device.type, init_scale=cfg.loss_scale_init, enabled=cfg.precision == "fp16")
-    start, resume_state, stats_path = 0, {}, run_dir / "stats.jsonl"
+    start, resume_state = 0, {}
     found = checkpoint.find_resume(run_dir, cfg.resume_from)
     if found is not None:
         ck, path = found
@@ -236,7 +253,7 @@ def setup(cfg: TrainConfig, dry_run: bool = False) -> Run | None:
             torch.manual_seed(cfg.seed + 1_000_003 * (rank + 1) + start)
         if rank == 0:
             print(f"resuming from {path} (step {start})", flush=True)
-            trim_stats(stats_path, start)
+            trim_stats(run_dir / STATS_NAME, start)
             if cfg.resume_from is not None:
                 checkpoint.abandon_newer(run_dir, start)
     else:
@@ -247,12 +264,14 @@ def setup(cfg: TrainConfig, dry_run: bool = False) -> Run | None:
     amp_dtype = {"fp16": torch.float16, "bf16": torch.bfloat16}.get(cfg.precision)
     amp = ((lambda: torch.autocast(device.type, dtype=amp_dtype)) if amp_dtype is not None
            else contextlib.nullcontext)
-    if cfg.micro_batch == "auto":
-        micro = auto_micro(cfg, spec, model, ema, opt, amp, local_batch, world, rank, device)
-    run_cfg["micro_batch"] = micro  # the choice; the requested value stays in train.micro_batch
+    micro = asked if asked is not None else auto_micro(cfg, spec, model, ema, opt, amp, local_batch, world, rank,
+                                                       device)
+    resolved = Resolved(run_dir=str(run_dir), run_url=run_url, loader=plan.kind, micro_batch=micro,
+                        local_batch=local_batch)
+    run_cfg["resolved"] = resolved.to_json()
     if found is None and rank == 0:
-        trim_stats(stats_path, None)
-        atomic_write_json(run_dir / "config.json", run_cfg)
+        trim_stats(run_dir / STATS_NAME, None)
+        atomic_write_json(run_dir / CONFIG_NAME, run_cfg)
     net: torch.nn.Module = model
     if world > 1:
         net = torch.nn.parallel.DistributedDataParallel(model, device_ids=[device.index] if device.type == "cuda"
@@ -262,27 +281,22 @@ def setup(cfg: TrainConfig, dry_run: bool = False) -> Run | None:
         net = torch.compile(net)
     if rank == 0:
         print(f"per-rank batch {local_batch} in {local_batch // micro} micro-batch(es) of {micro}; "
-              f"torch.compile {'on' if compiled else 'off'} ({device.type})", flush=True)
+              f"torch.compile {'on' if compiled else 'off'} ({device.type}); {plan.kind} reads", flush=True)
     rand = StepRandom(cfg.seed, cfg.batch_size, (spec.in_channels, spec.input_size, spec.input_size),
                       cfg.class_dropout_prob, device)
-    if cfg.stream:  # sequential webdataset reads (weaker shuffle and resume, see trainer/data/stream.py)
-        check(not cfg.hflip, "--stream reads no flipped twins; drop --hflip or --stream")
-        loader = make_stream_loader(StreamBatches(m, spec, cfg.seed, rank, world, cfg.batch_size, micro, start,
-                                                  cfg.steps), cfg.num_workers, pin=device.type == "cuda")
-    else:
-        ds = make_dataset(m, index, spec, cfg.seed, cfg.hflip, cfg.cache_dir, cfg.cache_gb)  # local or ranged GETs
-        sampler = StepSampler(len(index), cfg.batch_size, rank, world, micro, cfg.seed, start, cfg.steps)
-        loader = make_loader(ds, sampler, cfg.num_workers, pin=device.type == "cuda")
+    loader = open_loader(plan, m, spec, seed=cfg.seed, hflip=cfg.hflip, rank=rank, world=world,
+                         batch=cfg.batch_size, micro=micro, start_step=start, steps=cfg.steps,
+                         num_workers=cfg.num_workers, pin=device.type == "cuda", cache_dir=cfg.cache_dir,
+                         cache_gb=cfg.cache_gb)
     if world > 1:
         dist.barrier()
-    return Run(cfg=cfg, run_dir=run_dir, run_cfg=run_cfg, rank=rank, world=world, device=device, model=model,
-               ema=ema, net=net, opt=opt, scaler=scaler, amp=amp, loader=loader, start_step=start,
-               local_batch=local_batch, n_micro=local_batch // micro, stats_path=stats_path, micro=micro,
-               rand=rand, latent_scale=spec.scale, latent_shift=spec.shift, resume_state=resume_state,
-               run_url=run_url)
+    return Run(cfg=cfg, resolved=resolved, run_cfg=run_cfg, family=family, rank=rank, world=world, device=device,
+               model=model, ema=ema, net=net, opt=opt, scaler=scaler, amp=amp, loader=loader, start_step=start,
+               rand=rand, encoders=list(spec.encoders), latent_scale=spec.scale, latent_shift=spec.shift,
+               resume_state=resume_state)
 
 
-def auto_micro(cfg: TrainConfig, spec: DataSpec, model: SiT, ema: SiT, opt: torch.optim.Optimizer, amp,
+def auto_micro(cfg: TrainConfig, spec: DataSpec, model: torch.nn.Module, ema: torch.nn.Module, opt: torch.optim.Optimizer, amp,
                local_batch: int, world: int, rank: int, device: torch.device) -> int:
     """--micro-batch auto: probe this rank, then agree on the smallest choice across ranks."""
     loss_kw = dict(path=cfg.path, proj_coeff=cfg.proj_coeff, proj_loss=cfg.proj_loss, ntxent_tau=cfg.ntxent_tau)

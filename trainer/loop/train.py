@@ -14,16 +14,13 @@ from tqdm import tqdm
 
 from common import UserError
 
-from trainer.loop import checkpoint
-
-from trainer.loop import remote_run
-from trainer.loop.config import resolve
 from trainer.data.indexed import nonfinite_rows, tokens_to_device
+from trainer.loop import checkpoint, remote_run
+from trainer.loop.config import resolve
 from trainer.loop.health import Health
 from trainer.loop.monitor import Monitor
 from trainer.loop.runtime import Run, setup
 from trainer.loop.steprng import posterior
-from trainer.objectives.interpolant import repa_loss
 
 
 class _Term:
@@ -50,14 +47,14 @@ def save(r: Run, step: int, state: dict) -> None:
         payload = {"model": r.model.state_dict(), "ema": r.ema.state_dict(), "opt": r.opt.state_dict(),
                    "scaler": r.scaler.state_dict(), "step": step, "rng": rngs, "config": r.run_cfg,
                    "skipped": state["skipped"]}
-        checkpoint.save(r.cfg.run_dir, step, payload)
-        checkpoint.export_ema(r.cfg.run_dir, step, r.ema.state_dict(), r.run_cfg)
+        checkpoint.save(r.run_dir, step, payload)
+        checkpoint.export_ema(r.run_dir, step, r.ema.state_dict(), r.run_cfg)
         r.monitor.saved(step)  # retention (only now that the new one is durable), log.txt
         if r.run_url:
             remote_run.push(r.run_dir, r.run_url)  # --run-dir s3://…: whole objects, checkpoint first
     if r.world > 1:
         dist.barrier()
-    state["last_ckpt"] = str(checkpoint.ckpt_path(r.cfg.run_dir, step))  # every rank names it in errors
+    state["last_ckpt"] = str(checkpoint.ckpt_path(r.run_dir, step))  # every rank names it in errors
 
 
 def append_line(path, line: str) -> None:
@@ -125,7 +122,7 @@ def _loop(r: Run, cfg, step: int, state: dict, pbar, trace) -> int:
     health.last_ckpt = state["last_ckpt"]
     acc = torch.zeros(4, device=r.device, dtype=torch.float64)  # loss, denoise, proj sums; steps since report
     steps_since, images, data_wait, t_report = 0, 0, 0.0, time.perf_counter()
-    loader = iter(r.loader)
+    loader, objective_loss = iter(r.loader), r.family.objective.loss
     while True:
         # The step's flags are read back a step late (no sync); a boundary that reports or may save reads them all.
         if (step >= cfg.steps or step % cfg.log_every == 0 or step % cfg.ckpt_every == 0 or due
@@ -178,10 +175,11 @@ def _loop(r: Run, cfg, step: int, state: dict, pbar, trace) -> int:
             nz = noise.rows(r.rank * r.local_batch + micro * r.micro, n)
             x = posterior(moments, nz.post, r.latent_scale, r.latent_shift)  # (n, C, H, W)
             # Checked on the device; only read back when the step turns out non-finite (no sync otherwise).
-            inputs.append((batch["keys"], nonfinite_rows(moments, zs, cfg.encoders)))
-            with r.no_sync(micro < r.n_micro - 1):
-                out = repa_loss(r.net, x, y, zs, path=cfg.path, proj_coeff=cfg.proj_coeff, proj_loss=cfg.proj_loss,
-                                ntxent_tau=cfg.ntxent_tau, amp=r.amp, t=nz.t, eps=nz.eps, drop=nz.drop)
+            inputs.append((batch["keys"], nonfinite_rows(moments, zs, r.encoders)))
+            with r.no_sync(micro < r.n_micro - 1):  # the family's objective (SiT: the interpolant + REPA term)
+                out = objective_loss(r.net, x, y, zs, path=cfg.path, proj_coeff=cfg.proj_coeff,
+                                     proj_loss=cfg.proj_loss, ntxent_tau=cfg.ntxent_tau, amp=r.amp, t=nz.t,
+                                     eps=nz.eps, drop=nz.drop)
                 r.scaler.scale(out.total * (n / r.local_batch)).backward()
             # The loader reuses its buffers (a ring): make sure this one was not overwritten while in use.
             assert int(batch["tag"]) == batch["pos0"], "loader buffer overwritten while in use"

@@ -1,14 +1,23 @@
-"""SiT with REPA projectors; the state dict is key-for-key the official REPA `models/sit.py` (DESIGN §4)."""
+"""SiT with REPA projectors and the SiT family record; the state dict is key-for-key the official REPA
+`models/sit.py` (DESIGN §4), so its released checkpoints load strictly."""
 from __future__ import annotations
 
+import contextlib
 import inspect
 import math
+import re
 from typing import Any, Callable, Sequence
 
 import numpy as np
 import torch
 import torch.nn as nn
 import torch.nn.functional as F
+
+from manifests import SD_VAE_SCALE, SD_VAE_SHIFT
+
+from trainer.models.family import DEFAULT_VAE, LATENT_DOWNSAMPLE, Family, ModelSpec, Objective, Released
+from trainer.objectives.interpolant import PATHS, noisy, repa_loss
+from trainer.sampling.samplers import ode, sde
 
 FREQ_EMBED_DIM = 256  # SiT/DiT TimestepEmbedder frequency_embedding_size
 MAX_PERIOD = 10000  # SiT/DiT TimestepEmbedder max_period
@@ -274,3 +283,85 @@ SiT_models["SiT-Debug/2"] = _factory(DEBUG_SIZE, 2)
 
 def param_count(model: nn.Module) -> int:
     return sum(p.numel() for p in model.parameters())
+
+
+# ---- the family ------------------------------------------------------------------------------------------------
+
+# REPA train.py / generate.py defaults: what an official file that says nothing else was trained with.
+RELEASED = dict(model="SiT-XL/2", encoder_depth=8, z_dims=[768], resolution=256, num_classes=1000,
+                class_dropout_prob=0.1, path="linear", vae=DEFAULT_VAE)
+
+SIT_KEYS = ("pos_embed", "x_embedder.", "t_embedder.", "y_embedder.", "blocks.", "projectors.", "final_layer.")
+
+
+def recognises(sd: dict[str, torch.Tensor]) -> bool:
+    """A SiT state dict: only SiT's modules, with patch and label embedders, a pos_embed, and an output with as many
+    channels as the input (DiT's learned sigma doubles them)."""
+    need = ("pos_embed", "x_embedder.proj.weight", "y_embedder.embedding_table.weight", "final_layer.linear.weight")
+    if not all(k in sd for k in need) or not all(k.startswith(SIT_KEYS) for k in sd):
+        return False
+    out, (_, in_ch, patch, _) = sd["final_layer.linear.weight"].shape[0], sd["x_embedder.proj.weight"].shape
+    return out == patch * patch * in_ch
+
+
+def _first(*values: Any) -> Any:
+    return next((v for v in values if v is not None), None)
+
+
+def _arg(args: dict[str, Any], key: str) -> int | None:
+    with contextlib.suppress(TypeError, ValueError):
+        return int(args[key]) if args.get(key) is not None else None
+    return None
+
+
+def released_config(sd: dict[str, torch.Tensor], spec: ModelSpec, args: dict[str, Any]) -> dict[str, Any]:
+    """Our config.json layout for an official REPA file: flags, then its argparse options, then the state-dict
+    shapes, then REPA's defaults (RELEASED). The shapes decide what no option records (projectors, channels)."""
+    pos, embed = sd.get("pos_embed"), sd.get("x_embedder.proj.weight")
+    table = sd.get("y_embedder.embedding_table.weight")
+    latent = round(pos.shape[1] ** 0.5) * embed.shape[2] if pos is not None and embed is not None else None
+    res = _first(spec.resolution, _arg(args, "resolution"), latent and latent * LATENT_DOWNSAMPLE,
+                 RELEASED["resolution"])
+    depth = len({k.split(".")[1] for k in sd if k.startswith("blocks.")})
+    projs = sorted({int(m.group(1)) for k in sd if (m := re.match(r"projectors\.(\d+)\.4\.weight$", k))})
+    shape_dims = [int(sd[f"projectors.{i}.4.weight"].shape[0]) for i in projs] if depth else None
+    kwargs: dict[str, Any] = dict(
+        input_size=res // LATENT_DOWNSAMPLE, in_channels=int(embed.shape[1]) if embed is not None else 4,
+        num_classes=_first(spec.num_classes, _arg(args, "num_classes"),
+                           int(table.shape[0]) - 1 if table is not None else None, RELEASED["num_classes"]),
+        # The encoder depth only places the projectors; a bare file does not record it, so REPA's 8 (or the
+        # model's depth, if shallower) stands in unless a flag or the file's options say otherwise.
+        encoder_depth=_first(spec.encoder_depth, _arg(args, "encoder_depth"),
+                             min(RELEASED["encoder_depth"], depth) if depth else None, RELEASED["encoder_depth"]),
+        z_dims=list(_first(spec.projector_embed_dims, shape_dims, RELEASED["z_dims"])),
+        class_dropout_prob=RELEASED["class_dropout_prob"])
+    if projs and "projectors.0.0.weight" in sd:
+        kwargs["projector_dim"] = int(sd["projectors.0.0.weight"].shape[0])
+    return {"model": _first(spec.model, args.get("model")), "model_kwargs": kwargs,
+            "path": _first(spec.path, args.get("path_type"), RELEASED["path"]), "vae": RELEASED["vae"],
+            "latent_scale": SD_VAE_SCALE, "latent_shift": SD_VAE_SHIFT, "resolution": res, "classes": []}
+
+
+def hint(key: str) -> str:
+    """Which flag most likely fixes a state-dict mismatch at this key."""
+    if key.startswith("projectors."):
+        return "check --projector-embed-dims"
+    if key.startswith("y_embedder."):
+        return "check --num-classes"
+    if key.startswith("pos_embed") or key.startswith("x_embedder."):
+        return "check --resolution and --model"
+    if key.startswith("blocks."):
+        return "check --model and --encoder-depth"
+    return "check --model"
+
+
+def drop_projectors(model: SiT) -> None:
+    """The projectors only feed the training loss: sampling does not pay for them (~4% of XL/2)."""
+    model.projectors = nn.ModuleList()
+
+
+SIT = Family(name="SiT", models=SiT_models, conditioning="class",
+             objective=Objective(name="interpolant", paths=PATHS, loss=repa_loss, noisy=noisy),
+             samplers={"sde": sde, "ode": ode},
+             released=Released(model=RELEASED["model"], recognises=recognises, config=released_config),
+             hint=hint, prepare_sampling=drop_projectors)

@@ -36,6 +36,18 @@ def interpolate(x: torch.Tensor, eps: torch.Tensor, t: torch.Tensor, path: str) 
     return a * x + s * eps, da * x + ds * eps  # (N, C, H, W) each
 
 
+def noisy(x0: torch.Tensor, t: float | torch.Tensor, eps: torch.Tensor, path: str = "linear") -> torch.Tensor:
+    """x_t = alpha(t)*x0 + sigma(t)*eps, the model's input at time t (a number, or (N,) per sample).
+
+    The coefficients are computed in float64, then rounded to x0's dtype once, as a Python number would be.
+    """
+    a, s, _, _ = alpha_sigma(torch.as_tensor(t, dtype=torch.float64), path)
+    if a.dim() == 0:
+        return float(a) * x0 + float(s) * eps
+    shape = (-1, *([1] * (x0.dim() - 1)))
+    return a.to(x0.dtype).view(shape) * x0 + s.to(x0.dtype).view(shape) * eps  # (N, C, H, W)
+
+
 def cos_proj_loss(zs_hat: list[torch.Tensor], zs: list[torch.Tensor]) -> torch.Tensor:
     """Mean over encoders, samples and tokens of -cos(z, z_hat), in fp32 (fp16 here overflowed in REPA)."""
     terms = [-(F.normalize(h.float(), dim=-1) * F.normalize(z.float(), dim=-1)).sum(-1).mean()

@@ -18,17 +18,18 @@ from typing import Any, Sequence
 import numpy as np
 import torch
 
-from manifests import (SD_VAE_SCALE, SD_VAE_SHIFT, Manifest, ShardEntry, atomic_write_json, read_json, sha256_file,
+from manifests import (Manifest, ShardEntry, atomic_write_json, read_json, sha256_file,
                        write_manifest, write_shard)
 from common import UserError
 from manifests import storage
 from manifests.io import ensure_writable_dir, remove_tmp_files
 
-from trainer.models.checkpoints import check_state_dict, load_sit_weights
+import trainer.models as models
+from trainer.models import Loaded, ModelSpec
 from trainer.sampling.output import decode, png_bytes, write_grid, write_npz
 # `parse` is re-exported for callers of trainer.sample.
 from trainer.sampling.config import SampleConfig, check_resolution, dumps, parse, per_rank_batch, resolve  # noqa: F401
-from trainer.sampling.samplers import nfe, sample_ode, sample_sde
+from trainer.sampling.samplers import nfe, sample_generator
 
 SHARD_NAME = "samples-{:06d}"
 SIDECAR_VERSION = 1
@@ -40,64 +41,36 @@ PAUSE_ENV = "REPA_TEST_SAMPLE_PAUSE"
 # ---- model ----------------------------------------------------------------------------------------------------
 
 @dataclass
-class Loaded:
-    model: torch.nn.Module
-    meta: dict[str, Any]
-    info: dict[str, Any]  # model name, path, vae, latent scale/shift, resolution, classes
+class Source:
+    """The loaded model and what this job settled about it: the file's sha256, the VAE, the prepared forward."""
+    lm: Loaded
+    sha256: str
+    vae: str
     velocity: Any = None  # the prepared (cast, compiled) forward, made once per process in run()
 
 
-def load_model(cfg: SampleConfig) -> Loaded:
-    """Build the SiT the checkpoint describes (or the flags, for official files) and load it strictly."""
-    from trainer.models.sit import SiT_models
-    sd, meta = load_sit_weights(cfg.ckpt, encoder_depth=cfg.encoder_depth)
-    conf, args = meta.get("config"), meta.get("args") or {}
-    if conf is not None:  # ours: config.json decides; contradicting flags are a mistake
-        name, kwargs = conf["model"], dict(conf["model_kwargs"])
-        dims = ",".join(str(d) for d in kwargs.get("z_dims", []))
-        for flag, have in (("model", name), ("encoder_depth", kwargs.get("encoder_depth")),
-                           ("num_classes", kwargs.get("num_classes")), ("path", conf.get("path")),
-                           ("resolution", conf.get("resolution")), ("projector_embed_dims", dims)):
-            given = getattr(cfg, flag)
-            if flag == "projector_embed_dims" and given is not None:
-                given = ",".join(d.strip() for d in given.split(","))
-            if given is not None and given != have:
-                raise UserError(f"--{flag.replace('_', '-')} {given} contradicts the checkpoint's config "
-                                f"({have}); drop the flag for our checkpoints")
-        info = dict(model=name, path=conf.get("path", "linear"), vae=conf.get("vae", "sd-vae-ft-ema"),
-                    scale=float(conf.get("latent_scale", SD_VAE_SCALE)),
-                    shift=float(conf.get("latent_shift", SD_VAE_SHIFT)),
-                    resolution=int(conf.get("resolution", kwargs.get("input_size", 32) * 8)),
-                    classes=list(conf.get("classes", [])))
-        what = f"{name} from its config.json"
-    else:  # official: flags, then the Namespace args, then the reference defaults (REPA generate.py)
-        name = cfg.model or args.get("model") or "SiT-XL/2"
-        res = cfg.resolution or int(args.get("resolution") or 256)
-        dims = cfg.projector_embed_dims or "768"
+def model_spec(cfg: SampleConfig) -> ModelSpec:
+    """The sampler's model flags as the loader's spec (they only matter for released files)."""
+    dims = None
+    if cfg.projector_embed_dims is not None:
         try:
-            z_dims = [int(d) for d in dims.split(",") if d.strip()]
+            dims = [int(d) for d in cfg.projector_embed_dims.split(",") if d.strip()]
         except ValueError:
-            raise UserError(f"--projector-embed-dims must be comma-separated integers, got {dims!r}") from None
-        kwargs = dict(input_size=res // 8, num_classes=cfg.num_classes or int(args.get("num_classes") or 1000),
-                      encoder_depth=cfg.encoder_depth or int(args.get("encoder_depth") or 8), z_dims=z_dims,
-                      class_dropout_prob=0.1)
-        info = dict(model=name, path=cfg.path or args.get("path_type") or "linear", vae="sd-vae-ft-ema",
-                    scale=SD_VAE_SCALE, shift=SD_VAE_SHIFT, resolution=res, classes=[])
-        what = f"{name} built from the flags (--model {name} --encoder-depth {kwargs['encoder_depth']} " \
-               f"--projector-embed-dims {dims} --resolution {res} --num-classes {kwargs['num_classes']})"
-    if name not in SiT_models:
-        raise UserError(f"unknown model '{name}' (--model); choose one of: {', '.join(sorted(SiT_models))}")
-    try:
-        model = SiT_models[name](**kwargs)
-    except (TypeError, ValueError) as e:
-        raise UserError(f"cannot build {name}: {e}") from e
-    check_state_dict(model, sd, path=meta["path"], what=what)
-    model.load_state_dict(sd, strict=True)
-    if cfg.path is not None:
-        info["path"] = cfg.path
-    # The projectors only feed the training loss: drop them so sampling doesn't pay for them (~4% of XL/2).
-    model.projectors = torch.nn.ModuleList()
-    return Loaded(model=model.eval().requires_grad_(False), meta=meta, info=info)
+            raise UserError(f"--projector-embed-dims must be comma-separated integers, "
+                            f"got {cfg.projector_embed_dims!r}") from None
+    return ModelSpec(model=cfg.model, encoder_depth=cfg.encoder_depth, projector_embed_dims=dims,
+                     resolution=cfg.resolution, num_classes=cfg.num_classes, path=cfg.path)
+
+
+def load_model(cfg: SampleConfig) -> Loaded:
+    """The checkpoint's model (trainer/models/checkpoints.py), loaded strictly and stripped for sampling."""
+    lm = models.load_model(cfg.ckpt, model_spec(cfg))
+    if lm.family.conditioning != "class":
+        raise UserError(f"{lm.name} is {lm.family.conditioning}-conditioned; this sampler draws class labels only")
+    if cfg.mode not in lm.family.samplers:
+        raise UserError(f"--mode {cfg.mode}: {lm.family.name} samples with {', '.join(lm.family.samplers)}")
+    lm.family.prepare_sampling(lm.model)
+    return lm
 
 
 class Velocity:
@@ -134,12 +107,6 @@ def set_precision(precision: str) -> None:
 
 
 # ---- seeds and the plan ---------------------------------------------------------------------------------------
-
-def sample_generator(seed: int, index: int) -> torch.Generator:
-    """A CPU generator seeded from (seed, index) through SeedSequence, so nearby indices are uncorrelated."""
-    a, b = np.random.SeedSequence([seed, index]).generate_state(2, np.uint32)
-    return torch.Generator().manual_seed((int(a) << 32) | int(b))
-
 
 def balanced_labels(seed: int, num_samples: int, num_classes: int) -> np.ndarray:
     """A seeded shuffle of 0..C-1 repeated: class counts differ by at most one."""
@@ -181,25 +148,23 @@ def _first_diff(old: dict[str, Any], new: dict[str, Any]) -> str:
     return "unknown difference"
 
 
-def run_shard(cfg: SampleConfig, k: int, idx: range, lm: Loaded, vae, device: torch.device,
+def run_shard(cfg: SampleConfig, k: int, idx: range, src: Source, vae, device: torch.device,
               balanced: np.ndarray | None, bar) -> None:
-    model, info = lm.model, lm.info
+    model, rec = src.lm.model, src.lm.record
     shape = (model.in_channels, model.input_size, model.input_size)
-    fn = lm.velocity or Velocity(model, device, cfg.precision)
+    fn = src.velocity or Velocity(model, device, cfg.precision)
+    sampler = src.lm.family.samplers[cfg.mode]
     samples = []
     for a in range(idx.start, idx.stop, cfg.batch_size):
         sub = range(a, min(a + cfg.batch_size, idx.stop))
         noise, y, gens = draw_inputs(cfg, sub, shape, model.num_classes, balanced)
-        kw = dict(cfg_scale=cfg.cfg_scale, guidance_low=cfg.guidance_low, guidance_high=cfg.guidance_high,
-                  path=info["path"], null_class=model.num_classes)
-        if cfg.mode == "sde":
-            z = sample_sde(fn, noise.to(device), y.to(device), steps=cfg.steps, generator=gens, **kw)
-        else:
-            z = sample_ode(fn, noise.to(device), y.to(device), steps=cfg.steps, heun=cfg.heun, **kw)
+        z = sampler(fn, noise.to(device), y.to(device), steps=cfg.steps, generator=gens, heun=cfg.heun,
+                    cfg_scale=cfg.cfg_scale, guidance_low=cfg.guidance_low, guidance_high=cfg.guidance_high,
+                    path=rec.path, null_class=model.num_classes)
         if not bool(torch.isfinite(z).all()):  # one sync per batch; NaN would silently become black images
             raise UserError(f"sampling produced non-finite latents for samples {sub.start}..{sub.stop - 1} "
                             f"(corrupt checkpoint or overflow; try --precision fp32)")
-        imgs = decode(vae, z, info["scale"], info["shift"])  # (N, H, W, 3) uint8
+        imgs = decode(vae, z, rec.latent_scale, rec.latent_shift)  # (N, H, W, 3) uint8
         samples += [{"__key__": f"sample_{i:07d}", "png": png_bytes(im), "cls": int(c)}
                     for i, im, c in zip(sub, imgs, y.tolist())]
         bar.update(len(sub))
@@ -211,15 +176,15 @@ def run_shard(cfg: SampleConfig, k: int, idx: range, lm: Loaded, vae, device: to
         time.sleep(float(pause.split(":")[1]))
     atomic_write_json(shards / f"{SHARD_NAME.format(k)}.json",
                       {"version": SIDECAR_VERSION, "keys": info_.keys, "sha256": info_.sha256,
-                       "bytes": info_.bytes, "settings": fingerprint_of(cfg, lm)})
+                       "bytes": info_.bytes, "settings": fingerprint_of(cfg, src)})
 
 
-def fingerprint_of(cfg: SampleConfig, lm: Loaded) -> dict[str, Any]:
+def fingerprint_of(cfg: SampleConfig, src: Source) -> dict[str, Any]:
     """The settings a finished shard was made with; a re-run must match them to reuse it."""
     keep = ("num_samples", "mode", "steps", "heun", "cfg_scale", "guidance_low", "guidance_high", "seed",
             "balanced", "shard_size", "precision")
-    return {**{k: getattr(cfg, k) for k in keep}, "ckpt_sha256": lm.meta["sha256"], "model": lm.info["model"],
-            "path": lm.info["path"], "vae": lm.info["vae"]}
+    return {**{k: getattr(cfg, k) for k in keep}, "ckpt_sha256": src.sha256, "model": src.lm.name,
+            "path": src.lm.record.path, "vae": src.vae}
 
 
 # ---- the job --------------------------------------------------------------------------------------------------
@@ -264,14 +229,13 @@ def run(cfg: SampleConfig, argv: list[str], rank: int, world: int, local: int) -
     if device.type == "cuda":
         torch.cuda.set_device(device)
     lm = load_model(cfg)
-    check_resolution(cfg, lm.info["resolution"])
-    lm.meta["sha256"] = sha256_file(lm.meta["path"])
-    lm.info["vae"] = cfg.vae or lm.info["vae"]
+    check_resolution(cfg, lm.record.resolution)
+    src = Source(lm=lm, sha256=sha256_file(lm.checkpoint.path), vae=cfg.vae or lm.record.vae)
     lm.model.to(device)
-    lm.velocity = Velocity(lm.model, device, cfg.precision)
-    vae = load_vae(lm.info["vae"], device=device)
+    src.velocity = Velocity(lm.model, device, cfg.precision)
+    vae = load_vae(src.vae, device=device)
     balanced = balanced_labels(cfg.seed, cfg.num_samples, lm.model.num_classes) if cfg.balanced else None
-    fp = fingerprint_of(cfg, lm)
+    fp = fingerprint_of(cfg, src)
     shards = shard_ranges(cfg.num_samples, cfg.shard_size)
     if rank == 0 and (out / "shards").is_dir():
         remove_tmp_files(out / "shards")  # half-written leftovers of a killed run
@@ -284,40 +248,42 @@ def run(cfg: SampleConfig, argv: list[str], rank: int, world: int, local: int) -
     with tqdm(total=todo, unit="sample", disable=rank != 0, dynamic_ncols=True,
               desc=f"{cfg.mode} {calls} NFE cfg {cfg.cfg_scale} (rank 0/{world})") as bar:  # closed before errors print
         for k in mine:
-            run_shard(cfg, k, shards[k], lm, vae, device, balanced, bar)
+            run_shard(cfg, k, shards[k], src, vae, device, balanced, bar)
     _barrier(world)
     if rank == 0:
-        finish(cfg, lm, out, shards, fp, command=" ".join(["python -m trainer sample", *argv]))
+        finish(cfg, src, out, shards, fp, command=" ".join(["python -m trainer sample", *argv]))
 
 
-def finish(cfg: SampleConfig, lm: Loaded, out: Path, shards: list[range], fp: dict[str, Any], command: str) -> None:
+def finish(cfg: SampleConfig, src: Source, out: Path, shards: list[range], fp: dict[str, Any], command: str) -> None:
     """After every shard exists: grid.png, samples.npz (optional), then the manifest, last."""
     missing = [k for k in range(len(shards)) if not shard_done(out, k, fp)]
     if missing:
         raise UserError(f"{len(missing)} shard(s) missing after sampling (first {SHARD_NAME.format(missing[0])}); "
                         f"did a rank fail? re-run the same command to finish")
     paths = [out / "shards" / f"{SHARD_NAME.format(k)}.tar" for k in range(len(shards))]
-    res = lm.info["resolution"]
+    lm, rec = src.lm, src.lm.record
+    res = rec.resolution
     write_grid(out / "grid.png", paths)
     if cfg.npz:
         write_npz(out / "samples.npz", paths, cfg.num_samples, (res, res))
     entries = []
     for k, sp in enumerate(paths):
-        rec = read_json(sp.with_suffix(".json"), "shard sidecar")
-        entries.append(ShardEntry(url=f"shards/{sp.name}", nsamples=len(rec["keys"]), sha256=rec["sha256"],
-                                  bytes=rec["bytes"]))
+        side = read_json(sp.with_suffix(".json"), "shard sidecar")
+        entries.append(ShardEntry(url=f"shards/{sp.name}", nsamples=len(side["keys"]), sha256=side["sha256"],
+                                  bytes=side["bytes"]))
     sampler = {k: v for k, v in asdict(cfg).items() if k not in ("ckpt", "out", "device")}
-    sampler.update(path=lm.info["path"], vae=lm.info["vae"], nfe=nfe(cfg.mode, cfg.steps, cfg.heun),
-                   latent_scale=lm.info["scale"], latent_shift=lm.info["shift"], model=lm.info["model"])
-    m = Manifest(root=out, name=f"samples-{lm.info['model'].replace('/', '-')}-{cfg.mode}-cfg{cfg.cfg_scale}",
+    sampler.update(path=rec.path, vae=src.vae, nfe=nfe(cfg.mode, cfg.steps, cfg.heun),
+                   latent_scale=rec.latent_scale, latent_shift=rec.latent_shift, model=lm.name)
+    m = Manifest(root=out, name=f"samples-{lm.name.replace('/', '-')}-{cfg.mode}-cfg{cfg.cfg_scale}",
                  shardlist=entries, kind="samples", num_samples=cfg.num_samples,
                  fields={"png": {"dtype": "uint8", "shape": [res, res, 3], "codec": "png"},
                          "cls": {"dtype": "int64", "shape": [], "codec": "int"}},
-                 classes=lm.info["classes"], preprocess={"resolution": res},
+                 classes=rec.classes, preprocess={"resolution": res},
                  created_by={"version": _version(), "command": command},
                  extra={"sampler": sampler,
-                        "checkpoint": {"path": lm.meta.get("url") or str(storage.resolve(lm.meta["path"])), "sha256": lm.meta["sha256"],
-                                       "step": lm.meta.get("step"), "format": lm.meta.get("format")}})
+                        "checkpoint": {"path": lm.checkpoint.url or str(storage.resolve(lm.checkpoint.path)),
+                                       "sha256": src.sha256, "step": lm.checkpoint.step,
+                                       "format": lm.checkpoint.format}})
     write_manifest(m)
     print(json.dumps({"manifest": str(m.path), "num_samples": cfg.num_samples, "nfe": sampler["nfe"]}))
 

@@ -2,17 +2,20 @@
 
 Time runs from t=1 (noise) to t=0 (data). The state is float64; the model is called in float32 as
 `model(x, t, y=y)` and its first output is the velocity. Both samplers follow the training path
-(`linear` or `cosine`) through `trainer.transport.alpha_sigma`.
+(`linear` or `cosine`) through `trainer.objectives.interpolant.alpha_sigma`. `sde` and `ode` are the SiT family's
+sampler entry points (trainer/models/family.py `Sampler`); `sample_generator` gives sample i its own noise.
 """
 from __future__ import annotations
 
-from typing import Callable, Sequence
+from typing import Any, Callable, Sequence
 
+import numpy as np
 import torch
+
+from trainer.objectives.interpolant import PATHS, alpha_sigma
 
 # REPA samplers.py: the SDE integrates linspace(1, SDE_T_LAST, N), then one deterministic mean step to 0.
 SDE_T_LAST = 0.04
-PATHS = ("linear", "cosine")
 
 Generators = torch.Generator | Sequence[torch.Generator] | None
 
@@ -24,12 +27,17 @@ def diffusion_coeff(t: float) -> float:
 
 def score_from_velocity(v: torch.Tensor, x: torch.Tensor, t: float, path: str = "linear") -> torch.Tensor:
     """Score ∇log p_t(x) from the velocity: x = αx₀ + σε, v = α'x₀ + σ'ε; eliminate x₀, then s = −ε/σ."""
-    from trainer.objectives.interpolant import alpha_sigma  # the same α, σ as the training loss
     coeffs = alpha_sigma(torch.tensor([t], dtype=torch.float64), path)
     alpha, sigma, d_alpha, d_sigma = (float(torch.as_tensor(a).reshape(-1)[0]) for a in coeffs)
     ratio = alpha / d_alpha
     var = sigma * sigma - ratio * d_sigma * sigma  # = σ(σ − (α/α')σ'), the ε coefficient times −σ
     return (ratio * v - x) / var
+
+
+def sample_generator(seed: int, index: int) -> torch.Generator:
+    """A CPU generator seeded from (seed, index) through SeedSequence, so nearby indices are uncorrelated."""
+    a, b = np.random.SeedSequence([seed, index]).generate_state(2, np.uint32)
+    return torch.Generator().manual_seed((int(a) << 32) | int(b))
 
 
 def _null_class(model: Callable, null_class: int | None) -> int:
@@ -161,3 +169,17 @@ def nfe(mode: str, steps: int, heun: bool = False) -> int:
     if mode == "sde":
         return steps
     return 2 * steps - 1 if heun else steps
+
+
+# ---- the SiT family's entry points (one keyword set for every family's samplers) ---------------------------------
+
+def sde(model: Callable, noise: torch.Tensor, y: torch.Tensor, *, steps: int, generator: Generators = None,
+        heun: bool = False, **guidance: Any) -> torch.Tensor:
+    """`sample_sde` (heun does not apply)."""
+    return sample_sde(model, noise, y, steps=steps, generator=generator, **guidance)
+
+
+def ode(model: Callable, noise: torch.Tensor, y: torch.Tensor, *, steps: int, generator: Generators = None,
+        heun: bool = False, **guidance: Any) -> torch.Tensor:
+    """`sample_ode` (deterministic: the generators are not used)."""
+    return sample_ode(model, noise, y, steps=steps, heun=heun, **guidance)
