@@ -1,132 +1,27 @@
-"""`python -m evaluation`: sample set + reference -> FID, sFID, IS, precision, recall (ADM evaluator, DESIGN §6)."""
+"""`python -m evaluation`: sample sets + reference -> FID, sFID, IS, precision, recall (ADM evaluator, DESIGN §6)
+and FD_DINOv2 (EDM2, DESIGN §9); several sample sets (seeds) are reported each and then summarised."""
 from __future__ import annotations
 
-import argparse
-import os
 import shlex
 import sys
 import time
-from dataclasses import asdict, dataclass, field
+from dataclasses import asdict
 from pathlib import Path
 from typing import Any, Sequence
 
 import numpy as np
 
 from common import UserError
-from manifests import atomic_open
-from common.cli import ArgumentParser, PlainHelpFormatter, flag, positive_int, print_config
-from common.config_file import add_run_flags, config_values
-from common.device import DEVICE_HELP, device_flag, resolve_device
+from common.cli import print_config
+from common.device import resolve_device
 from manifests import storage
 from manifests.io import ensure_writable_dir
 from manifests.remote_inputs import localize, sync_down, sync_up
 
-EXAMPLE = """examples:
-  python -m evaluation --samples samples/ --reference VIRTUAL_imagenet256_labeled.npz --out report.json
-  python -m evaluation --samples samples.npz --reference feats/ --inception-weights pt_inception-2015-12-05-6726825d.pth
-  python -m evaluation --reference imagenet-val-folder/ --resolution 512 --write-reference ref512.npz
-Without --inception-weights the network loads torch-fidelity's cached download (torch hub checkpoints folder).
-A reference .npz's mu/sigma/mu_s/sigma_s are used as stored; its arr_0 images give precision/recall."""
-STAT_SHAPES = {"mu": "d", "sigma": "dd", "mu_s": "s", "sigma_s": "ss"}
-WEIGHTS_TAG = "inception_weights"  # extra array in references we write: which weights made the statistics
+from evaluation.config import (DEFAULT_METRICS, INCEPTION_METRICS, EvalConfig, build_parser, parse_config,
+                               resolve)
 
-
-def default_cache_dir() -> str:
-    """$XDG_CACHE_HOME/repa/inception (~/.cache/... without it), read when a config is made, not at import."""
-    return str(Path(os.environ.get("XDG_CACHE_HOME") or Path.home() / ".cache") / "repa" / "inception")
-
-
-@dataclass(kw_only=True)
-class EvalConfig:
-    """Resolved settings of one evaluation (recorded in report.json)."""
-    samples: str | None = None
-    reference: str = ""
-    out: str = "report.json"
-    num_samples: int | None = None
-    write_reference: str | None = None
-    resolution: int | None = None
-    inception_weights: str | None = None
-    device: str = "auto"
-    batch_size: int = 100
-    num_workers: int = min(8, os.cpu_count() or 1)
-    pr_dtype: str = "float32"
-    pr_k: int = 3
-    is_split: int = 5000
-    recompute_reference_stats: bool = False
-    cache_dir: str = field(default_factory=default_cache_dir)
-    no_cache: bool = False
-    progress: bool = True
-
-
-def build_parser() -> argparse.ArgumentParser:
-    d = EvalConfig()
-    p = ArgumentParser(prog="python -m evaluation", formatter_class=PlainHelpFormatter,
-                description="FID, sFID, IS, precision and recall as the ADM evaluator computes them, in PyTorch.",
-                epilog=EXAMPLE)
-    g = p.add_argument_group("inputs")
-    g.add_argument("--samples", help="samples manifest (or its folder), ADM-style .npz (arr_0), or a folder of PNGs")
-    g.add_argument("--reference",
-                   help="ADM reference .npz, features manifest, or image folder (centre-cropped to the sample "
-                        "size); required")
-    g.add_argument("--num-samples", type=positive_int, help="expected sample count: fewer is an error, more are cut "
-                   "(default: all)")
-    g.add_argument("--write-reference", metavar="OUT.npz", help="write the reference as an ADM-format batch "
-                   "(arr_0, mu, sigma, mu_s, sigma_s); --samples becomes optional")
-    g.add_argument("--resolution", type=positive_int, help="centre-crop a folder reference to this size "
-                   "(default: the sample size)")
-    g = p.add_argument_group("network")
-    g.add_argument("--inception-weights", metavar="PATH|random:SEED",
-                   help="converted 2015 TF Inception weights (default: torch-fidelity's cached download); "
-                        "random:SEED is for tests and marks the report 'not comparable'")
-    g.add_argument("--device", default=d.device, type=device_flag, help=f"{DEVICE_HELP} (default: %(default)s)")
-    g.add_argument("--batch-size", type=positive_int, default=d.batch_size, help="images per Inception forward "
-                   "pass; one process, so global (default: %(default)s)")
-    g.add_argument("--num-workers", type=positive_int, default=d.num_workers, help="image decoding threads "
-                   "(default: %(default)s)")
-    g = p.add_argument_group("metrics")
-    flag(g, "--precision", "--pr-dtype", dest="pr_dtype", default=d.pr_dtype, type=pr_precision,
-         metavar="{fp32,fp16}", help="numerics of the P/R pairwise distances, the one choice here (Inception "
-         "always runs in fp32 without TF32); fp16 reproduces ADM. float32/float16 also work (default: fp32)")
-    g.add_argument("--pr-k", type=positive_int, default=d.pr_k, help="k-NN radius for P/R (default: %(default)s)")
-    g.add_argument("--is-split", type=positive_int, default=d.is_split, help="IS split size (default: %(default)s)")
-    g.add_argument("--recompute-reference-stats", action="store_true",
-                   help="ignore a reference .npz's stored mu/sigma and compute them from its arr_0")
-    g = p.add_argument_group("output")
-    g.add_argument("--out", default=d.out, help="report JSON (default: %(default)s)")
-    g.add_argument("--cache-dir", default=d.cache_dir, help="HDF5 activation cache (default: %(default)s)")
-    g.add_argument("--no-cache", action="store_true", help="do not read or write the activation cache")
-    g.add_argument("--no-progress", action="store_true", help="no progress bars")
-    add_run_flags(g)
-    return p
-
-
-PR_PRECISION = {"fp32": "float32", "fp16": "float16", "float32": "float32", "float16": "float16"}
-
-
-def pr_precision(text: str) -> str:
-    """--precision fp32|fp16 (old --pr-dtype float32|float16) -> the torch dtype name kept in pr_dtype."""
-    if text not in PR_PRECISION:
-        raise argparse.ArgumentTypeError(f"invalid choice {text!r} (choose from fp32, fp16)")
-    return PR_PRECISION[text]
-
-
-def parse_config(argv: Sequence[str] | None) -> EvalConfig:
-    """defaults < --config file < flags."""
-    cfg, _ = resolve(argv)
-    return cfg
-
-
-def resolve(argv: Sequence[str] | None) -> tuple[EvalConfig, bool]:
-    argv = list(sys.argv[1:] if argv is None else argv)
-    values, dry = config_values(build_parser(), argv, EvalConfig, extra={"no_progress"})
-    if "no_progress" in values:
-        values["progress"] = not values.pop("no_progress")
-    cfg = EvalConfig(**values)
-    if not cfg.reference:
-        raise UserError("python -m evaluation: --reference is required (or 'reference' in --config)")
-    if cfg.samples is None and cfg.write_reference is None:
-        raise UserError("python -m evaluation: --samples is required (unless --write-reference is given)")
-    return cfg, dry
+__all__ = ["EvalConfig", "build_parser", "main", "parse_config", "resolve"]
 
 
 def _outpath(loc: str) -> Path:
@@ -143,68 +38,103 @@ def _check_out(path: Path, what: str) -> None:
         raise UserError(f"{what} {path} is a folder, expected a file name")
 
 
-def _load_reference_stats(path: Path) -> tuple[dict[str, np.ndarray], str | None]:
-    """A reference .npz's stored statistics (validated before any work) and the weights tag, if any."""
-    from evaluation.images import load_npz_arrays
-    from evaluation.inception import POOL_DIM, SPATIAL_DIM
-    arrays = load_npz_arrays(path, [*STAT_SHAPES, WEIGHTS_TAG])
-    stats = {k: v for k, v in arrays.items() if k in STAT_SHAPES}
-    for a, b in (("mu", "sigma"), ("mu_s", "sigma_s")):
-        if (a in stats) != (b in stats):
-            have, lack = (a, b) if a in stats else (b, a)
-            raise UserError(f"reference {path} has '{have}' without '{lack}'; both or neither are required")
-    dims = {"d": POOL_DIM, "s": SPATIAL_DIM}
-    for k, v in stats.items():
-        want = tuple(dims[c] for c in STAT_SHAPES[k])
-        if v.shape != want or not np.issubdtype(v.dtype, np.floating) or not np.isfinite(v).all():
-            raise UserError(f"reference {path}: '{k}' has shape {list(v.shape)} dtype {v.dtype}, expected finite "
-                            f"floats of shape {list(want)}")
-    tag = str(arrays[WEIGHTS_TAG]) if WEIGHTS_TAG in arrays else None
-    return {k: v.astype(np.float64) for k, v in stats.items()}, tag
-
-
-def _use_stored_stats(stats: dict[str, np.ndarray], tag: str | None, model, cfg: EvalConfig
-                      ) -> tuple[dict[str, np.ndarray] | None, str]:
-    """Stored statistics if they apply to these weights, with the reason either way."""
-    if not stats:
-        return None, "computed (the .npz stores no statistics)"
-    if cfg.recompute_reference_stats:
-        return None, "computed (--recompute-reference-stats)"
-    if tag is None and not model.comparable:
-        return None, "computed (stored statistics come from the TF Inception, not these random weights)"
-    if tag is not None and tag != model.cache_id:
-        return None, f"computed (stored statistics were made with other weights: {tag[:16]})"
-    return stats, "npz"
+def choose_metrics(cfg: EvalConfig) -> list[str]:
+    """--metrics as given; by default ADM's four plus fd_dinov2 when its weights need no download (else one line
+    saying why it was left out)."""
+    from evaluation.dinov2 import parse_dinov2, weights_available
+    spec = parse_dinov2(cfg.dinov2)  # a bad name is an error whether or not it is used
+    if cfg.metrics is not None:
+        return list(cfg.metrics)
+    ok, why = weights_available(spec)
+    if spec.path is not None and not ok:
+        raise UserError(f"DINOv2 weights not found: {spec.path} (--dinov2 {cfg.dinov2})")
+    if ok:
+        return [*DEFAULT_METRICS, "fd_dinov2"]
+    print(f"note: FD_DINOv2 left out: {why} (--metrics ...,fd_dinov2 downloads it; --dinov2 NAME=PATH takes a "
+          f"file)", file=sys.stderr)
+    return list(DEFAULT_METRICS)
 
 
 def _open_inputs(cfg: EvalConfig):
     from evaluation.images import open_images
-    samples = None
-    if cfg.samples is not None:
-        samples = open_images(cfg.samples, num_workers=cfg.num_workers, what="samples").limit(cfg.num_samples)
+    sets = [open_images(s, num_workers=cfg.num_workers, what="samples").limit(cfg.num_samples)
+            for s in cfg.samples or []]
     crop = cfg.resolution
-    if crop is None and samples is not None and samples.size[0] == samples.size[1]:
-        crop = samples.size[0]
+    if crop is None and sets and sets[0].size[0] == sets[0].size[1]:
+        crop = sets[0].size[0]
     ref = open_images(cfg.reference, crop=crop, num_workers=cfg.num_workers, what="reference")
-    if samples is not None and ref.size != samples.size:
-        raise UserError(f"sample set {samples.path} is {samples.size[0]}x{samples.size[1]} but reference "
-                        f"{ref.path} is {ref.size[0]}x{ref.size[1]}; evaluate against a reference of the same size")
-    return samples, ref
-
-
-def _write_reference(path: Path, ref, acts, model, cfg: EvalConfig) -> None:
-    """An ADM-format reference batch: arr_0 plus statistics (and which weights made them)."""
-    images = np.concatenate(list(ref.batches(cfg.batch_size, cfg.num_workers)))  # (N, H, W, 3) uint8
-    with atomic_open(path, "wb") as f:
-        np.savez(f, arr_0=images, mu=acts.mu, sigma=acts.sigma, mu_s=acts.mu_s, sigma_s=acts.sigma_s,
-                 **{WEIGHTS_TAG: np.array(model.cache_id)})
-    print(f"wrote reference batch {path} ({images.shape[0]} images)", file=sys.stderr)
+    for s in sets:
+        if ref.size != s.size:
+            raise UserError(f"sample set {s.path} is {s.size[0]}x{s.size[1]} but reference {ref.path} is "
+                            f"{ref.size[0]}x{ref.size[1]}; evaluate against a reference of the same size")
+    return sets, ref
 
 
 def _describe(images, acts) -> dict[str, Any]:
-    return {"path": str(images.path), "kind": images.kind, "count": images.count, "size": list(images.size),
-            "sha256": images.sha256, "transform": images.transform, "cache": acts.cache,
-            "cache_path": acts.cache_path}
+    out = {"path": str(images.path), "kind": images.kind, "count": images.count, "size": list(images.size),
+           "sha256": images.sha256, "transform": images.transform, "cache": acts.cache,
+           "cache_path": acts.cache_path}
+    if acts.dinov2 is not None:
+        out.update(dinov2_cache=acts.dinov2.cache, dinov2_cache_path=acts.dinov2.cache_path)
+    return out
+
+
+def _reference(ref, cfg: EvalConfig, metrics: list[str], model, dino, kw: dict) -> tuple[Any, dict[str, str]]:
+    """The reference's activations: stored arrays of a reference .npz where they apply, a pass for the rest."""
+    from evaluation.features import Activations, DinoActivations, compute_activations
+    from evaluation.reference import StoredReference, dino_applies, inception_applies, load_stored
+    stored = load_stored(ref.path, ref.count) if ref.kind == "npz" else StoredReference()
+    use_inc, source = (False, "computed")
+    if model is not None and ref.kind == "npz":
+        use_inc, source = inception_applies(stored, model, cfg.recompute_reference_stats)
+    use_pool = use_inc and stored.pool is not None and stored.tag is not None
+    use_dino, dino_source = (False, "computed")
+    if dino is not None and ref.kind == "npz":
+        use_dino, dino_source = dino_applies(stored, dino, cfg.recompute_reference_stats)
+    writing = cfg.write_reference is not None
+    want_stats = writing or "fid" in metrics or "sfid" in metrics
+    want_pool = writing or "pr" in metrics
+    run_inc = model is not None and ((want_stats and not use_inc) or (want_pool and not use_pool))
+    run_dino = dino is not None and not use_dino
+    acts = Activations(cache="stored")  # no pass over the reference: everything it needs is in the .npz
+    if run_inc or run_dino:
+        acts = compute_activations(ref, model if run_inc else None, dinov2=dino if run_dino else None,
+                                   desc="reference", reference=True, **kw)
+    if use_inc:
+        for k, v in stored.stats.items():
+            setattr(acts, k, v)
+    if use_pool:
+        acts.pool = stored.pool
+    if use_dino:
+        acts.dinov2 = DinoActivations(feats=None, **stored.dino, cache="stored")
+    sources = {"stats_source": source} if model is not None else {}
+    if dino is not None:
+        sources["dinov2_stats_source"] = dino_source
+    return acts, sources
+
+
+def _score(smp, ref_acts, metrics: list[str], cfg: EvalConfig, device: str) -> tuple[dict[str, float], float, float]:
+    from evaluation.metrics import frechet_distance, inception_score, precision_recall
+    t0 = time.perf_counter()
+    out: dict[str, float] = {}
+    if "fid" in metrics:
+        out["fid"] = frechet_distance(smp.mu, smp.sigma, ref_acts.mu, ref_acts.sigma)
+    if "sfid" in metrics:
+        out["sfid"] = frechet_distance(smp.mu_s, smp.sigma_s, ref_acts.mu_s, ref_acts.sigma_s)
+    if "is" in metrics:
+        out["is"] = inception_score(smp.logits, split_size=cfg.is_split)
+    t_fid = time.perf_counter() - t0
+    t0 = time.perf_counter()
+    if "pr" in metrics:
+        out["precision"], out["recall"] = precision_recall(ref_acts.pool, smp.pool, k=cfg.pr_k, dtype=cfg.pr_dtype,
+                                                           device=device)
+    t_pr = time.perf_counter() - t0
+    if "fd_dinov2" in metrics:
+        t0 = time.perf_counter()
+        out["fd_dinov2"] = frechet_distance(smp.dinov2.mu, smp.dinov2.sigma, ref_acts.dinov2.mu,
+                                            ref_acts.dinov2.sigma)
+        t_fid += time.perf_counter() - t0
+    return out, t_fid, t_pr
 
 
 def main(argv: Sequence[str] | None = None) -> int:
@@ -212,75 +142,89 @@ def main(argv: Sequence[str] | None = None) -> int:
     cfg, dry = resolve(argv)
     if dry:
         return print_config(cfg)
+    metrics = choose_metrics(cfg)
     out = _outpath(cfg.out)
-    urls = (cfg.samples, cfg.reference)  # recorded in the report as given
+    urls = (None if cfg.samples is None else list(cfg.samples), cfg.reference)  # recorded in the report as given
     # Object-store inputs are fetched once into a local cache (sha256-checked shard sets, files by size).
-    cfg.samples = None if cfg.samples is None else str(localize(cfg.samples, "samples"))
+    cfg.samples = None if cfg.samples is None else [str(localize(s, "samples")) for s in cfg.samples]
     cfg.reference = str(localize(cfg.reference, "reference"))
-    if cfg.samples is not None:
+    if cfg.samples:
         _check_out(out, "report")
     if cfg.write_reference:
         _check_out(_outpath(cfg.write_reference), "--write-reference")
-    samples, ref = _open_inputs(cfg)
+    sets, ref = _open_inputs(cfg)
     cfg.samples, cfg.reference = urls
-    ref_stats, ref_tag = _load_reference_stats(ref.path) if ref.kind == "npz" else ({}, None)
     device = resolve_device(cfg.device)
 
+    from evaluation.cache import evict
     from evaluation.features import compute_activations
-    from evaluation.inception import InceptionFeatures
-    from evaluation.metrics import frechet_distance, inception_score, precision_recall
-    from evaluation.report import NOT_COMPARABLE, format_table, write_report
-    model = InceptionFeatures(cfg.inception_weights, device=device)
+    from evaluation.report import NOT_COMPARABLE, NOT_COMPARABLE_DINO, format_rows, summarize, write_report
+    model = dino = None
+    if cfg.write_reference or any(m in INCEPTION_METRICS for m in metrics):
+        from evaluation.inception import InceptionFeatures
+        model = InceptionFeatures(cfg.inception_weights, device=device)
+    if "fd_dinov2" in metrics:
+        from evaluation.dinov2 import DinoV2Features
+        dino = DinoV2Features(cfg.dinov2, device=device, resize=cfg.resize)
     remote_cache = None if cfg.no_cache or not storage.is_url(cfg.cache_dir) else cfg.cache_dir
     cache_dir = (None if cfg.no_cache else sync_down(remote_cache, ".h5") if remote_cache
                  else Path(cfg.cache_dir).expanduser())
     kw = dict(batch_size=cfg.batch_size, num_workers=cfg.num_workers, cache_dir=cache_dir, progress=cfg.progress)
 
-    ref_acts = compute_activations(ref, model, desc="reference", **kw)
-    stored, stats_source = (None, "computed")
-    if ref.kind == "npz":
-        stored, stats_source = _use_stored_stats(ref_stats, ref_tag, model, cfg)
-    if stored is not None:
-        for k, v in stored.items():
-            setattr(ref_acts, k, v)
+    ref_acts, sources = _reference(ref, cfg, metrics, model, dino, kw)
     if cfg.write_reference:
-        _write_reference(_outpath(cfg.write_reference), ref, ref_acts, model, cfg)
-    if samples is None:
+        from evaluation.reference import write_reference
+        images = np.concatenate(list(ref.batches(cfg.batch_size, cfg.num_workers)))  # (N, H, W, 3) uint8
+        write_reference(_outpath(cfg.write_reference), images, ref_acts, model, dino)
+    smp_kw = {**kw, "cache_dir": None if cfg.no_cache_samples else cache_dir}
+    results, t_fid, t_pr = [], 0.0, 0.0
+    for i, samples in enumerate(sets):
+        desc = "samples" if len(sets) == 1 else f"samples {i + 1}/{len(sets)}"
+        acts = compute_activations(samples, model, dinov2=dino, desc=desc, **smp_kw)
+        scores, a, b = _score(acts, ref_acts, metrics, cfg, device)
+        results.append((samples, acts, scores))
+        t_fid, t_pr = t_fid + a, t_pr + b
+    if cache_dir is not None:
+        used = {Path(p) for a in [ref_acts, *(r[1] for r in results)]
+                for p in (a.cache_path, a.dinov2.cache_path if a.dinov2 else None) if p}
+        evict(cache_dir, cfg.cache_gb, keep=used)
         if remote_cache:
             sync_up(cache_dir, remote_cache, ".h5")
+    if not sets:
         return 0
 
-    smp_acts = compute_activations(samples, model, desc="samples", **kw)
-    t0 = time.perf_counter()
-    metrics = {"fid": frechet_distance(smp_acts.mu, smp_acts.sigma, ref_acts.mu, ref_acts.sigma),
-               "sfid": frechet_distance(smp_acts.mu_s, smp_acts.sigma_s, ref_acts.mu_s, ref_acts.sigma_s),
-               "is": inception_score(smp_acts.logits, split_size=cfg.is_split)}
-    t_fid = time.perf_counter() - t0
-    t0 = time.perf_counter()
-    metrics["precision"], metrics["recall"] = precision_recall(ref_acts.pool, smp_acts.pool, k=cfg.pr_k,
-                                                               dtype=cfg.pr_dtype, device=device)
-    t_pr = time.perf_counter() - t0
-
-    timing = {}
-    for name in ("decode_wait_s", "forward_s", "statistics_s"):
-        timing[name] = round(sum(a.timing.get(name, 0.0) for a in (ref_acts, smp_acts)), 3)
+    all_acts = [ref_acts, *(r[1] for r in results)]
+    timing = {k: round(sum(a.timing.get(k, 0.0) for a in all_acts), 3)
+              for k in ("decode_wait_s", "forward_s", *(("dinov2_forward_s",) if dino else ()), "statistics_s")}
     timing.update(fid_is_s=round(t_fid, 3), pr_s=round(t_pr, 3), total_s=round(time.perf_counter() - t_start, 3))
+    inc_ok = model is None or model.comparable
+    comparable = inc_ok and (dino is None or dino.comparable)
+    notes = ([] if inc_ok else [NOT_COMPARABLE]) + ([] if dino is None or dino.comparable else [NOT_COMPARABLE_DINO])
     import torch
-    report = {
-        "metrics": metrics,
-        "comparable": model.comparable,
-        **({} if model.comparable else {"note": NOT_COMPARABLE}),
-        "samples": _describe(samples, smp_acts),
-        "reference": {**_describe(ref, ref_acts), "stats_source": stats_source},
-        "inception": {"weights": model.weights_id, "sha256": model.weights_sha256, "comparable": model.comparable},
-        "settings": {**asdict(cfg), "device": device, "tf32": False, "autocast": False, "torch": torch.__version__},
-        "timing": timing,
-        "created_by": {"command": "python -m evaluation " + shlex.join(list(argv or sys.argv[1:]))},
-    }
+    settings = {**asdict(cfg), "samples": urls[0][0] if len(sets) == 1 else urls[0], "metrics": metrics,
+                "device": device, "tf32": False, "autocast": False, "torch": torch.__version__}
+    report: dict[str, Any] = {"metrics": results[0][2] if len(sets) == 1 else {}, "comparable": comparable,
+                              **({"note": "; ".join(notes)} if notes else {})}
+    if len(sets) == 1:
+        report["samples"] = _describe(results[0][0], results[0][1])
+    else:
+        report["summary"] = summarize([r[2] for r in results])
+        report["metrics"] = {k: v["mean"] for k, v in report["summary"].items()}
+        report["sets"] = [{"samples": _describe(s, a), "metrics": m} for s, a, m in results]
+    report["reference"] = {**_describe(ref, ref_acts), **sources}
+    if model is not None:
+        report["inception"] = {"weights": model.weights_id, "sha256": model.weights_sha256,
+                               "comparable": model.comparable}
+    if dino is not None:
+        report["dinov2"] = {"model": dino.spec.name, "weights": dino.weights_id, "sha256": dino.weights_sha256,
+                            "resize": dino.resize, "comparable": dino.comparable}
+    report.update(settings=settings, timing=timing,
+                  created_by={"command": "python -m evaluation " + shlex.join(list(argv or sys.argv[1:]))})
     write_report(out, report)
-    if remote_cache:
-        sync_up(cache_dir, remote_cache, ".h5")
-    shown = cfg.samples if storage.is_url(cfg.samples) else samples.path  # a URL as given, not its local copy
-    print(format_table(str(shown), samples.count, metrics, model.comparable))
+    shown = [u if storage.is_url(u) else str(s.path) for u, (s, _, _) in zip(urls[0], results)]  # URLs as given
+    rows = [(name, s.count, m) for name, (s, _, m) in zip(shown, results)]
+    print(format_rows(rows, inc_ok, summary=report.get("summary"),
+                      notes=[] if dino is None or dino.comparable else [NOT_COMPARABLE_DINO]))
     print(f"report: {out}", file=sys.stderr)
     return 0
+

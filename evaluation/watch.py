@@ -1,4 +1,4 @@
-"""`python -m evaluation watch RUN --reference REF`: FID, sFID, IS, P/R of each new EMA export of a run.
+"""`python -m evaluation watch RUN --reference REF`: FID, sFID, IS, P/R (and FD_DINOv2) of each new EMA export.
 
 For each export RUN/export/ema-NNNNNNN.safetensors newer than the last evaluated step, it samples with
 `python -m trainer sample` (a subprocess: torchrun with --num-gpus > 1; finished shards survive a kill), runs
@@ -30,7 +30,9 @@ from common.device import DEVICE_HELP, device_flag
 from manifests.runs import DONE_MARKER, EVAL_TB_DIR, list_exports
 from common.tracking import open_tracker
 
-METRICS = ("fid", "sfid", "is", "precision", "recall")
+from evaluation.config import metric_list
+
+METRICS = ("fid", "sfid", "is", "precision", "recall", "fd_dinov2")  # report keys kept in a row (when present)
 EXAMPLE = """examples:
   python -m evaluation watch runs/xl --reference VIRTUAL_imagenet256_labeled.npz          # follow until DONE
   python -m evaluation watch runs/xl --reference ref.npz --once --num-samples 50000 --num-gpus 8
@@ -59,6 +61,9 @@ class WatchConfig:
     batch_size: int | None = None  # global sampling batch; None: BATCH_PER_GPU x num_gpus
     precision: str = "tf32"  # of the sampler (trainer sample --precision)
     inception_weights: str | None = None
+    metrics: list[str] | None = None  # the metrics job's --metrics (default: its own, fd_dinov2 when its weights are here)
+    dinov2: str | None = None
+    resize: str | None = None
     eval_batch_size: int = 100
     device: str = "auto"
     report_to: str | None = None
@@ -101,6 +106,10 @@ def build_parser() -> argparse.ArgumentParser:
     g = p.add_argument_group("metrics (python -m evaluation)")
     g.add_argument("--inception-weights", metavar="PATH|random:SEED", help="as for python -m evaluation "
                    "(default: torch-fidelity's cached download)")
+    g.add_argument("--metrics", metavar="LIST", type=metric_list, help="as for python -m evaluation: e.g. fid,fd_dinov2 (default: "
+                   "its default, which adds fd_dinov2 when the DINOv2 weights are downloaded)")
+    g.add_argument("--dinov2", metavar="NAME[=PATH]", help="as for python -m evaluation (default: dinov2-vit-l)")
+    g.add_argument("--resize", choices=("torch", "pil"), help="as for python -m evaluation (default: torch)")
     g.add_argument("--eval-batch-size", type=positive_int, default=d.eval_batch_size, help="the metrics job's "
                    "--batch-size (global: one process) (default %(default)s)")
     g.add_argument("--device", type=device_flag, default=d.device, help=f"of the metrics job: {DEVICE_HELP} "
@@ -197,7 +206,7 @@ def sample_command(cfg: WatchConfig, ckpt: Path, out: Path) -> list[str]:
     launcher = [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc-per-node",
                 str(cfg.num_gpus)] if cfg.num_gpus > 1 else [sys.executable]
     return [*launcher, "-m", "trainer", "sample", "--ckpt", str(ckpt), "--out", str(out),
-            "--num-samples", str(cfg.num_samples), "--mode", "sde", "--num-steps", str(cfg.num_steps),
+            "--num-samples", str(cfg.num_samples), "--num-steps", str(cfg.num_steps),  # the family's default mode
             "--cfg-scale", str(cfg.cfg_scale), "--guidance-high", str(cfg.guidance_high), "--seed", str(cfg.seed),
             "--batch-size", str(cfg.batch_size), "--precision", cfg.precision]  # both global
 
@@ -212,7 +221,8 @@ def evaluate(cfg: WatchConfig, step: int, export: Path, log) -> dict[str, Any] |
         return None
     t0 = time.perf_counter()
     cmd = sample_command(cfg, ckpt, work / "samples")
-    log(f"step {step}: sampling {cfg.num_samples} images ({cfg.num_steps} SDE steps, cfg {cfg.cfg_scale})")
+    log(f"step {step}: sampling {cfg.num_samples} images ({cfg.num_steps} steps of the model's default sampler, "
+        f"cfg {cfg.cfg_scale})")
     rc = subprocess.call(cmd, env={**os.environ, "PYTHONUNBUFFERED": "1"})
     if rc != 0:
         raise UserError(f"step {step}: sampling failed (exit {rc}): {' '.join(cmd)}")
@@ -220,20 +230,33 @@ def evaluate(cfg: WatchConfig, step: int, export: Path, log) -> dict[str, Any] |
     t0 = time.perf_counter()
     from evaluation.job import main as metrics_main
     report_path = work / "report.json"
-    args = ["--samples", str(work / "samples"), "--reference", cfg.reference, "--out", str(report_path),
-            "--batch-size", str(cfg.eval_batch_size), "--device", cfg.device, "--num-samples", str(cfg.num_samples)]
-    if cfg.inception_weights:
-        args += ["--inception-weights", cfg.inception_weights]
-    if cfg.cache_dir:
-        args += ["--cache-dir", cfg.cache_dir]
-    metrics_main(args)
+    metrics_main(metrics_command(cfg, work / "samples", report_path))
     report = read_json(report_path, "evaluation report")
     t_eval = time.perf_counter() - t0
-    return {"step": step, **{k: report["metrics"].get(k) for k in METRICS}, "num_samples": cfg.num_samples,
-            "sampler": {"mode": "sde", "steps": cfg.num_steps, "cfg_scale": cfg.cfg_scale,
+    scores = {k: report["metrics"].get(k) for k in METRICS if k != "fd_dinov2" or k in report["metrics"]}
+    return {"step": step, **scores, "num_samples": cfg.num_samples,
+            "sampler": {"mode": sampled_mode(work / "samples"), "steps": cfg.num_steps, "cfg_scale": cfg.cfg_scale,
                         "guidance_high": cfg.guidance_high, "seed": cfg.seed},
             "comparable": report.get("comparable"), "export": export.name, "sample_s": round(t_sample, 2),
             "eval_s": round(t_eval, 2), "time": time.time()}
+
+
+def sampled_mode(samples: Path) -> str | None:
+    """The sampler `trainer sample` chose (the model family's default: SiT sde, DiT ddpm), from its manifest."""
+    with contextlib.suppress(UserError, KeyError, TypeError):
+        return read_json(samples / "manifest.json", "samples manifest")["sampler"]["mode"]
+    return None
+
+
+def metrics_command(cfg: WatchConfig, samples: Path, report: Path) -> list[str]:
+    """The metrics job's argv for one export's samples."""
+    args = ["--samples", str(samples), "--reference", cfg.reference, "--out", str(report),
+            "--batch-size", str(cfg.eval_batch_size), "--device", cfg.device, "--num-samples", str(cfg.num_samples)]
+    for name in ("inception_weights", "cache_dir", "metrics", "dinov2", "resize"):
+        v = getattr(cfg, name)
+        if v:
+            args += ["--" + name.replace("_", "-"), ",".join(v) if isinstance(v, list) else str(v)]
+    return args
 
 
 def run_config(run: Path) -> dict[str, Any]:
@@ -242,17 +265,20 @@ def run_config(run: Path) -> dict[str, Any]:
 
 
 def fid_figure(rows: list[dict[str, Any]]):
-    """FID (and sFID) against training step on a log axis, with IS and precision/recall beside it."""
+    """FID (and sFID) against training step on a log axis, with IS and precision/recall beside it, and FD_DINOv2
+    in a fourth panel when the rows have it (its values run far above FID's)."""
     from matplotlib.figure import Figure
     from matplotlib.ticker import FormatStrFormatter, MaxNLocator
-    fig = Figure(figsize=(11, 4), dpi=100, layout="constrained")
-    ax_fid, ax_is, ax_pr = fig.subplots(1, 3)
+    panels = [(("fid", "sfid"), "FID / sFID (lower is better)", "distance", True),
+              (("is",), "Inception Score (higher is better)", "IS", False),
+              (("precision", "recall"), "precision / recall (k=3)", "fraction", False)]
+    if any(isinstance(r.get("fd_dinov2"), (int, float)) for r in rows):
+        panels.append((("fd_dinov2",), "FD_DINOv2 (lower is better)", "distance", True))
+    fig = Figure(figsize=(11 * len(panels) / 3, 4), dpi=100, layout="constrained")
+    axes = fig.subplots(1, len(panels))
     steps = [r["step"] for r in rows]
     n = rows[-1].get("num_samples") if rows else None
-    for ax, keys, title, unit, log in ((ax_fid, ("fid", "sfid"), "FID / sFID (lower is better)", "distance", True),
-                                       (ax_is, ("is",), "Inception Score (higher is better)", "IS", False),
-                                       (ax_pr, ("precision", "recall"), "precision / recall (k=3)", "fraction",
-                                        False)):
+    for ax, (keys, title, unit, log) in zip(axes, panels):
         for k in keys:
             pts = [(s, r[k]) for s, r in zip(steps, rows) if isinstance(r.get(k), (int, float)) and
                    (r[k] > 0 or not log)]

@@ -81,3 +81,27 @@ def one_line_error(rc, err, *needles):
 
 def _tmp_files(folder: Path):
     return sorted(p for p in folder.glob(".tmp-*")) if folder.exists() else []
+
+
+def write_lively_dinov2(path: Path) -> Path:
+    """A random `tiny-dinov2` checkpoint whose CLS feature depends on the image. timm's init (LayerScale 1e-5,
+    CLS token ~1e-6) gives a network whose output barely sees the input, so no test could tell preprocessing
+    apart; here the LayerScales are 1 and every weight is of order one over the fan-in."""
+    import timm
+    import torch
+    from safetensors.torch import save_file
+    with torch.random.fork_rng(devices=[]):
+        torch.manual_seed(5)
+        net = timm.create_model("vit_small_patch14_dinov2", pretrained=False, num_classes=0, img_size=518,
+                                embed_dim=64, depth=2, num_heads=2)
+        sd = {}
+        for k, v in net.state_dict().items():
+            if k.endswith("gamma"):
+                v = torch.ones_like(v)
+            elif k in ("cls_token", "pos_embed"):
+                v = torch.randn_like(v) * 0.5
+            elif v.ndim >= 2:
+                v = torch.randn_like(v) / v[0].numel() ** 0.5
+            sd[k] = v.contiguous()
+    save_file(sd, str(path))
+    return path
