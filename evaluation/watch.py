@@ -244,7 +244,7 @@ def evaluate(cfg: WatchConfig, step: int, export: Path, log) -> dict[str, Any] |
 def sampled_mode(samples: Path) -> str | None:
     """The sampler `trainer sample` chose (the model family's default: SiT sde, DiT ddpm), from its manifest."""
     with contextlib.suppress(UserError, KeyError, TypeError):
-        return read_json(samples / "manifest.json", "samples manifest")["sampler"]["mode"]
+        return read_json(samples / "manifest.json", "samples manifest")["repa"]["sampler"]["mode"]
     return None
 
 

@@ -44,12 +44,14 @@ class TokenCodec:
         import torch
         return getattr(torch, self.storage)
 
-    def record(self, tokens: int, field: str) -> dict[str, Any]:
-        """The manifest's `token_codec` entry for a field of `tokens` tokens."""
+    def record(self, tokens: int | list, field: str) -> dict[str, Any]:
+        """The manifest's `token_codec` entry for a field of `tokens` tokens (or of a scale shape, e.g. [None, 77]
+        for text contexts: K captions of 77 tokens)."""
         rec: dict[str, Any] = {"name": self.name, "storage": self.storage}
         if self.scaled:
             rec["qmax"] = self.qmax
-            rec["scale"] = {"member": f"{scale_field(field)}.npy", "dtype": SCALE_DTYPE, "shape": [tokens],
+            shape = list(tokens) if isinstance(tokens, (list, tuple)) else [tokens]
+            rec["scale"] = {"member": f"{scale_field(field)}.npy", "dtype": SCALE_DTYPE, "shape": shape,
                             "per": "token"}
             rec["decode"] = "x = code * scale[:, None]"
         if self.storage != self.dtype:
@@ -102,7 +104,7 @@ def field_codec(name: str, spec: dict[str, Any], where: str = "manifest") -> Tok
           f"found dtype {spec.get('dtype')!r} stored as {rec.get('storage')!r}")
     if c.scaled:
         sc = rec.get("scale")
-        tokens = list(spec.get("shape", [None]))[:1]
+        tokens = list(spec.get("shape", [None, None]))[:-1]  # one scale per token: every axis but the width
         ok = isinstance(sc, dict) and sc.get("dtype") == SCALE_DTYPE and list(sc.get("shape", [])) == tokens \
             and sc.get("per") == "token" and float(rec.get("qmax", -1)) == c.qmax
         check(ok, f"{where}: field '{name}' ({cname}) needs a per-token {SCALE_DTYPE} scale of shape {tokens} and "
@@ -153,13 +155,35 @@ def encode_members(field: str, x: torch.Tensor | np.ndarray, codec: TokenCodec) 
     return {k: v.cpu().numpy() for k, v in encode_fields(field, t, codec).items()}
 
 
+def bad_scales(scale: np.ndarray, codec: TokenCodec) -> np.ndarray:
+    """Element-wise over (..., T) scales: whether a stored scale cannot come from `encode`: non-finite, negative,
+    or above the float16 range divided by qmax (a flipped exponent bit). A zero scale is possible (an all-zero
+    token) and is checked against its codes by check_scales()."""
+    s = scale.astype(np.float32)
+    return ~np.isfinite(s) | (s < 0) | (s > np.float32(65504.0 / (codec.qmax or 1.0)))
+
+
+def check_scales(scale: np.ndarray, codec: TokenCodec, what: str, codes: np.ndarray | None = None) -> None:
+    """One line naming `what` if any scale is impossible (bad_scales), or is 0 for a token with non-zero codes."""
+    bad = bad_scales(scale, codec)
+    if codes is not None:  # a zero scale with non-zero codes decodes a token to 0: not what was encoded
+        nz = (codes & 0x7F) != 0 if codes.dtype == np.uint8 else codes != 0  # float8: 0x80 is -0
+        bad |= (scale == 0) & nz.reshape(*scale.shape, -1).any(-1)
+    if bad.any():
+        v = float(scale.reshape(-1)[int(np.flatnonzero(bad.reshape(-1))[0])])
+        if not np.isfinite(v):
+            raise UserError(f"{what}: non-finite scale (corrupt shard?)")
+        raise UserError(f"{what}: impossible token scale {v!r} (negative, zero for non-zero codes, or too large: "
+                        f"corrupt shard?)")
+
+
 def decode_arrays(q: np.ndarray, scale: np.ndarray | None, codec: TokenCodec, what: str = "tokens") -> np.ndarray:
     """Numpy codes and scales -> float32 tokens, checking the scale's shape and finiteness (UserError names `what`)."""
     if codec.scaled:
         check(scale is not None, f"{what}: scale member missing")
         check(scale.shape == q.shape[:-1] and scale.dtype == np.float16,
               f"{what}: scale has shape {list(scale.shape)} {scale.dtype}, expected {list(q.shape[:-1])} float16")
-        check(bool(np.isfinite(scale).all()), f"{what}: non-finite scale (corrupt shard?)")
+        check_scales(scale, codec, what, q)
     import torch
     check(q.dtype == np.dtype(codec.storage), f"{what}: stored as {q.dtype}, codec {codec.name} stores "
                                               f"{codec.storage}")

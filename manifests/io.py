@@ -17,10 +17,10 @@ def is_tmp(path: str | os.PathLike) -> bool:
     return Path(path).name.startswith(TMP_MARK)
 
 
-def remove_tmp_files(folder: str | os.PathLike) -> int:
-    """Delete half-written files a killed writer left in `folder` (on an object store: its staging files and
-    unfinished uploads); returns how many."""
-    return storage.path(folder).clean_partial_writes()
+def remove_tmp_files(folder: str | os.PathLike, before: float | None = None) -> int:
+    """Delete half-written files that dead writers left in `folder` (on an object store: their staging files and
+    the unfinished uploads begun before `before`, the caller's lease start); returns how many."""
+    return storage.path(folder).clean_partial_writes(before)
 
 
 @contextlib.contextmanager

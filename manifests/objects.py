@@ -6,21 +6,19 @@ from __future__ import annotations
 import contextlib
 import errno
 import hashlib
+import io
 import os
-import random
 import shutil
 import tempfile
 import threading
-import time
 from pathlib import Path, PurePosixPath
-from typing import Any, Callable, Iterable, Iterator, TypeVar
+from typing import Any, Callable, Iterable, Iterator
 
-from common.errors import UserError
+from common.errors import UserError, free_space
+from .retry import call  # the one retry policy
+from .object_checks import UPLOAD_BLOCK, RangeReader, abort_uploads, confine, same_bytes
 
-T = TypeVar("T")
-UPLOAD_BLOCK = 64 << 20  # multipart part size; objects below it go up in one PUT
 READ_BLOCK = 8 << 20  # read-ahead of streamed reads (tar scans, sha256)
-RETRIES = int(os.environ.get("REPA_STORAGE_RETRIES", "3"))  # whole-operation attempts on network errors
 TMP_MARK = ".tmp-"  # every half-written local file (a download, an atomic write) carries this; re-runs delete them
 _lock = threading.Lock()
 _filesystems: dict[tuple[str, int], Any] = {}
@@ -28,7 +26,8 @@ _filesystems: dict[tuple[str, int], Any] = {}
 
 def filesystem(protocol: str):
     """The fsspec filesystem of a protocol, one per process (credentials from the standard environment)."""
-    key = (protocol, os.getpid())  # async clients do not survive fork: a new process gets its own
+    endpoint = os.environ.get("AWS_ENDPOINT_URL_S3") or os.environ.get("AWS_ENDPOINT_URL")
+    key = (protocol, os.getpid(), endpoint)  # async clients do not survive fork: a new process gets its own
     with _lock:
         fs = _filesystems.get(key)
         if fs is None:
@@ -38,10 +37,9 @@ def filesystem(protocol: str):
                 # AWS_ENDPOINT_URL(_S3) names an S3-compatible store (MinIO, Ceph, moto); keys and profiles come
                 # from AWS_* variables / ~/.aws as botocore resolves them. Listing caches are off: other
                 # processes (Ray actors, ranks) write the same prefix.
-                endpoint = os.environ.get("AWS_ENDPOINT_URL_S3") or os.environ.get("AWS_ENDPOINT_URL")
                 opts = {"use_listings_cache": False, "skip_instance_cache": True,
                         "config_kwargs": {"connect_timeout": 10, "read_timeout": 60,
-                                          "retries": {"max_attempts": 1}}}  # s3fs retries each request itself
+                                          "retries": {"total_max_attempts": 1}}}  # retries: manifests/retry.py
                 if endpoint:
                     opts["endpoint_url"] = endpoint
             try:
@@ -51,47 +49,10 @@ def filesystem(protocol: str):
                                 f"pip install 'repa[s3]'") from e
             except ValueError as e:
                 raise UserError(f"unknown storage protocol {protocol}:// ({e})") from e
+            if hasattr(fs, "retries"):
+                fs.retries = 1  # s3fs would retry SlowDown alone, unlogged; one policy retries everything instead
             _filesystems[key] = fs
     return fs
-
-
-def _reason(e: BaseException) -> str:
-    """A short reason without secrets: the exception's first line (botocore never puts keys in messages)."""
-    if isinstance(e, FileNotFoundError):
-        return "not found (missing bucket or object)"
-    if isinstance(e, PermissionError):
-        return "access denied (check AWS credentials / bucket policy)"
-    text = str(e).strip().splitlines()[0] if str(e).strip() else type(e).__name__
-    return text[:300]
-
-
-def _transient(e: BaseException) -> bool:
-    """Network trouble worth a retry; missing objects and denied access are not."""
-    if isinstance(e, (FileNotFoundError, PermissionError, IsADirectoryError, NotADirectoryError, UserError)):
-        return False
-    name = type(e).__name__
-    return isinstance(e, (ConnectionError, TimeoutError)) or any(
-        w in name for w in ("Connect", "Timeout", "ServerDisconnected", "ClientPayload", "ResponseStreaming"))
-
-
-def call(url: str, what: str, fn: Callable[[], T], retries: int | None = None) -> T:
-    """Run one storage operation; transient errors are retried with backoff, the rest become one-line errors."""
-    delay = 0.5
-    retries = RETRIES if retries is None else retries
-    for attempt in range(retries):
-        try:
-            return fn()
-        except UserError:
-            raise
-        except Exception as e:  # noqa: BLE001 - every client error becomes one line naming the URL
-            if _transient(e) and attempt + 1 < retries:
-                time.sleep(delay * (1 + random.random()))
-                delay *= 2
-                continue
-            if isinstance(e, OSError) and e.errno == errno.ENOSPC:
-                raise UserError(f"cannot {what} {url}: no space left on device") from e
-            raise UserError(f"cannot {what} {url}: {_reason(e)}") from e
-    raise AssertionError("unreachable")
 
 
 class _Stat:
@@ -221,6 +182,12 @@ class ObjectPath:
         return [(self._at(PurePosixPath(k)), int(v.get("size") or 0)) for k, v in sorted(found.items())
                 if v.get("type") == "file"]
 
+    def listing(self) -> dict[str, dict]:
+        """Relative name -> the store's info (size, ETag) of every object under this prefix (one listing)."""
+        found = call(self.url, "list", lambda: self.fs.find(self.key, detail=True))
+        return {str(PurePosixPath(k).relative_to(self.key)): v for k, v in sorted(found.items())
+                if v.get("type") == "file"}
+
     def file_sizes(self, names: Iterable[str]) -> dict[str, int | None]:
         """Size of each relative name under this prefix (None: missing), from one listing, not a HEAD each."""
         have = {str(o.relative_to(self)): n for o, n in self.find()}
@@ -235,7 +202,11 @@ class ObjectPath:
     def open(self, mode: str = "rb", **kw):
         if "r" not in mode:
             raise ValueError("write an object with manifests.io.atomic_path/atomic_open (whole objects only)")
-        return call(self.url, "read", lambda: self.fs.open(self.key, mode, block_size=READ_BLOCK, **kw))
+        info = self._info()
+        if info is None:
+            raise UserError(f"cannot read {self.url}: not found (missing bucket or object)")
+        # Each block is one ranged GET under the retry policy, so a fault mid-stream costs one block, not the read.
+        return io.BufferedReader(RangeReader(self, int(info.get("size") or 0)), READ_BLOCK)
 
     def read_bytes(self) -> bytes:
         return call(self.url, "read", lambda: self.fs.cat_file(self.key))
@@ -275,9 +246,11 @@ class ObjectPath:
             return self.download(local / self.name, self.stat().st_size)
         self.check_bucket()
         listing = {str(o.relative_to(self)): n for o, n in self.find()}
+        names = sorted(listing) if select is None else select(listing)
+        dests = [confine(local, name, self.url) for name in names]  # every key checked before anything is written
         local.mkdir(parents=True, exist_ok=True)
-        for name in (sorted(listing) if select is None else select(listing)):
-            (self / name).download(local / name, listing.get(name))
+        for name, dest in zip(names, dests):
+            (self / name).download(dest, listing.get(name))
         return local
 
     # --- writes: whole objects -----------------------------------------------------------------------------
@@ -317,28 +290,36 @@ class ObjectPath:
         """A local staging file that becomes this object in one whole upload on clean exit; deleted either way."""
         tmp = staging_dir() / f"{self.name}.{os.getpid()}.{os.urandom(4).hex()}.staging"
         try:
-            yield tmp
+            try:
+                yield tmp
+            except OSError as e:
+                if e.errno in (errno.ENOSPC, errno.EDQUOT):  # the staging disk, not the bucket, is full
+                    raise UserError(f"cannot write {self.url}: no space left in the staging folder "
+                                    f"{staging_dir()} ({free_space(staging_dir())} free; set REPA_STAGING_DIR)") from e
+                raise
             self.upload(tmp)
         finally:
             with contextlib.suppress(OSError):
                 tmp.unlink()
 
     def mirror_up(self, local: Path, suffix: str = "") -> int:
-        """Upload the files under `local` ending in `suffix` that this prefix lacks (by size); returns how many."""
-        have = {str(o.relative_to(self)): n for o, n in self.find()}
+        """Upload the files under `local` ending in `suffix` that this prefix lacks or holds with other bytes
+        (checksums compared, not sizes); returns how many."""
+        have = self.listing()
         n = 0
         for p in sorted(local.rglob(f"*{suffix}")):
             rel = p.relative_to(local).as_posix()
-            if not p.is_file() or p.name.startswith(TMP_MARK) or have.get(rel) == p.stat().st_size:
+            if not p.is_file() or p.name.startswith(TMP_MARK) or same_bytes(have.get(rel), p):
                 continue
             (self / rel).upload(p)
             n += 1
         return n
 
-    def clean_partial_writes(self) -> int:
-        """Nothing half-written is ever visible under a prefix: drop dead writers' staging files and abort their
-        unfinished multipart uploads here; returns how many."""
-        return remove_stale_staging() + abort_uploads(self)
+    def clean_partial_writes(self, before: float | None = None) -> int:
+        """Nothing half-written is ever visible under a prefix: drop dead writers' staging files and abort the
+        unfinished multipart uploads under this prefix begun before `before` (the caller's lease start: what stale
+        holders left; None: all of them); returns how many."""
+        return remove_stale_staging() + abort_uploads(self, before)
 
     def unlink(self, missing_ok: bool = False) -> None:
         def rm():
@@ -396,20 +377,3 @@ def pid_alive(pid: int) -> bool:
     except PermissionError:
         return True
     return True
-
-
-def abort_uploads(prefix: ObjectPath) -> int:
-    """Abort unfinished multipart uploads under `prefix` (left by a killed writer); S3 only; returns how many."""
-    if prefix.protocol not in ("s3", "s3a"):
-        return 0
-    fs = prefix.fs
-    key_prefix = prefix.key.partition("/")[2]
-
-    def abort() -> int:
-        n = 0
-        for up in fs.list_multipart_uploads(prefix.bucket):
-            if up.get("Key", "").startswith(key_prefix):
-                fs.call_s3("abort_multipart_upload", Bucket=prefix.bucket, Key=up["Key"], UploadId=up["UploadId"])
-                n += 1
-        return n
-    return call(prefix.url, "list uploads of", abort)

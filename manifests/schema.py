@@ -8,13 +8,14 @@ from typing import Any, Iterable, Sequence
 
 from . import storage
 from .codecs import field_codec
-from common.errors import UserError, check
+from common.errors import UserError, as_user_error, check
 from .io import atomic_write_json, read_json, sha256_file
 
 SCHEMA_VERSION = 1
 WIDS_VERSION = 1
 MANIFEST_NAME = "manifest.json"
 KINDS = ("features", "samples")
+CONTEXT_CODEC = "text-context"  # a caption-context field (DESIGN §9): KEY.<field>.npy (K, L, D), K captions
 
 @dataclass
 class ShardEntry:
@@ -114,8 +115,10 @@ def load_manifest(path: str | os.PathLike, *, kind: str | None = None, verify: b
     for fname, spec in fields.items():
         check(isinstance(spec, dict) and "shape" in spec and "dtype" in spec,
               f"{where}: field '{fname}' needs 'shape' and 'dtype'")
-        if spec.get("codec") == "patch-tokens":
+        if spec.get("codec") in ("patch-tokens", CONTEXT_CODEC):
             field_codec(fname, spec, where)  # a token codec this reader does not know stops here
+        if spec.get("codec") == CONTEXT_CODEC:
+            _check_context(fname, spec, where, mpath.parent if check_exists else None)
     shardlist = raw.get("shardlist")
     check(isinstance(shardlist, list), f"{where}: 'shardlist' must be a list")
     root = mpath.parent
@@ -149,8 +152,40 @@ def load_manifest(path: str | os.PathLike, *, kind: str | None = None, verify: b
         verify_shards(m)
     return m
 
+def _check_context(name: str, spec: dict[str, Any], where: str, root: Path | None) -> None:
+    """A text-context field: shape [null, L, D], its encoder and tokenizer recorded, the empty caption's context
+    a file beside the manifest of shape [L, D] (present, of the recorded size, when `root` is given)."""
+    shape, empty = list(spec["shape"]), spec.get("empty")
+    check(len(shape) == 3 and shape[0] is None and all(isinstance(v, int) and v > 0 for v in shape[1:]),
+          f"{where}: context field '{name}' must have shape [null, L, D] (K captions per sample), got {shape}")
+    for key in ("text_encoder", "tokenizer"):
+        check(isinstance(spec.get(key), dict), f"{where}: context field '{name}' does not record its '{key}'")
+    check(isinstance(empty, dict) and list(empty.get("shape", [])) == shape[1:] and empty.get("dtype") == "float32",
+          f"{where}: context field '{name}' needs 'empty': the empty caption's float32 {shape[1:]} context file")
+    url = safe_relpath(empty.get("file"), f"{where}: context field '{name}' empty context")
+    if root is not None:
+        size = root.file_sizes([url]).get(url)
+        check(size == empty.get("bytes"), f"{where}: empty-caption context {root / url} is missing or not "
+                                          f"{empty.get('bytes')} bytes (found {size})")
+
+
+def empty_context(m: Manifest, name: str = "context") -> "np.ndarray":
+    """The empty caption's context (L, D) float32 of a text-context field, read from beside the manifest."""
+    from .shards import decode_npy
+    spec = m.field(name)
+    check(spec.get("codec") == CONTEXT_CODEC, f"manifest {m.path}: field '{name}' is not a caption context")
+    p = m.root / spec["empty"]["file"]
+    with as_user_error("cannot read empty-caption context", p):
+        return decode_npy(p.read_bytes(), str(p))
+
+
 def verify_shards(m: Manifest, progress: bool = False) -> None:
-    """Check each shard's sha256 against the manifest; the first mismatch is a UserError."""
+    """Check each shard's sha256 against the manifest (and the empty-caption context's); a mismatch is a UserError."""
+    for fname, spec in m.fields.items():
+        if spec.get("codec") == CONTEXT_CODEC:
+            p = m.root / spec["empty"]["file"]
+            check(p.is_file() and sha256_file(p) == spec["empty"].get("sha256"),
+                  f"empty-caption context {p} (field '{fname}') is missing or fails its sha256 check")
     it: Iterable[ShardEntry] = m.shardlist
     if progress:
         from tqdm import tqdm

@@ -20,16 +20,17 @@ from __future__ import annotations
 
 import contextlib
 import os
+import re
 import shutil
 from pathlib import Path
 from typing import Callable, Iterable, Iterator
 
 from common.errors import UserError
+from .object_checks import confine, under  # noqa: F401 - the key and prefix rules
 from .objects import TMP_MARK, ObjectPath
 # Re-exported for callers outside pipeline/ and manifests/: tests and scripts make buckets with filesystem(), the
-# pipeline S3 test looks into staging_dir(), evaluation/features.py asks pid_alive(); trainer/data/ranged.py still
-# batches ranged GETs with call()/filesystem()/_reason (see the module docstring's table for what to use instead).
-from .objects import _reason, call, filesystem, pid_alive, staging_dir  # noqa: F401
+# pipeline S3 test looks into staging_dir(), evaluation/features.py asks pid_alive().
+from .objects import filesystem, pid_alive, staging_dir  # noqa: F401
 
 
 class LocalPath(type(Path())):  # type: ignore[misc] - the platform's concrete Path class
@@ -107,10 +108,14 @@ class LocalPath(type(Path())):  # type: ignore[misc] - the platform's concrete P
             raise
         fsync_dir(self.parent)
 
-    def clean_partial_writes(self) -> int:
-        """Delete half-written tmp files a killed writer left in this folder; returns how many."""
+    def clean_partial_writes(self, before: float | None = None) -> int:
+        """Delete half-written tmp files that dead writers left in this folder (a live writer's pid, in the name,
+        keeps its file; `before` is for the object-store twin); returns how many."""
         n = 0
         for p in self.glob(f"{TMP_MARK}*"):
+            pid = tmp_owner(p.name)
+            if pid is not None and pid != os.getpid() and pid_alive(pid):
+                continue  # a live writer on this machine: not ours to delete
             with contextlib.suppress(FileNotFoundError):
                 p.unlink()
                 n += 1
@@ -143,6 +148,12 @@ def tmp_path_for(p: str | os.PathLike) -> LocalPath:
     return p.with_name(f"{TMP_MARK}{p.name}.{os.getpid()}.{os.urandom(4).hex()}")
 
 
+def tmp_owner(name: str) -> int | None:
+    """The writer pid in a tmp name ('.tmp-x.tar.<pid>.<hex>', '.tmp-probe-<pid>-<hex>'), or None."""
+    m = re.search(r"\.(\d+)\.[0-9a-f]{8}$", name) or re.match(rf"{re.escape(TMP_MARK)}probe-(\d+)-", name)
+    return int(m.group(1)) if m else None
+
+
 def fsync_dir(folder: str | os.PathLike) -> None:
     """Make a rename durable (best effort; not every filesystem allows it)."""
     with contextlib.suppress(OSError):
@@ -153,7 +164,7 @@ def fsync_dir(folder: str | os.PathLike) -> None:
             os.close(fd)
 
 
-# --- kept for callers outside pipeline/ and manifests/ until they use the path API (to be removed) --------------
+# --- kept for callers in evaluation/ until they use the path API (to be removed) ---------------------------------
 def is_url(loc: object) -> bool:
     """Deprecated: ask `storage.path(loc).is_remote`."""
     return isinstance(loc, ObjectPath) or (isinstance(loc, (str, os.PathLike)) and path(loc).is_remote)
@@ -162,8 +173,3 @@ def is_url(loc: object) -> bool:
 def open_read(p: str | os.PathLike | ObjectPath, mode: str = "rb"):
     """Deprecated: `storage.path(p).open("rb")`."""
     return path(p).open(mode)
-
-
-def copy_to_local(p: ObjectPath, dest: Path) -> None:
-    """Deprecated: `obj.download(dest)`."""
-    p.download(Path(dest))

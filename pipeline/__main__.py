@@ -16,6 +16,10 @@ EXAMPLES = """examples:
   python -m pipeline synth --out data/synth --classes 10 --per-class 20
   python -m pipeline extract --source data/synth --out data/feat --vae tiny-vae --encoders tiny-dinov2,tiny-siglip
   python -m pipeline extract --source /data/imagenet/train --out /data/in256 --encoders dinov2-vit-b --store-hflip
+  python -m pipeline extract --source /data/coco/train2014 --captions /data/coco/annotations/captions_train2014.json \
+      --out /data/coco256 --crop uvit --text-encoder clip-vit-l-text --encoders dinov2-vit-b
+  python -m pipeline extract --source data/synth --captions data/synth/captions.json --out data/synth-t2i \
+      --vae tiny-vae --encoders tiny-dinov2 --text-encoder tiny-clip-text
   ray job submit --working-dir . -- python -m pipeline extract --source /nfs/in/train --out /nfs/in256
   python -m pipeline convert --manifest /data/in256-fp16 --out /data/in256 --feature-dtype int8
   python -m pipeline verify /data/in256
@@ -29,6 +33,7 @@ class SynthConfig:
     classes: int = 10
     per_class: int = 20
     seed: int = 0
+    captions: str | None = None  # the COCO-layout captions file; None: OUT/captions.json
 
 
 @dataclass(kw_only=True)
@@ -53,16 +58,22 @@ def synth_parser() -> argparse.ArgumentParser:
     s.add_argument("--classes", type=positive_int, default=d.classes, help="number of classes")
     s.add_argument("--per-class", type=positive_int, default=d.per_class, help="images per class")
     s.add_argument("--seed", type=int, default=d.seed, help="random seed")
+    s.add_argument("--captions", default=None, metavar="FILE",
+                   help="where to write the captions (MS-COCO annotation layout, three per image, file names "
+                        "relative to --out) for `extract --captions` (None: OUT/captions.json)")
     add_run_flags(s)
     return s
 
 
 def extract_parser() -> argparse.ArgumentParser:
+    from manifests.preprocess import CROP_FLAGS
+
     from .config import PRECISIONS
-    from .presets import ENCODERS
+    from .presets import ENCODERS, TEXT_ENCODERS
     e = _sub("extract", "Images -> VAE moments + encoder tokens in WebDataset shards and a features manifest.")
     io = e.add_argument_group("input and output")
-    io.add_argument("--source", help="ImageFolder root (class folders) or folder of jpg+cls tars; required")
+    io.add_argument("--source", help="ImageFolder root (class folders), folder of jpg+cls tars, or (text-to-image) "
+                                     "the COCO image folder or jpg+txt/json tars; required")
     io.add_argument("--out", help="output folder: manifest.json + shards/; required")
     io.add_argument("--name", default=None, help="manifest name (None: <source folder name><res>-features)")
     flag(io, "--num-samples", "--limit", dest="limit", metavar="N", type=positive_int, default=None,
@@ -72,7 +83,7 @@ def extract_parser() -> argparse.ArgumentParser:
                                                           "and verify the manifest's sha256 at the end")
     add_run_flags(io)
     mo = e.add_argument_group("models and preprocessing")
-    mo.add_argument("--resolution", type=int, default=256, help="ADM centre-crop size: 256 or 512 (128 for the CPU demo)")
+    mo.add_argument("--resolution", type=int, default=256, help="centre-crop size: 256 or 512 (128 for the CPU demo)")
     mo.add_argument("--vae", default="sd-vae-ft-ema", help="VAE preset NAME or NAME=PATH (sd-vae-ft-ema, "
                                                           "sd-vae-ft-mse, tiny-vae, pixel-vae)")
     mo.add_argument("--encoders", type=comma_list, default="dinov2-vit-b",
@@ -83,6 +94,19 @@ def extract_parser() -> argparse.ArgumentParser:
                     help="token codec of the stored encoder tokens: int8 and float8_e4m3 keep one float16 scale "
                          "per token (half the bytes of float16; see docs/codecs.md); latent moments "
                          "are always float32")
+    mo.add_argument("--crop", default=None, choices=tuple(CROP_FLAGS),
+                    help="centre crop, recorded as the manifest's preprocess.crop: adm (ADM/REPA: BOX halving, "
+                         "BICUBIC, crop) or uvit (U-ViT's MS-COCO rule: centre square, LANCZOS) (None: uvit with "
+                         "--text-encoder, else adm)")
+    tx = e.add_argument_group("text-to-image (MS-COCO, docs/pipeline.md#text-to-image)")
+    tx.add_argument("--captions", default=None, metavar="ANNOTATIONS.json",
+                    help="MS-COCO captions file (captions_train2014.json layout) whose file names are relative to "
+                         "--source (None with --text-encoder: captions from the tars' txt/json members)")
+    tx.add_argument("--text-encoder", default=None, metavar="NAME[=PATH]",
+                    help=f"caption encoder; names: {', '.join(sorted(TEXT_ENCODERS))}; NAME=PATH reads a Hugging Face "
+                         f"folder (openai/clip-vit-large-patch14 layout). Stores each caption's context (77, D)")
+    tx.add_argument("--context-dtype", default=DEFAULT_CODEC, choices=tuple(CODECS),
+                    help="token codec of the stored contexts (the empty caption's context is float32)")
     ru = e.add_argument_group("execution")
     flag(ru, "--micro-batch", "--batch-size", dest="batch_size", metavar="N", type=positive_int, default=64,
          help="images per encoder forward pass on one device (extract has no global batch: each actor streams "
@@ -169,8 +193,10 @@ def _runner(cmd: str, run: Callable[[Any], int]) -> Callable[[list[str]], int]:
 
 def _synth(cfg: SynthConfig) -> int:
     from .synth import synthesize
-    paths = synthesize(cfg.out, classes=cfg.classes, per_class=cfg.per_class, seed=cfg.seed)
-    print(f"wrote {len(paths)} JPEGs in {cfg.classes} classes to {cfg.out}")
+    from .synth import CAPTIONS_NAME
+    paths = synthesize(cfg.out, classes=cfg.classes, per_class=cfg.per_class, seed=cfg.seed, captions=cfg.captions)
+    print(f"wrote {len(paths)} JPEGs in {cfg.classes} classes to {cfg.out}, "
+          f"captions to {cfg.captions or f'{cfg.out}/{CAPTIONS_NAME}'}")
     return 0
 
 

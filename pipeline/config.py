@@ -6,8 +6,9 @@ from dataclasses import dataclass, field
 
 from common import check
 from manifests.codecs import DEFAULT_CODEC, get_codec
+from manifests.preprocess import CROP_FLAGS
 
-from .presets import ENCODERS, VAES, parse_spec
+from .presets import ENCODERS, TEXT_ENCODERS, VAES, parse_spec
 
 RESOLUTIONS = (128, 256, 512)  # 128: the CPU demo (an 8x8 token grid for the tiny encoders and SiT/2)
 # default: REPA's numerics (its EDM2-derived dataset_tools.py encodes with the VAE in fp32 under PyTorch's default
@@ -36,6 +37,18 @@ class ExtractConfig:
     verify: bool = False
     name: str | None = None
     ray_address: str | None = None  # None: RAY_ADDRESS (set by `ray job submit`), else a new local Ray
+    # Text-to-image (DESIGN §9): COCO captions file (None: captions from the tars' txt/json members), the caption
+    # encoder, the contexts' token codec, and the crop (None: uvit with a text encoder, U-ViT's COCO protocol;
+    # else adm, ADM's ImageNet protocol).
+    captions: str | None = None
+    text_encoder: str | None = None
+    context_dtype: str = DEFAULT_CODEC
+    crop: str | None = None  # CROP_FLAGS key: 'adm' | 'uvit'
+
+    @property
+    def crop_name(self) -> str:
+        """The manifest's `preprocess.crop` (a key of manifests.preprocess.CROPS)."""
+        return CROP_FLAGS[self.crop or ("uvit" if self.text_encoder else "adm")]
 
     def validate(self) -> None:
         """Every bad value is a one-line UserError naming the flag; the only place settings are checked."""
@@ -55,10 +68,24 @@ class ExtractConfig:
         for n in names:
             check(n in ENCODERS, f"unknown encoder '{n}' (--encoders); choose from: {', '.join(sorted(ENCODERS))}")
         check(len(set(names)) == len(names), f"--encoders lists an encoder twice: {','.join(names)}")
+        check(self.crop is None or self.crop in CROP_FLAGS,
+              f"--crop must be one of {', '.join(CROP_FLAGS)}, got {self.crop!r}")
+        get_codec(self.context_dtype, "--context-dtype")
+        if self.text_encoder is not None:
+            tname = parse_spec(self.text_encoder)[0]
+            check(tname in TEXT_ENCODERS, f"unknown text encoder '{tname}' (--text-encoder); choose one of: "
+                                          f"{', '.join(sorted(TEXT_ENCODERS))}")
+        check(not self.captions or self.text_encoder,
+              "--captions needs --text-encoder (clip-vit-l-text: U-ViT's CLIP ViT-L/14 contexts)")
 
 
 def content_settings(cfg: ExtractConfig) -> dict:
     """The settings that decide shard bytes (not --num-gpus, --verify or --limit itself)."""
-    return {"resolution": cfg.resolution, "vae": cfg.vae, "encoders": cfg.encoders, "shard_size": cfg.shard_size,
-            "batch_size": cfg.batch_size, "hflip": cfg.hflip, "feature_dtype": cfg.feature_dtype,
-            "precision": cfg.precision}
+    s = {"resolution": cfg.resolution, "vae": cfg.vae, "encoders": cfg.encoders, "shard_size": cfg.shard_size,
+         "batch_size": cfg.batch_size, "hflip": cfg.hflip, "feature_dtype": cfg.feature_dtype,
+         "precision": cfg.precision}
+    if cfg.crop_name != "adm-center":  # only when set, so sets extracted before these settings keep their fingerprint
+        s["crop"] = cfg.crop_name
+    if cfg.text_encoder:
+        s.update(text_encoder=cfg.text_encoder, context_dtype=cfg.context_dtype)
+    return s

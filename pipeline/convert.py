@@ -16,6 +16,7 @@ from common import check
 from manifests.codecs import (CODEC_KEY, DEFAULT_CODEC, TokenCodec, decode_arrays, encode_members, field_codec,
                               get_codec, scale_field, token_field)
 from manifests.io import ensure_writable_dir
+from manifests.lease import hold
 from manifests.shards import decode_npy, iter_shard, npy_ext
 
 from .writer import ShardPlan, assemble_manifest, clean_tmp, fingerprint, shard_done, write_shard_once
@@ -94,7 +95,8 @@ def run_convert(cfg: ConvertConfig) -> Path:
     check(out != m.root.resolve(), f"--out {cfg.out} is the input set's folder; convert writes a new set")
     ensure_writable_dir(out)
     ensure_writable_dir(out / "shards", "shard folder")
-    removed = clean_tmp(out)
+    lease = hold(out, "pipeline convert")  # one writer per --out; a second job gets one line naming the holder
+    removed = clean_tmp(out, before=lease.started)  # only what dead holders left
     if removed:
         print(f"removed {removed} half-written tmp file(s) from an interrupted run", file=sys.stderr)
     tokens = m.encoder_fields()
@@ -128,6 +130,7 @@ def run_convert(cfg: ConvertConfig) -> Path:
                             extra_skipped=m.skipped, created_by=created)
     if cfg.verify:
         load_manifest(out, verify=True)
+    lease.release()
     return res.path
 
 

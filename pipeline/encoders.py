@@ -1,4 +1,5 @@
-"""The VAE and the representation encoders (DINOv2, SigLIP, the paper's Table 2 encoders, tiny presets)."""
+"""The VAE, the representation encoders (DINOv2, SigLIP, the paper's Table 2 encoders, tiny presets) and the caption
+encoders (pipeline/text.py: CLIP's text transformer as U-ViT runs it; the trainer's prompts use the same loader)."""
 from __future__ import annotations
 
 import os
@@ -11,12 +12,13 @@ from manifests import SD_VAE_SCALE, SD_VAE_SHIFT
 from common import UserError
 
 from . import vit_loaders
-from .presets import (ENCODERS, IMAGENET_MEAN, IMAGENET_STD, SIGLIP_MEAN, SIGLIP_STD, TINY_SEED,
+from .presets import (ENCODERS, IMAGENET_MEAN, IMAGENET_STD, SIGLIP_MEAN, SIGLIP_STD, TEXT_ENCODERS, TINY_SEED,
                       TINY_VAE_CONFIG, VAES, EncoderSpec, VaeSpec, _check_name, input_size, parse_spec)
+from .text import TextEncoder, load_text_encoder
 
 __all__ = ["ENCODERS", "VAES", "Encoder", "EncoderSpec", "VaeSpec", "load_encoder", "load_vae", "parse_spec",
            "vae_meta", "vae_moments", "tiny_state_dict", "IMAGENET_MEAN", "IMAGENET_STD", "SIGLIP_MEAN",
-           "SIGLIP_STD", "input_size"]
+           "SIGLIP_STD", "input_size", "TEXT_ENCODERS", "TextEncoder", "load_text_encoder"]
 
 
 def _hub_error(what: str, where: str, e: Exception) -> UserError:

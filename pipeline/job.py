@@ -14,8 +14,10 @@ from common import UserError, check
 from common.errors import free_space
 from manifests import load_manifest, storage
 from manifests.io import ensure_writable_dir
+from manifests.lease import hold
 
 from .config import ExtractConfig, content_settings  # noqa: F401 - ExtractConfig: the job's public name
+from .coco import list_captioned
 from .sources import list_source, select
 from .worker import ShardEncoder, cpu_threads_default, decode_shard
 from .writer import assemble_manifest, clean_tmp, fingerprint, plan_shards, shard_done
@@ -24,11 +26,12 @@ from .writer import assemble_manifest, clean_tmp, fingerprint, plan_shards, shar
 def run_extract(cfg: ExtractConfig) -> Path:
     """Make OUT/manifest.json; safe to re-run after any kill: finished shards are kept, the rest rebuilt."""
     cfg.validate()
-    listing = list_source(cfg.source)
+    listing = list_captioned(cfg.source, cfg.captions) if cfg.text_encoder else list_source(cfg.source)
     items = select(listing.items, cfg.limit)
     out = ensure_writable_dir(storage.resolve(cfg.out))  # a folder, or s3://bucket/prefix written by every actor
     ensure_writable_dir(out / "shards", "shard folder")
-    removed = clean_tmp(out)
+    lease = hold(out, "pipeline extract")  # one writer per --out; a second job gets one line naming the holder
+    removed = clean_tmp(out, before=lease.started)  # only what dead holders left
     if removed:
         print(f"removed {removed} half-written tmp file(s) from an interrupted run", file=sys.stderr)
     plans = plan_shards(items, cfg.shard_size)
@@ -40,14 +43,24 @@ def run_extract(cfg: ExtractConfig) -> Path:
         _run_ray(cfg, out, fp, pending, total=len(items))
     default_name = f"{storage.resolve(cfg.source.split('{')[0]).name}{cfg.resolution}-features"
     m = assemble_manifest(out, plans, name=cfg.name or default_name, classes=listing.classes,
-                          preprocess={"resolution": cfg.resolution, "crop": "adm-center", "hflip": cfg.hflip,
-                                      "source": listing.kind, "limit": cfg.limit},
-                          extra_skipped=listing.skipped,
+                          preprocess={"resolution": cfg.resolution, "crop": cfg.crop_name, "hflip": cfg.hflip,
+                                      "source": listing.kind, "limit": cfg.limit,
+                                      **({"captions": str(cfg.captions)} if cfg.captions else {})},
+                          extra_skipped=listing.skipped, field_extra=_context_extra(cfg, out),
                           created_by={"version": _version(), "config": asdict(cfg),
                                       "command": " ".join(["python -m pipeline extract", *sys.argv[2:]])})
     if cfg.verify:
         load_manifest(out, verify=True)
+    lease.release()
     return m.path
+
+
+def _context_extra(cfg: ExtractConfig, out) -> dict | None:
+    """With a text encoder: the empty caption's context, written beside the manifest before it (DESIGN §9)."""
+    if not cfg.text_encoder:
+        return None
+    from .text import CONTEXT, write_empty_context
+    return {CONTEXT: write_empty_context(cfg.text_encoder, out)}
 
 
 def _version() -> str:
@@ -88,8 +101,8 @@ def _run_ray(cfg: ExtractConfig, out: Path, fp: str, pending, total: int) -> Non
           f"--num-gpus {cfg.num_gpus} but the Ray cluster has {gpus_avail} GPU(s)")
     actors = max(1, min(n_gpu or cfg.cpu_actors, len(pending)))
     threads = cpu_threads_default()
-    rows = [{"shard": p.index, "resolution": cfg.resolution, "items": json.dumps([it.to_dict() for it in p.items])}
-            for p in pending]
+    rows = [{"shard": p.index, "resolution": cfg.resolution, "crop": cfg.crop_name,
+             "items": json.dumps([it.to_dict() for it in p.items])} for p in pending]
     ds = ray.data.from_items(rows, override_num_blocks=len(rows))  # one block per shard: parallel decode tasks
     # Reserve memory for one shard of crops (+ a copy). The distinct remote args also keep Ray from fusing decode
     # into the actor, so decoding stays in CPU tasks that run while the actor encodes earlier shards.

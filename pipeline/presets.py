@@ -167,6 +167,29 @@ REPA_ENCODERS: dict[str, EncoderSpec] = {
 ENCODERS.update(REPA_ENCODERS)
 
 
+@dataclass(frozen=True)
+class TextEncoderSpec:
+    """A caption encoder (transformers CLIPTokenizer + CLIPTextModel), as U-ViT's FrozenCLIPEmbedder builds it."""
+    name: str
+    hub_id: str | None  # None: seeded random weights and a generated tokenizer (no download)
+    tiny_config: dict = field(default_factory=dict)  # CLIPTextConfig widths of a tiny preset
+
+    @property
+    def tiny(self) -> bool:
+        return self.hub_id is None
+
+
+# U-ViT libs/clip.py FrozenCLIPEmbedder: max_length=77 (CLIP's context length), padding="max_length", truncation.
+TEXT_LENGTH = 77
+TEXT_ENCODERS: dict[str, TextEncoderSpec] = {
+    # CLIP ViT-L/14's text transformer: last_hidden_state (77, 768), U-ViT's and REPA's MS-COCO contexts.
+    "clip-vit-l-text": TextEncoderSpec("clip-vit-l-text", "openai/clip-vit-large-patch14"),
+    # Same classes and code path at width 64, for tests and the CPU demo.
+    "tiny-clip-text": TextEncoderSpec("tiny-clip-text", None, dict(hidden_size=64, intermediate_size=128,
+                                                                   num_hidden_layers=2, num_attention_heads=2)),
+}
+
+
 def input_size(spec: EncoderSpec, resolution: int) -> int:
     """Encoder input side: 224 at 256 px for DINOv2 (REPA), 448 at 512 px; a multiple of the patch."""
     size = spec.input_at_256 * resolution // 256

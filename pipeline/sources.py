@@ -27,6 +27,10 @@ class Item:
     path: str
     offset: int = -1  # -1: the whole file; else byte offset of a tar member
     size: int = -1
+    captions: tuple[str, ...] = ()  # text-to-image sources (pipeline/coco.py): every caption of the image
+
+    def __post_init__(self):
+        object.__setattr__(self, "captions", tuple(self.captions))  # a list after a JSON round trip
 
     def to_dict(self) -> dict:
         return asdict(self)

@@ -1,6 +1,7 @@
 """The embedded demo dataset: an ImageNet-style ImageFolder of JPEGs whose classes differ in shape, colour and layout."""
 from __future__ import annotations
 
+import colorsys
 import io
 import math
 from pathlib import Path
@@ -8,16 +9,35 @@ from pathlib import Path
 import numpy as np
 from PIL import Image, ImageDraw
 
-from manifests import atomic_write_bytes
+from manifests import atomic_write_bytes, atomic_write_json
 from common import check
 from manifests.io import ensure_writable_dir
 
+CAPTIONS_NAME = "captions.json"  # beside the class folders: `extract --captions OUT/captions.json`
 SHAPES = ("disc", "square", "triangle", "cross", "ring", "stripes", "diamond", "checker", "star", "bars")
 # A hue per class, spread around the colour wheel so classes differ in colour as well as shape; a place per
 # class (fractions of the centre square) so they differ in layout as well.
 ANCHORS = ((0.5, 0.5), (0.3, 0.3), (0.7, 0.7), (0.7, 0.3), (0.3, 0.7), (0.5, 0.3), (0.5, 0.7), (0.3, 0.5),
            (0.7, 0.5))
 SIZE_RANGE = (300, 600)  # ImageNet-like sides (px)
+
+# Captions (COCO annotation layout, for the text-to-image path): what a person sees in the image, in words.
+NOUNS = {"disc": "circle", "square": "square", "triangle": "triangle", "cross": "cross", "ring": "ring",
+         "stripes": "vertical stripes", "diamond": "diamond", "checker": "checkerboard", "star": "star",
+         "bars": "horizontal bars"}
+PATTERNS = ("stripes", "checker", "bars")  # they fill the picture: no place to name
+PLACES = {(0.5, 0.5): "in the centre", (0.3, 0.3): "at the top left", (0.7, 0.7): "at the bottom right",
+          (0.7, 0.3): "at the top right", (0.3, 0.7): "at the bottom left", (0.5, 0.3): "at the top",
+          (0.5, 0.7): "at the bottom", (0.3, 0.5): "on the left", (0.7, 0.5): "on the right"}
+HUES = ((15, "red"), (45, "orange"), (80, "yellow"), (120, "lime"), (160, "green"), (200, "cyan"), (245, "blue"),
+        (275, "violet"), (305, "purple"), (345, "pink"), (360, "red"))  # (upper hue bound in degrees, name)
+TEMPLATES = ("{a}{colour} {noun} {place}", "{colour} {noun} {place} on a dark background",
+             "a picture of {a}{colour} {noun}, {place}")
+PATTERN_TEMPLATES = ("{a}{colour} {noun}", "{colour} {noun} on a dark background", "a picture of {a}{colour} {noun}")
+CAPTION_WORDS = sorted({w.strip(",") for t in TEMPLATES + PATTERN_TEMPLATES for w in t.split() if "{" not in w}
+                       | {"a", "an"}
+                       | {w for v in (*NOUNS.values(), *PLACES.values()) for w in v.split()}
+                       | {name for _, name in HUES} | {"gray", "with", "white", "mark", "corner"})
 
 
 def class_name(c: int) -> str:
@@ -84,12 +104,33 @@ def _draw(c: int, classes: int, w: int, h: int, rng: np.random.Generator) -> Ima
     return img
 
 
-def synthesize(out: str | Path, classes: int = 10, per_class: int = 20, seed: int = 0) -> list[Path]:
-    """Write out/<wnid>/<wnid>_<j>.JPEG; every 9th image is grayscale ('L'), every 9th+4 is CMYK."""
+def colour_name(rgb: tuple[int, int, int]) -> str:
+    """The everyday name of a saturated colour, by hue."""
+    h, _, _ = colorsys.rgb_to_hsv(*(v / 255 for v in rgb))
+    return next(name for bound, name in HUES if h * 360 < bound)
+
+
+def captions_for(c: int, classes: int, gray: bool) -> list[str]:
+    """Three captions of an image of class c (its colour, shape and place); a grayscale image is 'gray'."""
+    shape = SHAPES[c % len(SHAPES)]
+    colour, noun = "gray" if gray else colour_name(_colour(c, classes)), NOUNS[shape]
+    article = "" if noun.endswith("s") else "an " if colour[0] in "aeiou" else "a "  # plural patterns take none
+    words = {"a": article, "colour": colour, "noun": noun, "place": PLACES[_layout(c)]}
+    templates = PATTERN_TEMPLATES if shape in PATTERNS else TEMPLATES
+    mark = " with a white mark in the corner" if c >= len(SHAPES) else ""
+    return [t.format(**words) + mark for t in templates]
+
+
+def synthesize(out: str | Path, classes: int = 10, per_class: int = 20, seed: int = 0,
+               captions: str | Path | None = None) -> list[Path]:
+    """Write out/<wnid>/<wnid>_<j>.JPEG; every 9th image is grayscale ('L'), every 9th+4 is CMYK. Also write the
+    captions in MS-COCO's annotation layout (`captions`, default OUT/captions.json): image ids 1.. in file order,
+    file names relative to OUT, three captions per image."""
     check(classes > 0, f"--classes must be positive, got {classes}")
     check(per_class > 0, f"--per-class must be positive, got {per_class}")
     root = ensure_writable_dir(out, "synth output folder")
     paths = []
+    coco: dict = {"info": {"description": "pipeline synth: the embedded demo set"}, "images": [], "annotations": []}
     for c in range(classes):
         for j in range(per_class):
             i = c * per_class + j
@@ -105,4 +146,8 @@ def synthesize(out: str | Path, classes: int = 10, per_class: int = 20, seed: in
             path = root / class_name(c) / f"{class_name(c)}_{j}.JPEG"
             atomic_write_bytes(path, buf.getvalue())
             paths.append(path)
+            coco["images"].append({"id": i + 1, "file_name": f"{class_name(c)}/{path.name}", "width": w, "height": h})
+            for text in captions_for(c, classes, gray=img.mode == "L"):
+                coco["annotations"].append({"id": len(coco["annotations"]) + 1, "image_id": i + 1, "caption": text})
+    atomic_write_json(captions if captions is not None else root / CAPTIONS_NAME, coco)
     return paths

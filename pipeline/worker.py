@@ -1,6 +1,7 @@
 """Ray workers: CPU tasks decode+crop a whole shard; one GPU actor holds the VAE and every encoder and writes it."""
 from __future__ import annotations
 
+import errno
 import json
 import os
 import queue
@@ -9,12 +10,14 @@ from typing import Any, Iterator
 
 import numpy as np
 
+from common import UserError
 from manifests import storage
 from manifests.codecs import encode_fields, get_codec, token_field
 
 from .config import ExtractConfig
 from .sources import Item, read_items
-from .transforms import BadImage, decode_crop
+from .crops import decode_crop
+from .transforms import BadImage
 from .writer import ShardPlan, write_shard_once
 
 
@@ -28,21 +31,34 @@ def numerics(precision: str, device_type: str) -> tuple[object, object]:
     return None, None
 
 
+def image_fault(e: BaseException) -> bool:
+    """Whether a read error is the image's own (a dangling link, a file that is gone or unreadable, an object
+    deleted since listing): skipped. Anything else (a store still failing after the retry policy, an I/O error)
+    fails the shard instead, so no image is lost to a transient fault."""
+    if isinstance(e, UserError):
+        return isinstance(e.__cause__, FileNotFoundError)
+    return isinstance(e, OSError) and e.errno in (errno.ENOENT, errno.EACCES, errno.EISDIR, errno.ELOOP,
+                                                  errno.ENOTDIR)
+
+
 def decode_shard(row: dict[str, Any]) -> dict[str, Any]:
     """One shard's inputs -> stacked uint8 crops (as bytes) plus per-sample metadata and skip reasons."""
-    resolution = int(row["resolution"])
+    resolution, crop_rule = int(row["resolution"]), str(row.get("crop", "adm-center"))
     crops, samples, skipped = [], [], []
     items = [Item(**d) for d in json.loads(row["items"])]
     for it, data in zip(items, read_items(items)):  # remote inputs: concurrent GETs
         try:
             if isinstance(data, Exception):
+                if not image_fault(data):  # the store's trouble, not the image's: fail the shard, a re-run redoes it
+                    raise UserError(f"shard {int(row['shard'])}: cannot read {it.source}: {data}") from data
                 raise BadImage(f"unreadable file ({getattr(data, 'strerror', None) or data})")
-            crop, size = decode_crop(data, resolution)
+            crop, size = decode_crop(data, resolution, crop_rule)
         except BadImage as e:
             skipped.append({"key": it.key, "source": it.source, "reason": str(e)})
             continue
         crops.append(crop)
-        samples.append({"key": it.key, "label": it.label, "source": it.source, "size": list(size)})
+        samples.append({"key": it.key, "label": it.label, "source": it.source, "size": list(size),
+                        **({"captions": list(it.captions)} if it.captions else {})})
     images = np.stack(crops) if crops else np.zeros((0, resolution, resolution, 3), np.uint8)  # (n, R, R, 3)
     return {"shard": int(row["shard"]), "n": len(samples), "images": images.tobytes(),
             "meta": json.dumps({"samples": samples, "skipped": skipped})}
@@ -80,6 +96,12 @@ class ShardEncoder:
         for enc in self.encoders:
             self.fields[enc.name] = {**token_field(self.codec.name, enc.grid[0] * enc.grid[1], enc.dim, enc.name),
                                      "codec": "patch-tokens", "encoder": enc.meta}
+        self.text = None  # text-to-image: captions -> contexts (pipeline/text.py), always fp32 as U-ViT
+        if self.cfg.text_encoder:
+            from .encoders import load_text_encoder
+            self.text = load_text_encoder(self.cfg.text_encoder, device=self.device)
+            self.context_codec = get_codec(self.cfg.context_dtype)
+            self.fields["context"] = self.text.field(self.context_codec)
 
     def _setup_numerics(self, compile_: bool | None = None) -> None:
         """Autocast dtypes, TF32 and (on CUDA) channels-last + torch.compile of the VAE encoder and the encoders."""
@@ -140,8 +162,12 @@ class ShardEncoder:
             flip = next(flips) if flips is not None else None
             b = len(feats["latent"])
             batch = []
+            contexts = self._contexts(metas[start:start + b])
             for i, s in enumerate(metas[start:start + b]):
                 sample = {"__key__": s["key"], "cls": s["label"], "json": {"source": s["source"], "size": s["size"]}}
+                if contexts is not None:  # K captions -> context (K, 77, D) codes (+ scales); never flipped
+                    sample["json"]["captions"] = s["captions"]
+                    sample.update({f"{name}.npy": arr for name, arr in contexts[i].items()})
                 for name in feats:  # fields, plus '<field>.scale' for scaled token codecs
                     sample[f"{name}.npy"] = feats[name][i]
                     if flip is not None:
@@ -149,6 +175,13 @@ class ShardEncoder:
                 batch.append(sample)
             start += b
             yield batch
+
+    def _contexts(self, metas: list[dict]) -> list[dict[str, np.ndarray]] | None:
+        """Per sample, its captions' coded contexts (None without a text encoder); fp32, no autocast."""
+        if self.text is None:
+            return None
+        with self.torch.inference_mode():
+            return self.text.members([s["captions"] for s in metas], self.context_codec)
 
     def _encode_and_write(self, plan: ShardPlan, crops: np.ndarray, metas: list[dict], skipped: list[dict]) -> dict:
         """Encode sub-batches while a thread streams finished samples into the shard's tar (GPU never waits on IO:

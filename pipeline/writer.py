@@ -39,6 +39,8 @@ def fingerprint(settings: Mapping[str, Any], items: list[Item]) -> str:
     h = hashlib.sha256(json.dumps(settings, sort_keys=True).encode())
     for it in items:
         h.update(f"\0{it.key}\0{it.label}\0{it.source}".encode())
+        if it.captions:  # text-to-image inputs: other captions, other contexts (ImageNet fingerprints unchanged)
+            h.update(json.dumps(it.captions).encode())
     return h.hexdigest()
 
 
@@ -51,9 +53,9 @@ def sidecar_path(out: StoragePath, plan: ShardPlan) -> StoragePath:
     return out / SHARD_DIR / f"{plan.name}.json"
 
 
-def clean_tmp(out: StoragePath) -> int:
-    """Delete half-written tmp files a killed run left behind."""
-    return remove_tmp_files(out) + remove_tmp_files(out / SHARD_DIR)
+def clean_tmp(out: StoragePath, before: float | None = None) -> int:
+    """Delete half-written tmp files that killed runs left behind (uploads begun before `before`, the lease start)."""
+    return remove_tmp_files(out, before) + remove_tmp_files(out / SHARD_DIR, before)
 
 
 def read_sidecar(out: StoragePath, plan: ShardPlan) -> dict | None:
@@ -105,8 +107,11 @@ def write_shard_once(out: StoragePath, plan: ShardPlan, fp: str, samples: Iterab
 
 
 def assemble_manifest(out: StoragePath, plans: list[ShardPlan], *, name: str, classes: list[str],
-                      preprocess: dict, extra_skipped: list[dict], created_by: dict) -> Manifest:
-    """Build and write manifest.json from the sidecars, in plan order, once every shard is finished."""
+                      preprocess: dict, extra_skipped: list[dict], created_by: dict,
+                      field_extra: dict[str, dict] | None = None) -> Manifest:
+    """Build and write manifest.json from the sidecars, in plan order, once every shard is finished.
+
+    `field_extra` adds entries the driver made to field records (the text context's `empty` file)."""
     entries, skipped, fields, total_bytes = [], list(extra_skipped), None, 0
     seen: set[str] = set()
     for plan in plans:
@@ -126,6 +131,9 @@ def assemble_manifest(out: StoragePath, plans: list[ShardPlan], *, name: str, cl
                                   bytes=side["bytes"]))
         total_bytes += side["bytes"]
     num = sum(e.nsamples for e in entries)
+    for fname, add in (field_extra or {}).items():
+        if fields and fname in fields:
+            fields[fname] = {**fields[fname], **add}
     if num == 0:
         raise UserError(f"no good inputs: all {len(skipped)} inputs were skipped "
                         f"(first: {skipped[0]['source']}: {skipped[0]['reason']})" if skipped else "no inputs")

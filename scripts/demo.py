@@ -148,23 +148,24 @@ def chain(a, size: DemoSize, out: Path, data: Path, data_src: str, feats: str, r
         ["trainer", "sample", "--ckpt", ckpt, "--out", samples, "--num-samples", str(size.num_samples),
          "--num-steps", str(size.sample_steps), "--cfg-scale", "1.8", "--guidance-high", "0.7", "--batch-size", "16",
          "--precision", "fp32"], log)
-    run("5/7 evaluate (random Inception weights: NOT comparable to published numbers)",
+    run("5/7 evaluate (random Inception and DINOv2 weights: NOT comparable to published numbers)",
         ["evaluation", "--samples", samples, "--reference", data_src, "--out", report,
-         "--inception-weights", "random:0", "--batch-size", "16"], log)
+         "--inception-weights", "random:0", "--metrics", "fid,sfid,is,pr,fd_dinov2", "--dinov2", "tiny-dinov2",
+         "--batch-size", "16"], log)
     run("6/7 alignment analysis (CKNNA + linear probe per layer)",
         ["evaluation", "align", "--ckpt", ckpt, "--manifest", feats,
          "--num-samples", str(size.align_images), "--out", str(align), "--epochs", "20"], log)
     if local:  # the watcher follows a run folder on a file system (shared between machines, or this one)
         run("7/7 FID watcher, once, on the final EMA export (random Inception: meaningless numbers)",
             ["evaluation", "watch", run_dir, "--reference", data_src, "--latest", "--num-samples",
-             str(size.watch_samples), "--num-steps", str(size.grid_steps), "--batch-size", "16", "--inception-weights", "random:0",
-             "--eval-batch-size", "16"], log)
+             str(size.watch_samples), "--num-steps", str(size.grid_steps), "--batch-size", "16",
+             "--inception-weights", "random:0", "--metrics", "fid,sfid,is,pr", "--eval-batch-size", "16"], log)
     print(f"\n=== demo finished in {time.time() - t_start:.0f}s")
     for step, secs in log:
         print(f"  {secs:6.1f}s  {step}")
     try:
         metrics = json.loads(storage.path(report).read_text()).get("metrics", {})
-        print("  metrics (random Inception, meaningless): " + json.dumps(metrics))
+        print("  metrics (random Inception and DINOv2, meaningless): " + json.dumps(metrics))
     except Exception:  # noqa: BLE001 - a summary line only
         pass
     run_p = storage.path(run_dir)

@@ -87,4 +87,4 @@ def small_disk(tmp_path):
         unmount()
 
 
-from s3_fixture import s3_bucket, s3_server  # noqa: E402,F401 - the moto S3 server fixtures
+from s3_fixture import faulty_s3, s3_bucket, s3_server  # noqa: E402,F401 - the moto S3 server fixtures

@@ -68,3 +68,17 @@ def s3_server():
 def s3_bucket(s3_server) -> str:
     """`s3://<fresh bucket>` for one test."""
     return f"s3://{s3_server.new_bucket()}"
+
+
+@pytest.fixture
+def faulty_s3(s3_server, monkeypatch):
+    """The S3 server behind tests/fault_proxy.py at 5 % injected faults (seeded): this process and every
+    subprocess reach the server through the proxy; backoff is shortened so the tests stay quick."""
+    from fault_proxy import FaultProxy
+    proxy = FaultProxy(s3_server.endpoint, rate=0.05, seed=0)
+    monkeypatch.setenv("AWS_ENDPOINT_URL", proxy.endpoint)
+    monkeypatch.setenv("REPA_STORAGE_BACKOFF", "0.05")
+    try:
+        yield proxy
+    finally:
+        proxy.stop()

@@ -1,6 +1,7 @@
 """Train -> sample -> evaluate with every folder and file on a real S3 server (moto over HTTP)."""
 from __future__ import annotations
 
+import io
 import json
 
 import numpy as np
@@ -27,10 +28,19 @@ def test_train_sample_evaluate_on_s3(s3_bucket, tmp_path, monkeypatch, capsys):
     assert {"checkpoints/0000002.pt", "config.json", "export/config.json"} <= names, names
     # Another machine (an empty local mirror) re-runs the same command with more steps: it resumes from the bucket.
     monkeypatch.setenv("REPA_REMOTE_CACHE", str(tmp_path / "mirror2"))
+    capsys.readouterr()
     assert run_cli(trainer_main, [*train, "--steps", "4"]) == 0
-    assert "resuming from" in capsys.readouterr().out + capsys.readouterr().err or \
-        storage.path(f"{run}/checkpoints/0000004.pt").is_file()
-    assert storage.path(f"{run}/checkpoints/0000004.pt").is_file()
+    # The resume check used to be or-ed with the next assert, so a run restarting from step 0 passed. Planted bug
+    # this catches: remote_run.pull() fetching no checkpoint (-> "resuming from" missing, weights differ).
+    out = capsys.readouterr()
+    assert "(step 2)" in out.out + out.err and "resuming from" in out.out + out.err, out.out[-2000:]
+    monkeypatch.setenv("REPA_REMOTE_CACHE", str(tmp_path / "mirror_full"))
+    full = f"{s3_bucket}/run_full"  # the same 4 steps without an interruption
+    assert run_cli(trainer_main, [*train[:train.index("--run-dir") + 1], full,
+                                  *train[train.index("--run-dir") + 2:], "--steps", "4"]) == 0
+    a = torch.load(io.BytesIO(storage.path(f"{run}/checkpoints/0000004.pt").read_bytes()), weights_only=True)
+    b = torch.load(io.BytesIO(storage.path(f"{full}/checkpoints/0000004.pt").read_bytes()), weights_only=True)
+    assert all(torch.equal(a["model"][k], b["model"][k]) for k in a["model"])  # resumed == uninterrupted
 
     samples = f"{s3_bucket}/samples"
     assert run_cli(sample_main, ["--ckpt", run, "--out", samples, "--steps", "2", "--shard-size", "4",

@@ -77,14 +77,16 @@ CONFIGS = {"seed.json": {"seed": 7}, "extract.json": {"shard_size": 7}, "convert
 # base's), "=> !" means refused with a one-line reason (as in the last release). A trailing " ~" allows a result
 # equal to the base's (the old spelling sets the default value).
 ROWS = {
-    "pipeline synth": ["--out o2", "--classes 3", "--per-class 2", "--seed 1",
+    "pipeline synth": ["--out o2", "--classes 3", "--per-class 2", "--seed 1", "--captions c.json",
                        "--config {cfg}/seed.json => --seed 7", "--dry-run"],
     "pipeline extract": [
         "--source s2", "--out o2", "--name n", "--limit 5 => --num-samples 5", "--shard-size 7", "--verify",
         "--resolution 512", "--vae tiny-vae", "--encoders tiny-dinov2,tiny-siglip", "--hflip => --store-hflip",
         "--feature-dtype float16", "--batch-size 8 => --micro-batch 8", "--num-gpus 2", "--num-cpus 2",
         "--cpu-actors 2 => --num-workers 2", "--precision fast", "--precision bf16 => --precision fast",
-        "--ray-address auto", "--config {cfg}/extract.json => --shard-size 7", "--dry-run"],
+        "--ray-address auto", "--config {cfg}/extract.json => --shard-size 7", "--dry-run",
+        # text-to-image (issue 24): COCO captions, the caption encoder, its codec, the crop rule
+        "--captions a.json", "--text-encoder tiny-clip-text", "--context-dtype float16", "--crop uvit"],
     "pipeline convert": ["--manifest m2", "--out o2", "--feature-dtype float16", "--workers 2 => --num-workers 2",
                          "--name n", "--verify", "--config {cfg}/convert.json => --name n", "--dry-run"],
     "pipeline verify": ["--config {cfg}/seed.json => !", "--dry-run"],
@@ -100,6 +102,8 @@ ROWS = {
         "--stream", "--ckpt-every 5", "--log-every 5", "--max-nonfinite 5", "--trace-data", "--report-to none",
         "--sample-every 5", "--sample-steps 3 => --sample-num-steps 3",
         "--sample-grid 4 => --sample-num-samples 4", "--keep-last 1", "--keep-every 5", "--resume-from 5",
+        # the DiT family (issue 25): its names and Table 3's presets
+        "--model DiT-XL/2", "--preset dit-l2", "--preset dit-xl2-repa",
         # REPA's train.py names
         "--enc-type a,B => --encoders a,b", "--max-train-steps 10 => --train-steps 10",
         "--checkpointing-steps 5 => --ckpt-every 5", "--mixed-precision no => --precision fp32",
@@ -107,7 +111,7 @@ ROWS = {
         "--learning-rate 2e-4 => --lr 2e-4", "--adam-weight-decay 0.01 => --weight-decay 0.01",
         "--adam-epsilon 1e-6 => --adam-eps 1e-6", "--max-grad-norm 2 => --grad-clip 2",
         "--data-dir m2 => --manifest m2", "--per-proc-batch-size 32 => --batch-size 32",
-        "--sampling-steps 5 => --sample-every 5", "--resume-step 5 => --resume-from 5", "--allow-tf32 => =",
+        "--sampling-steps 5 => --sample-every 5", "--resume-step 5 => --resume-from 5", "--allow-tf32 => !",
         "--fused-attn => =", "--no-fused-attn => =", "--no-qk-norm => =", "--qk-norm => !",
         "--prediction v => =", "--weighting uniform => =", "--epochs 3 => !",
         "--gradient-accumulation-steps 2 => !", "--logging-dir x => !", "--resolution 256 => !",
@@ -119,6 +123,9 @@ ROWS = {
         "--balanced", "--batch-size 8", "--precision bf16", "--device cpu", "--vae tiny-vae", "--model SiT-B/2",
         "--encoder-depth 4", "--projector-embed-dims 768,1024", "--resolution 512", "--num-classes 10",
         "--path cosine", "--num-steps 9",
+        # the DiT family's samplers and CFG rule (issue 25)
+        "--mode ddpm", "--mode ddim", "--cfg-channels 3", "--preset dit-nocfg", "--preset dit-cfg-1.5",
+        "--model DiT-XL/2",
         # REPA's generate.py names
         "--num-fid-samples 5 => --num-samples 5", "--per-proc-batch-size 8 => --batch-size 8",
         "--sample-dir o2 => --out o2", "--global-seed 3 => --seed 3", "--path-type cosine => --path cosine",
@@ -135,7 +142,7 @@ ROWS = {
         "--ckpt c2", "--manifest m2", "--encoder e => --encoders e", "--encoders e",
         "--num-images 12 => --num-samples 12", "--num-samples 12", "--layers 1-4", "--t 0.3", "--k 5",
         "--label real", "--cknna-eps 1e-6", "--seed 3", "--epochs 2", "--probe-batch-size 16", "--probe-lr 0.1",
-        "--skip-probe", "--model SiT-B/2", "--encoder-depth 4", "--projector-embed-dims 768", "--weights model",
+        "--skip-probe", "--model SiT-B/2", "--model DiT-XL/2", "--encoder-depth 4", "--projector-embed-dims 768", "--weights model",
         "--path cosine", "--out x", "--pca", "--pca-images 2", "--batch-size 8", "--device cpu",
         "--config {cfg}/seed.json => --seed 7", "--dry-run"],
     "evaluation watch": [

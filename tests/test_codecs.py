@@ -56,14 +56,32 @@ def test_int8_fidelity_on_pipeline_encoder_tokens(tiny_tokens):
     assert f8["cos_mean"] < f["cos_mean"]
 
 
-def test_fidelity_measure_can_fail():
-    """The fidelity measure is not blind: 4-bit-like coarse codes fail the int8 bar."""
-    x = torch.randn(8, 256, 64)
+def test_fidelity_measure_can_fail(monkeypatch):
+    """The fidelity measure is not blind: `fidelity()` itself, fed ~4-bit coarse codes, reports them below the int8
+    bars. (The old test computed its own cosine and never called `fidelity`; planted bug this catches:
+    `token_cosine` in tests/codec_fidelity.py returning (1.0, 1.0).)"""
+    import codec_fidelity
+
+    def coarse(ref, codec):
+        q, s = encode(ref, get_codec("int8"))
+        return (q.float() / 16).round() * 16 * s.float().unsqueeze(-1)  # ~4 bits
+    monkeypatch.setattr(codec_fidelity, "roundtrip", coarse)
+    f = fidelity(torch.randn(16, 256, 64), "int8", token_cknna=False)
+    assert f["cos_min"] < 0.999 and f["loss_rel_err"] > 1e-3, f
+
+
+def test_impossible_int8_scales_are_refused_without_verify():
+    """Finite but impossible scales (0 for non-zero codes, negative, a flipped exponent bit) stop a read with one
+    line, as non-finite ones do, with no --verify. (Planted bug: `check_scales` testing finiteness only.)"""
+    from manifests.codecs import decode_arrays
     c = get_codec("int8")
-    q, s = encode(x, c)
-    coarse = (q.float() / 16).round() * 16 * s.float().unsqueeze(-1)  # ~4 bits
-    cos = torch.nn.functional.cosine_similarity(x, coarse, dim=-1)
-    assert cos.min() < 0.999
+    q, s = (t.numpy() for t in encode(torch.randn(4, 8), c))
+    decode_arrays(q, s, c, "ok")
+    for i, bad in ((0, 0.0), (1, -abs(float(s[1]))), (2, float(np.float16(s[2]).view(np.uint16) | 0x7000))):
+        corrupt = s.copy()
+        corrupt[i] = bad if i < 2 else np.uint16(int(bad)).view(np.float16)
+        with pytest.raises(UserError, match="impossible token scale"):
+            decode_arrays(q, corrupt, c, f"sample {i}")
 
 
 def test_field_records_validate():
@@ -152,9 +170,14 @@ def test_exact_resume_and_ddp_shares_with_codec(coded_sets, name):
 
 
 def test_int8_bytes_are_about_half_of_float16(coded_sets):
-    b16 = sum(p.stat().st_size for p in load_manifest(coded_sets["float16"]).shard_paths())
-    b8 = sum(p.stat().st_size for p in load_manifest(coded_sets["int8"]).shard_paths())
-    assert b8 < 0.6 * b16 + 12 * 2 * 8 * 32 * 32 * 4  # tokens halve; the float32 latents stay
+    """The token members themselves (codes + scales vs float16 values, .npy headers included) take about half.
+    (The old bound was on whole shards plus a latent allowance: about 0.99x passed. Planted bug this catches:
+    int8 codes stored as int16.)"""
+    def token_bytes(root) -> int:
+        return sum(len(v) for p in load_manifest(root).shard_paths() for smp in iter_shard(p, decode=False)
+                   for k, v in smp.items() if k.startswith(("tiny-dinov2", "tiny-siglip")))
+    b16, b8 = token_bytes(coded_sets["float16"]), token_bytes(coded_sets["int8"])
+    assert 0.45 * b16 < b8 < 0.6 * b16, (b8, b16)
 
 
 def test_loader_batch_carries_8bit_codes(coded_sets):

@@ -57,6 +57,15 @@ def test_sigkill_extract_to_s3_then_resume_is_byte_identical(synth_dir, tiny_fea
         assert not (storage.path(out) / "manifest.json").exists()
         victim = shards / f"{next(iter(sides))}.tar"  # finished, then truncated in the bucket: must be rebuilt
         victim.write_bytes(victim.read_bytes()[:5000])
+        # The tiny shards go up in single PUTs, so the kill cannot leave a multipart upload behind by itself: plant
+        # one under --out (a dead writer's) and one under the sibling prefix `killed-512` (not ours to touch).
+        # Planted bugs the final assertion fails on: no abort at all (both listed); `under()` as a plain startswith
+        # (the sibling's upload aborted too).
+        fs = storage.filesystem("s3")
+        for key in ("killed/shards/train-000009.tar", "killed-512/shards/train-000000.tar"):
+            up = fs.call_s3("create_multipart_upload", Bucket=shards.bucket, Key=key)
+            fs.call_s3("upload_part", Bucket=shards.bucket, Key=key, UploadId=up["UploadId"], PartNumber=1,
+                       Body=b"x" * (5 << 20))
         p = run_module("pipeline", "extract", "--source", src, "--out", out, *TINY_ARGS, "--verify",
                        env={"RAY_TMPDIR": str(ray_tmp)}, timeout=300)
         assert p.returncode == 0, p.stderr[-3000:]
@@ -66,7 +75,7 @@ def test_sigkill_extract_to_s3_then_resume_is_byte_identical(synth_dir, tiny_fea
         keys = [s["__key__"] for sh in m.shard_paths() for s in iter_shard(sh, decode=False)]
         assert len(keys) == len(set(keys)) == m.num_samples == 24 and str(m.root) == out
         assert m.preprocess["source"] == "imagefolder" and m.shardlist == load_manifest(tiny_features).shardlist
-        assert storage.filesystem("s3").list_multipart_uploads(shards.bucket) == []
+        assert [u["Key"] for u in fs.list_multipart_uploads(shards.bucket)] == ["killed-512/shards/train-000000.tar"]
         assert not [f for f in _staging_leftovers() if not _alive_owner(f)]
         again = run_module("pipeline", "extract", "--source", src, "--out", out, *TINY_ARGS, timeout=120)
         assert again.returncode == 0 and "3 finished, 0 to do" in again.stderr, again.stderr[-3000:]

@@ -11,7 +11,7 @@ from common import UserError
 REPA_TRAIN = ("--data-dir feats --output-dir exps --exp-name e1 --model SiT-B/2 --enc-type dinov2-vit-b,clip-vit-L "
               "--encoder-depth 4 --proj-coeff 0.7 --mixed-precision no --max-train-steps 10 --checkpointing-steps 5 "
               "--learning-rate 2e-4 --adam-beta1 0.8 --adam-beta2 0.95 --adam-weight-decay 0.01 --adam-epsilon 1e-6 "
-              "--max-grad-norm 2 --path-type cosine --cfg-prob 0.2 --prediction v --weighting uniform --allow-tf32 "
+              "--max-grad-norm 2 --path-type cosine --cfg-prob 0.2 --prediction v --weighting uniform "
               "--fused-attn --no-qk-norm --batch-size 64 --seed 3 --num-workers 1")
 OURS_TRAIN = ("--manifest feats --run-dir exps/e1 --model SiT-B/2 --encoders dinov2-vit-b,clip-vit-l "
               "--encoder-depth 4 --proj-coeff 0.7 --precision fp32 --steps 10 --ckpt-every 5 --lr 2e-4 "
@@ -27,6 +27,16 @@ def test_repa_train_command_equals_ours():
     assert ours.betas == (0.8, 0.95) and ours.encoders == ["dinov2-vit-b", "clip-vit-l"]
     old, _ = resolve("--manifest f --run-dir r --enc-depth 4".split())  # the old spelling still works
     assert old.enc_depth == 4
+
+
+def test_the_two_misleading_flags():
+    """--allow-tf32 is refused with one line (this trainer has no TF32 mode, so accepting it promised numerics the
+    run did not have); --resume-step 0 is REPA's 'do not resume', not 'no checkpoint for step 0' (issue 26)."""
+    from trainer.loop.config import resolve
+    with pytest.raises(UserError, match="--allow-tf32 .*no TF32 mode"):
+        resolve("--manifest f --run-dir r --allow-tf32".split())
+    assert resolve("--manifest f --run-dir r --resume-step 0".split())[0].resume_from is None
+    assert resolve("--manifest f --run-dir r --resume-step 5".split())[0].resume_from == "5"
 
 
 def test_512_training_preset_checks_the_manifest(tmp_path):

@@ -40,16 +40,22 @@ def test_failed_write_leaves_no_object_and_aborts_multipart(s3_bucket, tmp_path,
     monkeypatch.setattr(objects, "UPLOAD_BLOCK", 5 << 20)  # S3's smallest part: 3 parts for 12 MiB
     real_copy = objects.shutil.copyfileobj
 
+    attempts = []
+
     def copy_two_parts_then_fail(src, dst, length):
+        attempts.append(1)
         dst.write(src.read(2 * length))  # two parts go up (a multipart upload is open)...
         dst.flush()
         raise ConnectionResetError("network down mid-upload")  # ...then the link drops
     monkeypatch.setattr(objects.shutil, "copyfileobj", copy_two_parts_then_fail)
-    monkeypatch.setattr(objects, "RETRIES", 1)
-    with pytest.raises(UserError, match="big.bin"):
+    # The policy is read at each call (the old RETRIES constant was bound at import, so patching it did nothing;
+    # planted bug this catches: policy() ignoring REPA_STORAGE_RETRIES -> 8 attempts).
+    monkeypatch.setenv("REPA_STORAGE_RETRIES", "2")
+    monkeypatch.setenv("REPA_STORAGE_BACKOFF", "0.01")
+    with pytest.raises(UserError, match="big.bin.*gave up after 2 attempts"):
         with atomic_open(target) as f:
             f.write(os.urandom(12 << 20))
-    assert not target.exists()
+    assert len(attempts) == 2 and not target.exists()  # a reset is transient: retried once, then one line
     bucket = target.bucket
     assert storage.filesystem("s3").list_multipart_uploads(bucket) == []  # aborted, not left to linger
     monkeypatch.setattr(objects.shutil, "copyfileobj", real_copy)
@@ -57,6 +63,33 @@ def test_failed_write_leaves_no_object_and_aborts_multipart(s3_bucket, tmp_path,
     with atomic_open(target) as f:  # the same write without the fault: one completed multipart upload
         f.write(data)
     assert target.read_bytes() == data
+
+
+def test_killed_multipart_upload_is_aborted_by_the_next_writer(s3_bucket, tmp_path):
+    """A writer SIGKILLed mid-way through a multipart upload (5 MiB parts via REPA_UPLOAD_BLOCK) leaves an unfinished
+    upload, which the store lists; the next writer's clean-up aborts it, and only under its own prefix. (This is what
+    the pipeline test's `list_multipart_uploads == []` could not see: its shards are single PUTs.)"""
+    import subprocess
+    import sys
+    from manifests.io import remove_tmp_files
+    code = f"""
+import os, signal, shutil
+from manifests import objects, storage
+def two_parts_then_die(src, dst, length):
+    dst.write(src.read(2 * length)); dst.flush(); os.kill(os.getpid(), signal.SIGKILL)
+objects.shutil.copyfileobj = two_parts_then_die
+with storage.path("{s3_bucket}/out/big.bin").atomic_file() as tmp:
+    tmp.write_bytes(os.urandom(12 << 20))
+"""
+    for prefix in ("out", "out-512"):
+        p = subprocess.run([sys.executable, "-c", code.replace("/out/", f"/{prefix}/")],
+                           env={**os.environ, "REPA_UPLOAD_BLOCK": str(5 << 20)}, capture_output=True, text=True)
+        assert p.returncode == -9, p.stderr[-2000:]
+    fs, bucket = storage.filesystem("s3"), s3_bucket[len("s3://"):]
+    assert sorted(u["Key"] for u in fs.list_multipart_uploads(bucket)) == ["out-512/big.bin", "out/big.bin"]
+    assert remove_tmp_files(f"{s3_bucket}/out") >= 1
+    assert [u["Key"] for u in fs.list_multipart_uploads(bucket)] == ["out-512/big.bin"]  # the sibling is not ours
+    assert not storage.path(f"{s3_bucket}/out/big.bin").exists()
 
 
 def test_bad_object_store_input_is_one_line_exit_2(s3_server, s3_bucket, tmp_path):

@@ -115,13 +115,16 @@ def test_a_worker_sends_a_ring_reference_and_the_pin_thread_copies_it(feats, mon
     assert all(torch.equal(a, b) for a, b in zip(got["zs"], want["zs"])) and got["zscales"] == want["zscales"]
 
 
-def test_pin_memory_needs_an_accelerator():
-    """On a CPU-only machine torch accepts pin=True but skips pinning (the CUDA trainer path is GPU-only)."""
-    t = torch.zeros(4)
-    if torch.cuda.is_available():
-        pytest.skip("this machine has a GPU: pinning really happens")
-    with pytest.raises(RuntimeError):
-        t.pin_memory()
+def test_loader_pins_memory_only_for_an_accelerator(feats, tmp_path):
+    """The trainer's loader pins host memory only when it trains on CUDA: on a CPU run the DataLoader it builds
+    does not pin. (The old test asserted torch's own behaviour and could not fail; planted bug that this one
+    catches: `pin=True` in trainer/loop/runtime.py's open_loader call.)"""
+    from trainer.loop.config import TrainConfig
+    from trainer.loop.runtime import setup
+    r = setup(TrainConfig(manifest=str(feats), run_dir=str(tmp_path / "run"), model="SiT-Debug/2", batch_size=4,
+                          steps=1, precision="fp32", num_workers=0))
+    loader = r.loader
+    assert r.device.type == "cpu" and loader.pin_memory is (r.device.type == "cuda")
 
 
 def test_posterior_draw_is_a_function_of_seed_and_step_and_uses_both_moments():

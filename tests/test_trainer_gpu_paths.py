@@ -46,13 +46,19 @@ def small_feats(tmp_path_factory) -> Path:
 
 
 def test_step_randomness_is_per_global_sample():
-    """Rows of the global draw do not depend on who draws them; flips hash the global position."""
+    """A sample's draws are a function of (seed, step, global row) alone: the rows a rank keeps are the rows of the
+    one global draw at its offset, whatever was drawn before; flips hash the global position.
+    (The old version compared two identical objects' slices with each other. Planted bugs it now catches: `rows()`
+    slicing from 0 instead of `start`; `draw()` not re-seeding per step.)"""
+    from trainer.loop.steprng import step_seed
     a = StepRandom(seed=3, batch=8, shape=(4, 2, 2), drop_prob=0.5, device=torch.device("cpu"))
-    b = StepRandom(seed=3, batch=8, shape=(4, 2, 2), drop_prob=0.5, device=torch.device("cpu"))
-    n0, n1 = a.draw(5), b.draw(5)
-    for f in ("t", "eps", "post", "drop"):
-        assert torch.equal(getattr(n0.rows(4, 2), f), getattr(n1, f)[4:6])
-    assert not torch.equal(a.draw(6).eps, n0.eps)  # another step, other noise
+    g = torch.Generator().manual_seed(step_seed(3, 5))  # the global draw of step 5, made by hand
+    t, eps = torch.rand(8, generator=g), torch.randn((8, 4, 2, 2), generator=g)
+    a.draw(9)  # an earlier draw must not leak into step 5
+    n0 = a.draw(5)
+    mine = n0.rows(4, 2)  # rank 1 of 2, or micro-batch 2 of 4: global rows 4 and 5
+    assert torch.equal(mine.t, t[4:6]) and torch.equal(mine.eps, eps[4:6])
+    assert torch.equal(a.draw(5).post, n0.post) and not torch.equal(a.draw(6).eps, n0.eps)
     assert not torch.equal(StepRandom(4, 8, (4, 2, 2), 0.5, torch.device("cpu")).draw(5).eps, n0.eps)
     assert 0 < int(n0.drop.sum()) < 8
     pos = np.arange(1000, 1064)
@@ -72,6 +78,23 @@ def test_micro_batch_sizes_agree(feats, tmp_path, capsys):
         assert json.loads((run / "stats.jsonl").read_text().splitlines()[-1])["micro_batch"] == int(micro)
     np.testing.assert_allclose(losses(runs["1"]), losses(runs["4"]), rtol=1e-5)
     assert_weights_close(weights(runs["1"], 2), weights(runs["4"], 2), steps=2)
+
+
+def test_micro_batch_gradients_agree(feats, tmp_path, capsys):
+    """The gradient of one accumulated step is the same for 1 or 4 images per pass. Adam's first moment after
+    step 1 is (1 - beta1) * grad, so the checkpoint shows the gradient itself; weights alone cannot, because Adam
+    divides a constant factor away. (Planted bug this catches and the weights test did not: the accumulation
+    factor `n / r.local_batch` in trainer/loop/train.py replaced by 1.)"""
+    moments = {}
+    for micro in ("4", "1"):
+        run = tmp_path / f"g{micro}"
+        assert run_cli(trainer_main, args(feats, run, "--hflip", "--micro-batch", micro, steps=1)) == 0, \
+            capsys.readouterr().err
+        opt = torch.load(run / "checkpoints" / "0000001.pt", weights_only=True)["opt"]["state"]
+        moments[micro] = [opt[i]["exp_avg"] for i in sorted(opt)]
+    assert len(moments["1"]) > 4
+    for a, b in zip(moments["1"], moments["4"]):
+        torch.testing.assert_close(a, b, rtol=1e-4, atol=1e-7)
 
 
 @pytest.mark.slow

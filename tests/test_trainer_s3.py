@@ -55,8 +55,27 @@ def test_training_from_s3_equals_local_disk(tiny_features, s3_bucket, tmp_path, 
     shas = {json.loads((tiny_features / "manifest.json").read_text())["shardlist"][i]["sha256"][:32]
             for i in range(3)}
     assert cached and {p.stem for p in cached} <= shas
-    assert run_cli(trainer_main, _args(f"{s3_bucket}/feats", tmp_path / "s3c", "--cache-dir", str(cache))) == 0
+    # Served from the cache: count the cache's reads and the store's ranged GETs. (The old test never checked the
+    # cache served anything; planted bug this catches: ShardCache.pread always returning None.)
+    from trainer.data import ranged
+    hits, fetched = [], []
+    real_pread, real_fetch = ranged.ShardCache.pread, ranged.fetch_ranges
+
+    def pread(self, *a):
+        got = real_pread(self, *a)
+        hits.append(got is not None)
+        return got
+
+    def fetch(urls, *a):
+        fetched.extend(urls)
+        return real_fetch(urls, *a)
+    ranged.ShardCache.pread, ranged.fetch_ranges = pread, fetch
+    try:
+        assert run_cli(trainer_main, _args(f"{s3_bucket}/feats", tmp_path / "s3c", "--cache-dir", str(cache))) == 0
+    finally:
+        ranged.ShardCache.pread, ranged.fetch_ranges = real_pread, real_fetch
     assert _trace(tmp_path / "s3c") == _trace(tmp_path / "local")  # served from the cache: same data
+    assert sum(hits) > 0 and sum(hits) + len(fetched) == len(hits)  # cached shards were read locally
 
 
 def test_stream_mode_resume_continues_the_same_stream(s3_bucket, tmp_path, capsys):

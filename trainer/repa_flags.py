@@ -24,6 +24,11 @@ def _mixed_precision(text: str) -> str:
     return {"no": "fp32"}.get(text, text)  # accelerate's 'no' is full fp32
 
 
+def _resume_step(text: str) -> str | None:
+    """REPA's --resume-step 0 means 'do not resume'; ours: no --resume-from (the bug was 'no checkpoint for step 0')."""
+    return None if text.strip() == "0" else text
+
+
 TRAIN_ALIASES: tuple[Alias, ...] = (
     Alias("--enc-type", "--encoders", "comma list; names are case-insensitive"),
     Alias("--max-train-steps", "--train-steps"),
@@ -38,9 +43,13 @@ TRAIN_ALIASES: tuple[Alias, ...] = (
     Alias("--data-dir", "--manifest", "a features manifest from `pipeline extract`, not REPA's folder layout"),
     Alias("--per-proc-batch-size", "--batch-size", PER_GPU, value=times_world),
     Alias("--sampling-steps", "--sample-every"),
-    Alias("--resume-step", "--resume-from"),
+    Alias("--resume-step", "--resume-from", "0 = REPA's 'do not resume': no --resume-from (a new run folder "
+          "starts fresh)", value=_resume_step),
     Alias("--report-to", "--report-to"),
-    Alias("--allow-tf32", noop=True, why="training runs under --precision autocast; TF32 only touches fp32 ops"),
+    # Refused, not ignored: REPA turns TF32 on for fp32 matmuls, this trainer never does (--mixed-precision no is
+    # pure fp32 here), so accepting the flag would promise numerics the run does not have.
+    Alias("--allow-tf32", why="this trainer has no TF32 mode: its fp32 ops run in full fp32; use --precision bf16 "
+                              "or fp16 for speed"),
     Alias("--fused-attn", noop=True, why=SDPA),
     Alias("--no-fused-attn", noop=True, why=SDPA),
     Alias("--no-qk-norm", noop=True, why=NO_QK),

@@ -1,4 +1,5 @@
-"""`python -m evaluation align`: layer-wise CKNNA and linear probing of SiT hidden states (REPA Fig. 2, 3, 38)."""
+"""`python -m evaluation align`: layer-wise CKNNA and linear probing of SiT or DiT hidden states (REPA Fig. 2, 3, 38;
+the DiT half of Figure 2 is Appendix C.2 / Figure 10)."""
 from __future__ import annotations
 
 import argparse
@@ -22,7 +23,7 @@ from manifests.io import ensure_writable_dir
 
 from evaluation.align.metric import CKNNA_EPS, DEFAULT_K, cknna_graphs, graph_self_hsic, knn_graph
 from evaluation.align.data import pick_encoder, read_align_data
-from evaluation.align.model import ModelSpec, hidden_states, load_model
+from evaluation.align.model import ModelSpec, hidden_states, load_model, objective_paths
 from evaluation.align.probe import HELDOUT_PERCENT, PROBE_BATCH, PROBE_EPOCHS, PROBE_LR, ProbeConfig, heldout_mask, linear_probe
 
 REPORT_NAME = "alignment.json"
@@ -34,6 +35,8 @@ EPILOG = """example:
       --encoders dinov2-vit-b --layers 1-28 --t 0.5 --out align-400k --pca
   # an official REPA file (no config.json beside it):
   python -m evaluation align --ckpt last.pt --model SiT-XL/2 --encoder-depth 8 --manifest val --out align
+  # the released DiT-XL/2 (Appendix C.2; by name from $TORCH_HOME/hub/checkpoints or ./pretrained_models):
+  python -m evaluation align --ckpt DiT-XL-2-256x256.pt --manifest val --encoders dinov2-vit-g --out align-dit
 """
 
 
@@ -76,7 +79,8 @@ def build_parser() -> argparse.ArgumentParser:
     p = ArgumentParser(prog="python -m evaluation align", description=__doc__, epilog=EPILOG,
                        formatter_class=HelpFormatter)
     g = p.add_argument_group("inputs")
-    g.add_argument("--ckpt", help="our checkpoint/export, or an official REPA .pt; required")
+    g.add_argument("--ckpt", help="our checkpoint/export, an official REPA or DiT .pt, or a released name "
+                   "(DiT-XL-2-256x256.pt) or NAME=PATH; required")
     g.add_argument("--manifest", help="features manifest (file or folder) of held-out images; required")
     flag(g, "--encoders", "--encoder", dest="encoder", metavar="NAME", type=_one_encoder, default=None,
          help="the one patch-tokens field to compare against (default: the first)")
@@ -85,7 +89,8 @@ def build_parser() -> argparse.ArgumentParser:
     add_run_flags(g)
     a = p.add_argument_group("analysis")
     a.add_argument("--layers", default=None, help="1-based blocks, 'A-B' or 'A,B,C' (default: all)")
-    a.add_argument("--t", type=float, default=0.5, help="noise level of the inputs (t=1 is pure noise)")
+    a.add_argument("--t", type=float, default=0.5, help="noise level of the inputs (t=1 is pure noise; DiT: "
+                   "timestep floor(t*1000), capped at 999)")
     a.add_argument("--k", type=int, default=DEFAULT_K, help="mutual k-NN size of CKNNA")
     a.add_argument("--label", choices=("null", "real"), default="null",
                    help="class fed to the model: the null (unconditional) class, or the image's label, which "
@@ -99,14 +104,16 @@ def build_parser() -> argparse.ArgumentParser:
     pr.add_argument("--probe-lr", type=float, default=PROBE_LR, help="initial Adam lr, cosine-decayed to 0")
     pr.add_argument("--skip-probe", action="store_true", help="CKNNA only")
     m = p.add_argument_group("model (official files; ours carry config.json)")
-    m.add_argument("--model", default=None, help="SiT registry name (default: config.json, else SiT-XL/2)")
+    m.add_argument("--model", default=None, help="registry name, e.g. SiT-XL/2 or DiT-XL/2 (default: config.json, "
+                   "else the file's family's released size)")
     m.add_argument("--encoder-depth", type=int, default=None, help="block whose output feeds the projectors")
     m.add_argument("--projector-embed-dims", default=None, help="each projector's output width, i.e. its "
                    "encoder's token width (comma list, e.g. 768)")
     m.add_argument("--weights", choices=("ema", "model"), default="ema",
                    help="EMA weights (as sampling uses), or a training checkpoint's raw weights")
-    m.add_argument("--path", choices=("linear", "cosine"), default=None,
-                   help="interpolant used to noise the inputs (default: config.json, else linear)")
+    m.add_argument("--path", choices=objective_paths(), default=None,
+                   help="the objective's path used to noise the inputs: SiT's interpolant, DiT's beta schedule "
+                   "(default: config.json, else linear)")
     o = p.add_argument_group("output and runtime")
     o.add_argument("--out", default="alignment", help="output folder")
     o.add_argument("--pca", action="store_true", help="also write PCA maps of token features per layer")
@@ -181,14 +188,15 @@ def run_probes(pooled: dict[int, np.ndarray], enc: np.ndarray, labels: np.ndarra
 
 
 def write_figures(out: Path, layers: list[int], cknna: dict[int, float], probe: dict[int, Any] | None,
-                  enc_ref: Any | None, encoder: str) -> None:
+                  enc_ref: Any | None, encoder: str, model: str = "SiT") -> None:
     from evaluation.align.plot import curve_panel, hstack, save_png
     panels = []
     if probe is not None:
         panels.append(curve_panel(layers, [100 * probe[i].top1 for i in layers], title="(a) linear probing",
-                                  ylabel="top-1 accuracy (%)", ref=100 * enc_ref.top1, ref_label=encoder))
+                                  ylabel="top-1 accuracy (%)", ref=100 * enc_ref.top1, ref_label=encoder,
+                                  model=model))
     panels.append(curve_panel(layers, [cknna[i] for i in layers], title=f"(b) CKNNA vs {encoder}",
-                              ylabel="alignment (CKNNA)"))
+                              ylabel="alignment (CKNNA)", model=model))
     save_png(hstack(panels), out / PLOT_NAME)
 
 
@@ -252,7 +260,7 @@ def main(argv: Sequence[str] | None = None) -> int:
     best = {"cknna": max(((r["cknna"], r["layer"]) for r in rows if r["cknna"] is not None), default=(None, None))}
     if probe:
         best["probe_top1"] = max((r["probe_top1"], r["layer"]) for r in rows)
-    write_figures(out, layers, cknna, probe, enc_ref, encoder)
+    write_figures(out, layers, cknna, probe, enc_ref, encoder, model=lm.name.split("-")[0])
     files = [REPORT_NAME, PLOT_NAME]
     if args.pca:
         files += write_pca(out, tokens, data.enc_tokens, encoder)

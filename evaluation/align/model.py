@@ -11,7 +11,7 @@ from tqdm import tqdm
 from common import check
 
 import trainer.models as models
-from trainer.models import ModelSpec  # noqa: F401 (the CLI's flags, re-exported)
+from trainer.models import ModelSpec, objective_paths  # noqa: F401 (the CLI's flags, re-exported)
 
 
 @dataclass
@@ -19,7 +19,7 @@ class LoadedModel:
     """The model in eval mode plus what the report records about it."""
     model: torch.nn.Module
     name: str
-    path: str  # the objective's path used to noise the inputs (SiT: linear or cosine)
+    path: str  # the objective's path used to noise the inputs (SiT: linear or cosine; DiT: its linear schedule)
     depth: int
     step: int | None
     config: dict[str, Any] = field(default_factory=dict)
@@ -45,10 +45,12 @@ def hidden_states(lm: LoadedModel, moments: np.ndarray, labels: np.ndarray, *, l
     """Pooled (N, D) hidden states after each 1-based block in `layers`, and full tokens of the first images.
 
     Inputs: z = (mean + std·ε')·scale + shift from the stored moments, x_t = α(t)·z + σ(t)·ε by the family's
-    objective on the model's path; image i draws ε' and ε from its own generator (seed, i), so results do not
-    depend on batch size.
+    objective on the model's path, and the model's time argument from t by the objective too (SiT: t itself;
+    DiT: the DDPM timestep floor(t·1000), so t=0.5 is timestep 500); image i draws ε' and ε from its own generator
+    (seed, i), so results do not depend on batch size.
     """
-    noisy = models.family_for(lm.name).objective.noisy
+    objective = models.family_for(lm.name).objective
+    noisy = objective.noisy
     model = lm.model
     n = len(moments)
     c = moments.shape[1] // 2
@@ -94,7 +96,7 @@ def hidden_states(lm: LoadedModel, moments: np.ndarray, labels: np.ndarray, *, l
             y = torch.from_numpy(labels[s:s + len(mom)]).to(device)
             if null_label:
                 y = torch.full_like(y, model.num_classes)  # the unconditional (null) class
-            tt = torch.full((len(mom),), float(t), device=device)
+            tt = objective.model_time(torch.full((len(mom),), float(t))).to(device)  # (B,)
             seen[0] = s
             try:
                 model(x_t, tt, y)

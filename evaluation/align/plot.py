@@ -24,7 +24,7 @@ def _render(fig) -> Image.Image:
 
 
 def curve_panel(xs: Sequence[int], ys: Sequence[float], *, title: str, ylabel: str,
-                ref: float | None = None, ref_label: str = "") -> Image.Image:
+                ref: float | None = None, ref_label: str = "", model: str = "SiT") -> Image.Image:
     """One line plot of ys over layer numbers xs, with an optional dashed horizontal reference line."""
     from matplotlib.figure import Figure
     from matplotlib.ticker import MaxNLocator
@@ -32,13 +32,13 @@ def curve_panel(xs: Sequence[int], ys: Sequence[float], *, title: str, ylabel: s
     ax = fig.subplots()
     pts = [(x, y) for x, y in zip(xs, ys) if y is not None and math.isfinite(y)]
     if pts:
-        ax.plot([x for x, _ in pts], [y for _, y in pts], "o-", color="C0", label="SiT layer")
+        ax.plot([x for x, _ in pts], [y for _, y in pts], "o-", color="C0", label=f"{model} layer")
     if ref is not None and math.isfinite(ref):
         ax.axhline(ref, color="C3", linestyle="--", label=ref_label or "reference")
     if ref is not None and math.isfinite(ref):  # a legend only when there is something to tell apart
         ax.legend(loc="best", frameon=False, fontsize=9)
     ax.set_title(title)
-    ax.set_xlabel("layer (SiT block, 1-based)")
+    ax.set_xlabel(f"layer ({model} block, 1-based)")
     ax.set_ylabel(ylabel)
     ax.xaxis.set_major_locator(MaxNLocator(integer=True))
     ax.grid(True, alpha=0.3)

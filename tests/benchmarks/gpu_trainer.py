@@ -120,7 +120,7 @@ def main() -> int:
     res = {"bench": "gpu_trainer", "device": torch.cuda.get_device_name(0) if a.device == "cuda" else "cpu",
            "model": model, "global_batch": batch, "steps": steps, "precision": "fp16" if a.device == "cuda" else "fp32",
            "img_per_s": img_s, "mfu": img_s * TRAIN_FLOPS_PER_IMAGE / H100_PEAK if not a.tiny else None,
-           "mfu_formula": FORMULA, "peak_gib": peak, "micro_batch": run_cfg.get("micro_batch"),
+           "mfu_formula": FORMULA, "peak_gib": peak, "micro_batch": run_cfg.get("resolved", {}).get("micro_batch"),
            "host_syncs_per_step": syncs, "sync_sites": where, "loss_last": rows[-1]["loss"],
            "data_write_s": round(t_data, 1), "train_wall_s": round(wall, 1),
            "intervals_img_per_s": [r["img_per_s"] for r in rows]}

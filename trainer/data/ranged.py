@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import contextlib
 import hashlib
+import logging
 import os
 from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
@@ -12,6 +13,7 @@ from pathlib import Path
 import numpy as np
 
 from manifests import Manifest, index_shard, storage
+from manifests.retry import call, reason, transient
 from common import UserError
 from manifests.io import read_json
 
@@ -19,10 +21,11 @@ from trainer.data.indexed import FeatureBatches, ShardIndex
 from trainer.data.index import assemble_index
 
 SIDECAR_VERSION = 1  # pipeline/writer.py's sidecar format
+log = logging.getLogger("repa.cache")
 
 
 def is_remote(m: Manifest) -> bool:
-    return isinstance(m.root, storage.ObjectPath)
+    return storage.path(m.root).is_remote
 
 
 def _sidecar_index(m: Manifest, entry) -> dict | None:
@@ -59,6 +62,8 @@ class ShardCache:
         self.max_bytes, self.shas, self.sizes = max_bytes, shas, sizes
         self._pool: ThreadPoolExecutor | None = None
         self._pid = -1
+        self.failed: set[int] = set()  # shards whose download failed once: served by ranged GETs from then on
+        self.hits = 0  # reads served from the cache (tests check that it served any)
 
     def path(self, si: int) -> Path:
         return self.dir / f"{self.shas[si][:32]}.tar"  # content-addressed: a replaced shard is a new file
@@ -72,9 +77,25 @@ class ShardCache:
             pass
         return None
 
+    def pread(self, si: int, start: int, size: int) -> bytes | None:
+        """`size` bytes at `start` of cached shard `si`, or None if it is not (or no longer) cached: another
+        process may evict it between the size check and the open."""
+        p = self.local(si)
+        if p is None:
+            return None
+        try:
+            with open(p, "rb") as f:
+                data = os.pread(f.fileno(), size, start)
+        except FileNotFoundError:
+            return None
+        if len(data) != size:
+            return None
+        self.hits += 1
+        return data
+
     def request(self, url: str, si: int) -> None:
         """Start a background download of shard `si` unless another reader already has it in hand."""
-        if self.sizes[si] > self.max_bytes or self.local(si) is not None:
+        if self.sizes[si] > self.max_bytes or si in self.failed or self.local(si) is not None:
             return
         claim = self.path(si).with_suffix(".claim")
         try:
@@ -86,31 +107,72 @@ class ShardCache:
         self._pool.submit(self._download, url, si, claim)
 
     def _download(self, url: str, si: int, claim: Path) -> None:
+        dest = self.path(si)
         try:
             self._evict(self.sizes[si])
-            dest = self.path(si)
-            storage.copy_to_local(storage.path(url), dest)
+            storage.path(url).download(dest)  # retried under the storage policy
             h = hashlib.sha256()
             with open(dest, "rb") as f:
                 while chunk := f.read(1 << 22):
                     h.update(chunk)
             if h.hexdigest() != self.shas[si]:  # never serve bytes the manifest does not vouch for
                 dest.unlink(missing_ok=True)
-        except Exception:  # noqa: BLE001 - the cache is an optimisation: ranged GETs go on without it
-            pass
+                raise UserError(f"cached copy of {url} does not match the manifest's sha256")
+        except (UserError, OSError) as e:
+            # The cache is an optimisation: ranged GETs go on without it, but said once, and never retried per
+            # micro-batch (a full cache disk or a bad object would otherwise re-download the shard every time).
+            self.failed.add(si)
+            with contextlib.suppress(OSError):
+                dest.unlink(missing_ok=True)
+            log.warning("shard cache: not caching %s: %s", url, e)
         finally:
             with contextlib.suppress(OSError):
                 claim.unlink()
 
     def _evict(self, need: int) -> None:
-        files = sorted(self.dir.glob("*.tar"), key=lambda p: p.stat().st_atime)
-        total = sum(p.stat().st_size for p in files)
-        for p in files:
+        files = []
+        for p in self.dir.glob("*.tar"):
+            with contextlib.suppress(FileNotFoundError):  # another process evicted it meanwhile
+                st = p.stat()
+                files.append((st.st_atime, st.st_size, p))
+        total = sum(n for _, n, _ in files)
+        for _, size, p in sorted(files):
             if total + need <= self.max_bytes:
                 break
-            total -= p.stat().st_size
+            total -= size
             with contextlib.suppress(OSError):
                 p.unlink()
+
+
+def fetch_ranges(urls: list[str], starts: list[int], ends: list[int]) -> list[bytes]:
+    """Bytes [start, end) of each object, fetched concurrently in one batch; the ranges that fail are fetched
+    again under the storage retry policy (manifests/retry.py), so a throttled or reset GET costs a retry, not
+    the run. A short read is a truncated object (one line)."""
+    objs = [storage.path(u) for u in urls]
+    fs, keys = objs[0].fs, [o.key for o in objs]
+    out: list = [None] * len(urls)
+    todo = list(range(len(urls)))
+
+    def batch() -> None:
+        got = fs.cat_ranges([keys[i] for i in todo], [starts[i] for i in todo], [ends[i] for i in todo],
+                            on_error="return")
+        failed = []
+        for i, b in zip(todo, got):
+            if isinstance(b, BaseException):
+                failed.append((i, b))
+            else:
+                out[i] = b
+        todo[:] = [i for i, _ in failed]
+        for i, e in failed:
+            if not transient(e):  # what the user must fix, named by its own URL
+                raise UserError(f"cannot read {urls[i]}: {reason(e)}") from e
+        if failed:
+            raise failed[0][1]  # transient: the policy retries the ranges still missing
+    call(urls[0] if len(set(urls)) == 1 else f"{urls[0]} (+{len(urls) - 1} ranges)", "read", batch)
+    for u, start, end, b in zip(urls, starts, ends, out):
+        if len(b) != end - start:
+            raise UserError(f"cannot read {u}: object ended early at byte {start + len(b)} (truncated?)")
+    return out
 
 
 class RemoteFeatureBatches(FeatureBatches):
@@ -130,10 +192,9 @@ class RemoteFeatureBatches(FeatureBatches):
         for sid in map(int, ids):
             si = int(self.index.shard[sid])
             start, end = (int(v) for v in self._span[sid])
-            local = self.cache.local(si) if self.cache is not None else None
-            if local is not None:
-                with open(local, "rb") as f:
-                    self._blobs[sid] = (start, os.pread(f.fileno(), end - start, start))
+            cached = self.cache.pread(si, start, end - start) if self.cache is not None else None
+            if cached is not None:
+                self._blobs[sid] = (start, cached)
                 continue
             if self.cache is not None:
                 self.cache.request(self.index.paths[si], si)
@@ -143,15 +204,7 @@ class RemoteFeatureBatches(FeatureBatches):
             sids.append(sid)
         if not sids:
             return
-        proto = remote_paths[0].split("://", 1)[0]
-        fs = storage.filesystem(proto)
-        keys = [p.split("://", 1)[1] for p in remote_paths]
-        blobs = storage.call(remote_paths[0], "read", lambda: fs.cat_ranges(keys, starts, ends, on_error="return"))
-        for sid, url, start, end, b in zip(sids, remote_paths, starts, ends, blobs):
-            if isinstance(b, BaseException):
-                raise UserError(f"cannot read {url}: {storage._reason(b)}")
-            if len(b) != end - start:
-                raise UserError(f"cannot read {url}: object ended early at byte {start + len(b)} (truncated?)")
+        for sid, start, b in zip(sids, starts, fetch_ranges(remote_paths, starts, ends)):
             self._blobs[sid] = (start, b)
 
     def _member(self, sid: int, ext: str) -> bytes:

@@ -17,7 +17,7 @@ import torch
 
 from manifests import Manifest, storage
 from common import UserError
-from manifests.codecs import CODECS, scale_field
+from manifests.codecs import CODECS, check_scales, scale_field
 from manifests.shards import CLS, npy_ext
 
 from trainer.data.indexed import LATENT, DataSpec
@@ -74,7 +74,7 @@ class StreamBatches(torch.utils.data.IterableDataset):
 
         def opened():
             for url in self._urls_from(epoch, i):
-                yield {"url": url, "stream": storage.open_read(storage.path(url))}
+                yield {"url": url, "stream": storage.path(url).open("rb")}  # reads retried block by block
         samples = group_by_keys(tar_file_expander(opened()))
         return itertools.islice(samples, offset, None)  # the sample offset inside the first shard
 
@@ -111,6 +111,9 @@ class StreamBatches(torch.utils.data.IterableDataset):
                         zs[k][j] = self._array(s, npy_ext(name), (sp.tokens, sp.z_dims[k]), zs[k].dtype)  # (T, D)
                         if scales[k] is not None:  # 8-bit codes: their per-token scales (manifests/codecs.py)
                             scales[k][j] = self._array(s, npy_ext(scale_field(name)), (sp.tokens,), scales[k].dtype)
+                            # the indexed reader's finiteness check, and more: a bad scale stops with one line
+                            check_scales(scales[k][j], codecs[k], f"shard {s.get('__url__')}: sample "
+                                         f"'{s['__key__']}' '.{npy_ext(scale_field(name))}'", zs[k][j])
                 yield {"step": step, "x": torch.from_numpy(x), "y": torch.tensor(cls, dtype=torch.int64),
                        "zs": [torch.from_numpy(z) for z in zs], "keys": [s["__key__"] for s in rows],
                        "zscales": [None if z is None else torch.from_numpy(z) for z in scales],

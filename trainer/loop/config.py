@@ -12,8 +12,8 @@ from common.config_file import add_config_flag, layered
 
 from trainer.repa_flags import TRAIN_ALIASES, add_train_aliases, finish_aliases
 
-from trainer.models.sit import SiT_models
-from trainer.objectives.interpolant import PATHS, PROJ_LOSSES
+from trainer.models import family_for, model_names, objective_paths
+from trainer.objectives.interpolant import PROJ_LOSSES
 
 PRECISIONS = ("fp16", "bf16", "fp32")
 REPORT_TO = ("tensorboard", "wandb", "none")
@@ -27,15 +27,15 @@ class TrainConfig:
     preset: str | None = None
     # model
     model: str = "SiT-XL/2"
-    encoders: list[str] | None = None  # None: every encoder field of the manifest; [] for plain SiT
-    enc_depth: int | None = None  # None: the registry's default (8; 2 for SiT-Debug/2)
-    projector_dim: int | None = None  # None: the registry's default (2048; 256 for SiT-Debug/2)
+    encoders: list[str] | None = None  # None: every encoder field of the manifest; [] for plain SiT/DiT
+    enc_depth: int | None = None  # None: the registry's default (8; 2 for SiT-Debug/2 and DiT-Debug/2)
+    projector_dim: int | None = None  # None: the registry's default (2048; 256 for the Debug/2 sizes)
     class_dropout_prob: float = 0.1  # REPA --cfg-prob
     # objective
     proj_coeff: float = 0.5
     proj_loss: str = "cos"
     ntxent_tau: float = 0.1
-    path: str = "linear"
+    path: str = "linear"  # the family's objective path: SiT's interpolant, DiT's beta schedule (both default linear)
     # optimisation (REPA train.py defaults)
     batch_size: int = 256  # global, split across ranks
     micro_batch: int | str = "auto"  # per-rank images per pass; "auto": the largest that fits (trainer/loop/microbatch.py)
@@ -66,7 +66,7 @@ class TrainConfig:
     # watching the run (common/tracking.py, trainer/loop/preview.py) and checkpoint retention (trainer/loop/checkpoint.py)
     report_to: str = "tensorboard"
     sample_every: int = 10_000  # 0: no sample grids
-    sample_steps: int = 32  # SDE steps of a grid (the reported numbers use 250)
+    sample_steps: int = 32  # steps of a grid's sampler, the family's default one (the reported numbers use 250)
     sample_grid: int = 16  # images in a grid
     keep_last: int = 3
     keep_every: int = 100_000  # 0: no milestones
@@ -91,11 +91,24 @@ PRESETS: dict[str, dict[str, Any]] = {
     "sit-xl2-repa-512": dict(model="SiT-XL/2", enc_depth=8, proj_loss="cos", encoders=["dinov2-vit-b"],
                              steps=1_000_000, batch_size=256, proj_coeff=0.5),
 }
+# Paper Table 3, DiT rows (DDPM objective, no CFG at evaluation): DiT's own recipe (AdamW 1e-4, batch 256, 400K
+# iterations) with REPA as the paper applies it everywhere outside Table 7's SiT-L/2 column: DINOv2-B, cos. sim.,
+# lambda 0.5, alignment after block 8 (Section 4.1: "we apply REPA to the first 8 layers"). The plain rows are the
+# same with `encoders=[]` (`--encoders none`). FIDs: DiT-L/2 23.3 -> 15.6, DiT-XL/2 19.5 -> 12.3 (400K);
+# DiT-XL/2 + REPA at 850K (`--train-steps 850000`) equals vanilla DiT-XL/2 at 7M: 9.6.
+PRESETS.update({
+    "dit-l2": dict(model="DiT-L/2", encoders=[], steps=400_000, batch_size=256, lr=1e-4),
+    "dit-l2-repa": dict(model="DiT-L/2", enc_depth=8, proj_loss="cos", encoders=["dinov2-vit-b"], steps=400_000,
+                        batch_size=256, lr=1e-4, proj_coeff=0.5),
+    "dit-xl2": dict(model="DiT-XL/2", encoders=[], steps=400_000, batch_size=256, lr=1e-4),
+    "dit-xl2-repa": dict(model="DiT-XL/2", enc_depth=8, proj_loss="cos", encoders=["dinov2-vit-b"], steps=400_000,
+                         batch_size=256, lr=1e-4, proj_coeff=0.5),
+})
 PRESET_RESOLUTION = {"sit-xl2-repa-512": 512}  # presets that only make sense on a manifest of this resolution
 
 
 def _encoders(text: str) -> list[str]:
-    """Comma list of encoder names (lower-cased: REPA spells 'clip-vit-L'); 'none' for plain SiT."""
+    """Comma list of encoder names (lower-cased: REPA spells 'clip-vit-L'); 'none' for plain SiT or DiT."""
     if text.strip().lower() in ("", "none"):
         return []
     return [e.strip().lower() for e in text.split(",") if e.strip()]
@@ -112,7 +125,8 @@ def build_parser() -> argparse.ArgumentParser:
     # conflict_handler="resolve": a flag added after the REPA aliases replaces the alias of the same name.
     p = ArgumentParser(prog="python -m trainer train", formatter_class=PlainHelpFormatter,
                 conflict_handler="resolve",
-                description="Train SiT + REPA on precomputed VAE moments and encoder features (DESIGN §4).",
+                description="Train SiT or DiT + REPA on precomputed VAE moments and encoder features (DESIGN §4, "
+                            "§9); the model's family brings its objective (SiT: linear interpolant, DiT: DDPM).",
                 epilog="example:\n  python -m trainer train --manifest feats/ --run-dir runs/xl --preset sit-xl2-repa\n"
                        "  torchrun --nproc-per-node 8 -m trainer train --manifest feats/ --run-dir runs/xl "
                        "--preset sit-xl2-repa\nRe-running the same command resumes from the last checkpoint.\n"
@@ -120,12 +134,14 @@ def build_parser() -> argparse.ArgumentParser:
     g = p.add_argument_group("input and output")
     g.add_argument("--manifest", help="features manifest.json (or its folder); required")
     g.add_argument("--run-dir", help="run folder: checkpoints/, export/, stats.jsonl, loss.png; required")
-    g.add_argument("--preset", choices=sorted(PRESETS), help="paper setting (Table 7; -512: Table 11)")
+    g.add_argument("--preset", choices=sorted(PRESETS), help="paper setting (sit-*: Table 7; -512: Table 11; "
+                   "dit-*: Table 3's DiT rows)")
     add_config_flag(g)
     g.add_argument("--init-from", help="start from weights: our checkpoint/export, or an official REPA .pt")
     g.add_argument("--dry-run", action="store_true", help="print the resolved settings as JSON and exit")
     g = p.add_argument_group("model")
-    g.add_argument("--model", choices=sorted(SiT_models), help=f"(default {d.model})")
+    g.add_argument("--model", choices=model_names(), metavar="NAME", help=f"a registry name: SiT-{{S,B,L,XL}}/{{1,2,4,8}}, "
+                   f"DiT-{{S,B,L,XL}}/{{2,4,8}}, SiT-Debug/2, DiT-Debug/2 (default {d.model})")
     g.add_argument("--encoders", type=_encoders, help="comma list of encoder fields, or 'none' "
                    "(default: every encoder field of the manifest)")
     flag(g, "--encoder-depth", "--enc-depth", dest="enc_depth", metavar="N", type=positive_int,
@@ -137,7 +153,8 @@ def build_parser() -> argparse.ArgumentParser:
     g.add_argument("--proj-coeff", type=float, help=f"REPA weight lambda (default {d.proj_coeff})")
     g.add_argument("--proj-loss", choices=PROJ_LOSSES, help=f"(default {d.proj_loss})")
     g.add_argument("--ntxent-tau", type=positive_float, help=f"NT-Xent temperature (default {d.ntxent_tau})")
-    g.add_argument("--path", choices=PATHS, help=f"interpolant (default {d.path})")
+    g.add_argument("--path", choices=objective_paths(), help=f"the objective's path: SiT's interpolant (linear, "
+                   f"cosine), DiT's beta schedule (linear) (default {d.path})")
     g = p.add_argument_group("optimisation")
     g.add_argument("--batch-size", type=positive_int, help=f"global batch (default {d.batch_size})")
     g.add_argument("--micro-batch", type=_micro_batch, help="per-GPU images per pass, or 'auto': the largest "
@@ -184,7 +201,8 @@ def build_parser() -> argparse.ArgumentParser:
     g.add_argument("--sample-every", type=nonneg_int, help=f"EMA sample grid to RUN/samples/step-NNNNNNN.png every N "
                    f"steps, fixed classes and noise; 0 = never (default {d.sample_every})")
     flag(g, "--sample-num-steps", "--sample-steps", dest="sample_steps", metavar="N", type=positive_int,
-         help=f"SDE steps for a grid: `trainer sample --num-steps` (default {d.sample_steps})")
+         help=f"steps of a grid's sampler (the family's default: SiT SDE, DiT DDPM): `trainer sample --num-steps` "
+              f"(default {d.sample_steps})")
     flag(g, "--sample-num-samples", "--sample-grid", dest="sample_grid", metavar="N", type=positive_int,
          help=f"images in a grid: `trainer sample --num-samples` (default {d.sample_grid})")
     g = p.add_argument_group("checkpoint retention and resume")
@@ -223,7 +241,9 @@ def resolve(argv: Sequence[str]) -> tuple[TrainConfig, bool]:
 
 
 def validate(cfg: TrainConfig) -> None:
-    check(cfg.model in SiT_models, f"unknown model {cfg.model!r}; choose from {sorted(SiT_models)}")
+    family = family_for(cfg.model)  # an unknown name is a user error listing the choices
+    check(cfg.path in family.objective.paths, f"--path {cfg.path}: {family.name}'s objective "
+          f"({family.objective.name}) takes {', '.join(family.objective.paths)}")
     check(cfg.batch_size > 0 and cfg.steps > 0 and cfg.ckpt_every > 0, "batch size, steps, ckpt-every must be > 0")
     check(cfg.micro_batch == "auto" or (isinstance(cfg.micro_batch, int) and cfg.micro_batch >= 0),
           f"--micro-batch must be 'auto' or an integer >= 0, got {cfg.micro_batch!r}")

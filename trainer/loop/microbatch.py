@@ -10,13 +10,11 @@ from __future__ import annotations
 
 import os
 from dataclasses import dataclass
-from typing import Callable, ContextManager
+from typing import Any, Callable, ContextManager
 
 import torch
 
 from common import UserError, check
-
-from trainer.objectives.interpolant import repa_loss
 
 BUDGET_ENV = "REPA_MEMORY_BUDGET_GB"
 # The probe may fill this share of the budget: the rest is for allocator fragmentation, cuBLAS/cuDNN/NCCL
@@ -102,16 +100,19 @@ def _activation_bytes(model: torch.nn.Module, loss_fn: Callable[[], torch.Tensor
 
 
 def probe_micro(model: torch.nn.Module, ema: torch.nn.Module, opt: torch.optim.Optimizer, local: int,
-                make_batch: Callable[[int], dict], loss_kw: dict, amp: Callable[[], ContextManager],
-                device: torch.device, extra: int = 0) -> Probe:
-    """The largest divisor of `local` whose real forward+backward fits; halves (to a divisor) on OOM."""
+                make_batch: Callable[[int], dict], loss: Callable[..., Any], loss_kw: dict,
+                amp: Callable[[], ContextManager], device: torch.device, extra: int = 0) -> Probe:
+    """The largest divisor of `local` whose real forward+backward fits; halves (to a divisor) on OOM.
+
+    `loss` is the family's objective loss (`Family.objective.loss`), called as the training loop calls it.
+    """
     total, where = budget(device)
     state = state_bytes(model, ema, opt) + extra
     micro = local
     while True:
         batch = make_batch(micro)
         try:
-            act = _activation_bytes(model, lambda: repa_loss(model, **batch, amp=amp, **loss_kw).total, device)
+            act = _activation_bytes(model, lambda: loss(model, **batch, amp=amp, **loss_kw).total, device)
             need = state + act + _bytes(v for v in batch.values() if torch.is_tensor(v)) + _bytes(batch["zs"])
             fits = need <= HEADROOM * total
         except torch.cuda.OutOfMemoryError:

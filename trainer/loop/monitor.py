@@ -80,7 +80,8 @@ class Monitor:
         self.tracker.image("samples/ema", step, img)
         dt = time.perf_counter() - t0
         self.preview_s += dt
-        self.log.line(f"step {step}: sample grid {path.name} ({dt:.2f} s, {self.cfg.sample_steps} SDE steps)")
+        self.log.line(f"step {step}: sample grid {path.name} ({dt:.2f} s, {self.cfg.sample_steps} "
+                      f"{self.grids.record.family.default_sampler} steps)")
 
     def report(self, row: dict[str, Any]) -> None:
         """Complete a stats row (grid time), then tracker, log.txt and loss.png; stats.jsonl is the caller's."""

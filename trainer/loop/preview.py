@@ -1,5 +1,5 @@
 """Sample grids during training: the EMA model, fixed classes and fixed noise, a few steps of the family's default
-sampler (SiT: the SDE), the run's VAE.
+sampler (SiT: the SDE, DiT: DDPM), the run's VAE.
 
 The same labels and the same noise (initial and per-step, from sample i's own generator as in
 `trainer sample`) at every grid, so a viewer watches the same images sharpen over training.

@@ -187,7 +187,7 @@ def check_compatible(saved: dict[str, Any], now: dict[str, Any], run_dir: Path) 
 
 def load_init(model: torch.nn.Module, path: str, cfg: TrainConfig) -> None:
     """--init-from: weights from our checkpoint/export or a released file (the one loader), checked shape by shape."""
-    check(storage.is_url(path) or Path(path).exists(), f"--init-from: file not found: {path}")
+    check(storage.path(path).is_remote or Path(path).exists(), f"--init-from: file not found: {path}")
     load_weights_into(model, path, name=cfg.model, what=f"{cfg.model} (--init-from)", encoder_depth=cfg.enc_depth)
 
 
@@ -221,9 +221,11 @@ def setup(cfg: TrainConfig, dry_run: bool = False) -> Run | None:
     asked = None if cfg.micro_batch == "auto" else (int(cfg.micro_batch) or local_batch)  # 0: the whole batch
     check(asked is None or (asked <= local_batch and local_batch % asked == 0),
           f"--micro-batch {cfg.micro_batch} must divide the per-rank batch {local_batch}")
-    run_url = cfg.run_dir if storage.is_url(cfg.run_dir) else None
+    run_url = cfg.run_dir if storage.path(cfg.run_dir).is_remote else None
+    lease = remote_run.hold(cfg.run_dir, run_url) if rank == 0 else None  # one job per run folder
     # An s3:// run trains in a local mirror and pushes each checkpoint; every rank pulls (each node resumes).
-    run_dir = ensure_writable_dir(remote_run.pull(run_url) if run_url else cfg.run_dir, "run folder (--run-dir)")
+    run_dir = ensure_writable_dir(remote_run.pull(run_url, lease) if run_url else cfg.run_dir,
+                                  "run folder (--run-dir)")
     if cfg.verify:
         from manifests import verify_shards
         verify_shards(m, progress=rank == 0)
@@ -264,8 +266,8 @@ def setup(cfg: TrainConfig, dry_run: bool = False) -> Run | None:
     amp_dtype = {"fp16": torch.float16, "bf16": torch.bfloat16}.get(cfg.precision)
     amp = ((lambda: torch.autocast(device.type, dtype=amp_dtype)) if amp_dtype is not None
            else contextlib.nullcontext)
-    micro = asked if asked is not None else auto_micro(cfg, spec, model, ema, opt, amp, local_batch, world, rank,
-                                                       device)
+    micro = asked if asked is not None else auto_micro(cfg, spec, family, model, ema, opt, amp, local_batch, world,
+                                                       rank, device)
     resolved = Resolved(run_dir=str(run_dir), run_url=run_url, loader=plan.kind, micro_batch=micro,
                         local_batch=local_batch)
     run_cfg["resolved"] = resolved.to_json()
@@ -296,12 +298,12 @@ def setup(cfg: TrainConfig, dry_run: bool = False) -> Run | None:
                resume_state=resume_state)
 
 
-def auto_micro(cfg: TrainConfig, spec: DataSpec, model: torch.nn.Module, ema: torch.nn.Module, opt: torch.optim.Optimizer, amp,
-               local_batch: int, world: int, rank: int, device: torch.device) -> int:
+def auto_micro(cfg: TrainConfig, spec: DataSpec, family: Family, model: torch.nn.Module, ema: torch.nn.Module,
+               opt: torch.optim.Optimizer, amp, local_batch: int, world: int, rank: int, device: torch.device) -> int:
     """--micro-batch auto: probe this rank, then agree on the smallest choice across ranks."""
     loss_kw = dict(path=cfg.path, proj_coeff=cfg.proj_coeff, proj_loss=cfg.proj_loss, ntxent_tau=cfg.ntxent_tau)
     probe = probe_micro(model, ema, opt, local_batch, probe_batch(spec, device, cfg.class_dropout_prob > 0),
-                        loss_kw, amp, device, extra=(sum(p.numel() * p.element_size() for p in model.parameters())
+                        family.objective.loss, loss_kw, amp, device, extra=(sum(p.numel() * p.element_size() for p in model.parameters())
                                                      if world > 1 else 0))  # DDP's gradient buckets
     micro = probe.micro
     if world > 1:

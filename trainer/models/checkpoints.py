@@ -13,7 +13,7 @@ import contextlib
 import pickle
 import re
 import zipfile
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, replace
 from pathlib import Path
 from typing import Any, Callable
 
@@ -25,7 +25,7 @@ from manifests.remote_inputs import localize
 from manifests.runs import CKPT_DIR, CONFIG_NAME, EXPORT_DIR
 
 from trainer.models.family import DEFAULT_VAE, LATENT_DOWNSAMPLE, Family, ModelSpec, StateDict
-from trainer.models.registry import FAMILIES, build_model, family_for, recognise
+from trainer.models.registry import FAMILIES, build_model, family_for, recognise, released_file, released_names
 
 # The only non-tensor class that official REPA train.py pickles into its checkpoints: `"args": args`, an
 # argparse.Namespace. Everything else in them is tensors, dicts, lists, numbers and strings, which
@@ -106,6 +106,40 @@ def resolve_checkpoint(path: str | Path) -> Path:
     return p
 
 
+# ---- released files by name ---------------------------------------------------------------------------------------
+
+def released_dirs() -> list[Path]:
+    """Where a released file given by name is looked for: torch hub's checkpoint cache ($TORCH_HOME/hub/checkpoints,
+    where the Inception weights live too), then ./pretrained_models (where DiT's download.py puts them)."""
+    return [Path(torch.hub.get_dir()) / "checkpoints", Path("pretrained_models")]
+
+
+def locate(ckpt: str | Path) -> tuple[str | Path, str | None]:
+    """`--ckpt` -> (the file or run folder to read, the released name it is known by, if any).
+
+    `NAME=PATH` reads PATH as the released file NAME; a bare NAME that is not a path here is looked up in
+    `released_dirs()`; a path whose file name is a released name is known by it. Nothing is downloaded.
+    """
+    text = str(ckpt)
+    name, eq, where = text.partition("=")
+    if eq and not storage.is_url(text) and "/" not in name and not Path(text).exists():
+        if released_file(name) is None:
+            raise UserError(f"--ckpt {text}: {name!r} is not a released checkpoint name (NAME=PATH takes one of: "
+                            f"{', '.join(released_names())})")
+        return where, name
+    if storage.is_url(text) or Path(text).exists():
+        base = text.rstrip("/").rsplit("/", 1)[-1]
+        return ckpt, base if released_file(base) else None
+    found = released_file(text)
+    if found is None:
+        return ckpt, None  # read_checkpoint reports the missing file
+    for folder in released_dirs():
+        if (folder / text).is_file():
+            return folder / text, text
+    raise UserError(f"released checkpoint {text} not found in {' or '.join(str(d) for d in released_dirs())}; "
+                    f"download {found[1]['url']} into one of them, or pass --ckpt {text}=PATH")
+
+
 # ---- reading a file ----------------------------------------------------------------------------------------------
 
 @dataclass
@@ -120,6 +154,7 @@ class Checkpoint:
     args: dict[str, Any] | None = None  # an official training dict's argparse options
     entry: str | None = None  # "ema" or "model": which weights of a training dict
     legacy: bool = False  # had the decoder_blocks layout
+    released: str | None = None  # the released file name it is known by (e.g. DiT-XL-2-256x256.pt)
 
 
 def _read_safetensors(path: Path) -> Checkpoint:
@@ -165,6 +200,7 @@ def read_checkpoint(path: str | Path, *, weights: str = "ema", encoder_depth: in
     `weights="model"` takes a training checkpoint's raw weights instead of its EMA. `encoder_depth` renames the
     legacy decoder_blocks layout; without it the file's own options or config say it.
     """
+    path, released = locate(path)
     url = str(path) if storage.is_url(path) else None
     if url:  # s3://…/run or …/ema-0001000.safetensors: fetched once into a local cache
         path = localize(url, "checkpoint")
@@ -172,7 +208,7 @@ def read_checkpoint(path: str | Path, *, weights: str = "ema", encoder_depth: in
     c = _read_safetensors(path) if path.suffix == ".safetensors" else _read_torch(path, weights)
     if weights == "model" and c.format not in TRAINING_FORMATS:
         raise UserError(f"--weights model needs a training checkpoint with a 'model' entry; {path} is {c.format}")
-    c.url = url
+    c.url, c.released = url, released
     sd = _strip_wrappers(dict(c.weights))
     if encoder_depth is None:
         for src in (c.args or {}, (c.config or {}).get("model_kwargs", {})):
@@ -256,6 +292,10 @@ def _ours(c: Checkpoint, spec: ModelSpec) -> dict[str, Any]:
 def _released(c: Checkpoint, spec: ModelSpec) -> dict[str, Any]:
     """A file without our config: its family (named, or recognised from the weights) fills in the rest."""
     args = c.args or {}
+    known = released_file(c.released) if c.released else None
+    if known is not None:  # a released file by name: its size and resolution, unless flags say otherwise
+        spec = replace(spec, model=spec.model or known[1]["model"],
+                       resolution=spec.resolution or known[1]["resolution"])
     named = spec.model or args.get("model")
     family = family_for(named) if named else recognise(c.weights)
     if family is None:

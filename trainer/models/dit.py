@@ -10,13 +10,20 @@ from __future__ import annotations
 
 import inspect
 import math
+import re
 from typing import Any, Callable, Sequence
 
 import torch
 import torch.nn as nn
 
-from trainer.models.sit import (DEBUG_SIZE, PROJECTOR_DIM, SIZES, FinalLayer, LabelEmbedder, PatchEmbed, SiT,
-                                SiTBlock, TimestepEmbedder, build_mlp, check_geometry)
+from manifests import SD_VAE_SCALE, SD_VAE_SHIFT
+
+from trainer.models.family import DEFAULT_VAE, LATENT_DOWNSAMPLE, Family, ModelSpec, Objective, Released
+from trainer.models.sit import (DEBUG_SIZE, PROJECTOR_DIM, SIT_KEYS, SIZES, FinalLayer, LabelEmbedder, PatchEmbed,
+                                SiT, SiTBlock, TimestepEmbedder, arg_int, build_mlp, check_geometry, drop_projectors,
+                                first_of, hint)
+from trainer.objectives.ddpm import SCHEDULES, ddpm_repa_loss, noisy, timestep_from_time
+from trainer.sampling.ddpm import ddim, ddpm
 
 PATCH_SIZES = (2, 4, 8)  # DiT models.py defines S/B/L/XL at these three
 
@@ -117,3 +124,63 @@ def _factory(size: dict, patch: int) -> Callable[..., DiT]:
 DiT_models: dict[str, Callable[..., DiT]] = {
     f"DiT-{name}/{p}": _factory(size, p) for name, size in SIZES.items() for p in PATCH_SIZES}
 DiT_models["DiT-Debug/2"] = _factory(DEBUG_SIZE, 2)
+
+
+# ---- the family ------------------------------------------------------------------------------------------------
+
+DIT_URL = "https://dl.fbaipublicfiles.com/DiT/models/{}"  # DiT download.py
+# The released DiT-XL/2 files (plain state dicts of the EMA weights, 1000 classes + the null class), by name.
+RELEASED_FILES = {f"DiT-XL-2-{r}x{r}.pt": {"model": "DiT-XL/2", "resolution": r,
+                                          "url": DIT_URL.format(f"DiT-XL-2-{r}x{r}.pt")} for r in (256, 512)}
+# DiT sample_ddp.py / train.py defaults: what a DiT file that says nothing else was trained with.
+RELEASED = dict(model="DiT-XL/2", encoder_depth=8, resolution=256, num_classes=1000, class_dropout_prob=0.1,
+                path="linear", vae=DEFAULT_VAE)  # sample_ddp.py --vae ema
+
+
+def recognises(sd: dict[str, torch.Tensor]) -> bool:
+    """A DiT state dict: SiT's modules (DiT's keys are SiT's) and an output with twice the input's channels
+    (learned sigma, as every released DiT). A DiT without learned sigma has SiT's shapes: name it with --model."""
+    need = ("pos_embed", "x_embedder.proj.weight", "y_embedder.embedding_table.weight", "final_layer.linear.weight")
+    if not all(k in sd for k in need) or not all(k.startswith(SIT_KEYS) for k in sd):
+        return False
+    out, (_, in_ch, patch, _) = sd["final_layer.linear.weight"].shape[0], sd["x_embedder.proj.weight"].shape
+    return out == 2 * patch * patch * in_ch
+
+
+def released_config(sd: dict[str, torch.Tensor], spec: ModelSpec, args: dict[str, Any]) -> dict[str, Any]:
+    """Our config.json layout for a DiT file without one (DiT's train.py dict with `args`, or a bare state dict):
+    flags, then its argparse options (`image_size`, `num_classes`, `model`), then the shapes, then DiT's defaults."""
+    pos, embed = sd.get("pos_embed"), sd.get("x_embedder.proj.weight")
+    table, final = sd.get("y_embedder.embedding_table.weight"), sd.get("final_layer.linear.weight")
+    latent = round(pos.shape[1] ** 0.5) * embed.shape[2] if pos is not None and embed is not None else None
+    res = first_of(spec.resolution, arg_int(args, "image_size"), latent and latent * LATENT_DOWNSAMPLE,
+                   RELEASED["resolution"])
+    in_ch = int(embed.shape[1]) if embed is not None else 4
+    depth = len({k.split(".")[1] for k in sd if k.startswith("blocks.")})
+    projs = sorted({int(m.group(1)) for k in sd if (m := re.match(r"projectors\.(\d+)\.4\.weight$", k))})
+    kwargs: dict[str, Any] = dict(
+        input_size=res // LATENT_DOWNSAMPLE, in_channels=in_ch,
+        num_classes=first_of(spec.num_classes, arg_int(args, "num_classes"),
+                             int(table.shape[0]) - 1 if table is not None else None, RELEASED["num_classes"]),
+        learn_sigma=final is None or embed is None or final.shape[0] == 2 * embed.shape[2] ** 2 * in_ch,
+        encoder_depth=first_of(spec.encoder_depth, arg_int(args, "encoder_depth"),
+                               min(RELEASED["encoder_depth"], depth) if depth else None, RELEASED["encoder_depth"]),
+        z_dims=list(first_of(spec.projector_embed_dims, [int(sd[f"projectors.{i}.4.weight"].shape[0])
+                                                          for i in projs])),
+        class_dropout_prob=RELEASED["class_dropout_prob"])
+    if projs and "projectors.0.0.weight" in sd:
+        kwargs["projector_dim"] = int(sd["projectors.0.0.weight"].shape[0])
+    return {"model": first_of(spec.model, args.get("model")), "model_kwargs": kwargs,
+            "path": first_of(spec.path, RELEASED["path"]), "vae": RELEASED["vae"], "latent_scale": SD_VAE_SCALE,
+            "latent_shift": SD_VAE_SHIFT, "resolution": res, "classes": []}
+
+
+DIT = Family(name="DiT", models=DiT_models, conditioning="class",
+             objective=Objective(name="ddpm", paths=SCHEDULES, loss=ddpm_repa_loss, noisy=noisy,
+                                 model_time=timestep_from_time),
+             # DiT sample.py: 250 respaced DDPM steps; DDIM is deterministic and, like the ODE, needs fewer.
+             samplers={"ddpm": ddpm, "ddim": ddim}, steps={"ddpm": 250, "ddim": 50},
+             cfg_channels=("all", "3"),
+             released=Released(model=RELEASED["model"], recognises=recognises, config=released_config,
+                               files=RELEASED_FILES),
+             hint=hint, prepare_sampling=drop_projectors)

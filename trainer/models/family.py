@@ -40,8 +40,8 @@ class Sampler(Protocol):
 
     def __call__(self, model: Callable, noise: torch.Tensor, y: torch.Tensor, *, steps: int,
                  generator: Any = None, heun: bool = False, cfg_scale: float = 1.0, guidance_low: float = 0.0,
-                 guidance_high: float = 1.0, path: str = "linear", null_class: int | None = None
-                 ) -> torch.Tensor: ...
+                 guidance_high: float = 1.0, path: str = "linear", null_class: int | None = None,
+                 guide_channels: str = "all") -> torch.Tensor: ...
 
 
 @dataclass(kw_only=True)
@@ -66,6 +66,9 @@ class Objective:
     loss: Callable[..., Any]
     # noisy(x0 (N, C, H, W), t (float or (N,)), eps like x0, path) -> x_t, the model's input at time t
     noisy: Callable[[torch.Tensor, Any, torch.Tensor, str], torch.Tensor]
+    # model_time(t (N,) in [0, 1], 1 = noise) -> the time argument the network takes for x_t = noisy(x0, t, ...):
+    # t itself for SiT, the integer DDPM timestep for DiT (the alignment analysis calls model(x_t, model_time(t), y))
+    model_time: Callable[[torch.Tensor], torch.Tensor] = field(default=lambda t: t)
 
 
 @dataclass(frozen=True, kw_only=True)
@@ -76,6 +79,9 @@ class Released:
     # config(weights, spec, args) -> our config.json layout for a file without one: flags, then the file's own
     # argparse options (`args`), then shapes, then the defaults; "model" is None when nothing names the size.
     config: Callable[[StateDict, ModelSpec, dict[str, Any]], dict[str, Any]]
+    # Released files known by name (`--ckpt NAME`, found in the usual caches, or `--ckpt NAME=PATH`):
+    # name -> {"model": size, "resolution": px, "url": where the authors publish it}.
+    files: Mapping[str, Mapping[str, Any]] = field(default_factory=dict)
 
 
 @dataclass(frozen=True, kw_only=True)
@@ -86,6 +92,10 @@ class Family:
     objective: Objective
     samplers: Mapping[str, Sampler]  # --mode -> entry point; the first is the default (training grids use it)
     released: Released
+    steps: Mapping[str, int] = field(default_factory=dict)  # --mode -> its default --num-steps
+    # The --cfg-channels rules its samplers take: "all" (u + s(c - u) on every channel) and, for DiT, "3" (the
+    # released DiT sampler guides only the first three latent channels).
+    cfg_channels: tuple[str, ...] = ("all",)
     hint: Callable[[str], str] = field(default=lambda key: "check --model")  # state-dict key -> flag to check
     prepare_sampling: Callable[[torch.nn.Module], None] = field(default=lambda model: None)  # drop training-only parts
 
@@ -96,6 +106,8 @@ class Family:
             raise ValueError(f"family {self.name} declares no models or no samplers")
         if self.released.model not in self.models:
             raise ValueError(f"family {self.name}: released default {self.released.model!r} is not one of its models")
+        if set(self.steps) - set(self.samplers):
+            raise ValueError(f"family {self.name}: default steps for unknown modes {sorted(set(self.steps) - set(self.samplers))}")
 
     @property
     def default_sampler(self) -> str:

@@ -10,6 +10,7 @@ import torch
 
 from common import UserError
 
+from trainer.models.dit import DIT
 from trainer.models.family import Family, StateDict
 from trainer.models.sit import SIT
 
@@ -35,6 +36,33 @@ def unregister(name: str) -> None:
 def model_names() -> list[str]:
     """Every registered model name, sorted (the --model choices)."""
     return sorted(n for f in FAMILIES.values() for n in f.models)
+
+
+def objective_paths() -> list[str]:
+    """Every family's `--path` values (the interpolant for SiT, the beta schedule for DiT), sorted."""
+    return sorted({p for f in FAMILIES.values() for p in f.objective.paths})
+
+
+def sampler_modes() -> list[str]:
+    """Every family's sampler names (the `trainer sample --mode` choices), in registration order."""
+    return list(dict.fromkeys(m for f in FAMILIES.values() for m in f.samplers))
+
+
+def cfg_rules() -> list[str]:
+    """Every family's `--cfg-channels` rules, "all" first."""
+    return list(dict.fromkeys(r for f in FAMILIES.values() for r in f.cfg_channels))
+
+
+def released_file(name: str) -> tuple[Family, dict[str, Any]] | None:
+    """The family and record of a released checkpoint known by its file name (e.g. DiT-XL-2-256x256.pt)."""
+    for family in FAMILIES.values():
+        if name in family.released.files:
+            return family, dict(family.released.files[name])
+    return None
+
+
+def released_names() -> list[str]:
+    return sorted(n for f in FAMILIES.values() for n in f.released.files)
 
 
 def family_for(name: str) -> Family:
@@ -66,3 +94,4 @@ def build_model(name: str, device: torch.device | str = "cpu", **kwargs: Any) ->
 
 
 register(SIT)  # one line per family
+register(DIT)

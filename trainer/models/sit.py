@@ -304,11 +304,11 @@ def recognises(sd: dict[str, torch.Tensor]) -> bool:
     return out == patch * patch * in_ch
 
 
-def _first(*values: Any) -> Any:
+def first_of(*values: Any) -> Any:
     return next((v for v in values if v is not None), None)
 
 
-def _arg(args: dict[str, Any], key: str) -> int | None:
+def arg_int(args: dict[str, Any], key: str) -> int | None:
     with contextlib.suppress(TypeError, ValueError):
         return int(args[key]) if args.get(key) is not None else None
     return None
@@ -320,25 +320,25 @@ def released_config(sd: dict[str, torch.Tensor], spec: ModelSpec, args: dict[str
     pos, embed = sd.get("pos_embed"), sd.get("x_embedder.proj.weight")
     table = sd.get("y_embedder.embedding_table.weight")
     latent = round(pos.shape[1] ** 0.5) * embed.shape[2] if pos is not None and embed is not None else None
-    res = _first(spec.resolution, _arg(args, "resolution"), latent and latent * LATENT_DOWNSAMPLE,
+    res = first_of(spec.resolution, arg_int(args, "resolution"), latent and latent * LATENT_DOWNSAMPLE,
                  RELEASED["resolution"])
     depth = len({k.split(".")[1] for k in sd if k.startswith("blocks.")})
     projs = sorted({int(m.group(1)) for k in sd if (m := re.match(r"projectors\.(\d+)\.4\.weight$", k))})
     shape_dims = [int(sd[f"projectors.{i}.4.weight"].shape[0]) for i in projs] if depth else None
     kwargs: dict[str, Any] = dict(
         input_size=res // LATENT_DOWNSAMPLE, in_channels=int(embed.shape[1]) if embed is not None else 4,
-        num_classes=_first(spec.num_classes, _arg(args, "num_classes"),
+        num_classes=first_of(spec.num_classes, arg_int(args, "num_classes"),
                            int(table.shape[0]) - 1 if table is not None else None, RELEASED["num_classes"]),
         # The encoder depth only places the projectors; a bare file does not record it, so REPA's 8 (or the
         # model's depth, if shallower) stands in unless a flag or the file's options say otherwise.
-        encoder_depth=_first(spec.encoder_depth, _arg(args, "encoder_depth"),
+        encoder_depth=first_of(spec.encoder_depth, arg_int(args, "encoder_depth"),
                              min(RELEASED["encoder_depth"], depth) if depth else None, RELEASED["encoder_depth"]),
-        z_dims=list(_first(spec.projector_embed_dims, shape_dims, RELEASED["z_dims"])),
+        z_dims=list(first_of(spec.projector_embed_dims, shape_dims, RELEASED["z_dims"])),
         class_dropout_prob=RELEASED["class_dropout_prob"])
     if projs and "projectors.0.0.weight" in sd:
         kwargs["projector_dim"] = int(sd["projectors.0.0.weight"].shape[0])
-    return {"model": _first(spec.model, args.get("model")), "model_kwargs": kwargs,
-            "path": _first(spec.path, args.get("path_type"), RELEASED["path"]), "vae": RELEASED["vae"],
+    return {"model": first_of(spec.model, args.get("model")), "model_kwargs": kwargs,
+            "path": first_of(spec.path, args.get("path_type"), RELEASED["path"]), "vae": RELEASED["vae"],
             "latent_scale": SD_VAE_SCALE, "latent_shift": SD_VAE_SHIFT, "resolution": res, "classes": []}
 
 
@@ -362,6 +362,6 @@ def drop_projectors(model: SiT) -> None:
 
 SIT = Family(name="SiT", models=SiT_models, conditioning="class",
              objective=Objective(name="interpolant", paths=PATHS, loss=repa_loss, noisy=noisy),
-             samplers={"sde": sde, "ode": ode},
+             samplers={"sde": sde, "ode": ode}, steps={"sde": 250, "ode": 50},  # REPA generate.py: SDE 250, ODE 50
              released=Released(model=RELEASED["model"], recognises=recognises, config=released_config),
              hint=hint, prepare_sampling=drop_projectors)

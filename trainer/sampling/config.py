@@ -11,11 +11,10 @@ from common.cli import ArgumentParser, HelpFormatter, flag, nonneg_int, positive
 from common.device import DEVICE_HELP, device_flag
 from common.config_file import add_config_flag, layered
 
+from trainer.models import cfg_rules, objective_paths, sampler_modes
 from trainer.repa_flags import add_sample_aliases
-from trainer.sampling.samplers import PATHS
 
 PRECISIONS = ("fp32", "tf32", "bf16")
-DEFAULT_STEPS = {"sde": 250, "ode": 50}  # REPA generate.py: SDE 250 (paper), ODE 50
 
 # The paper's sampling settings (SDE, 250 steps, 50K samples). `resolution`: the checkpoint must be at it.
 PRESETS: dict[str, dict[str, Any]] = {
@@ -28,6 +27,12 @@ PRESETS: dict[str, dict[str, Any]] = {
     # Table 11 (ImageNet 512x512): w = 1.35, no interval (FID 2.08 at 200 epochs).
     "paper-512-cfg": dict(mode="sde", steps=250, cfg_scale=1.35, guidance_low=0.0, guidance_high=1.0,
                           expect_resolution=512),
+    # DiT (DDPM), paper Table 3: 250 respaced DDPM steps, no guidance (the released DiT-XL/2: FID 9.6).
+    "dit-nocfg": dict(mode="ddpm", steps=250, cfg_scale=1.0, guidance_low=0.0, guidance_high=1.0),
+    # The DiT paper's best number (DiT-XL/2, FID 2.27): scale 1.5 on every step, guiding the first three latent
+    # channels only, as the released sample_ddp.py's forward_with_cfg does.
+    "dit-cfg-1.5": dict(mode="ddpm", steps=250, cfg_scale=1.5, guidance_low=0.0, guidance_high=1.0,
+                        cfg_channels="3"),
 }
 REPA_VAES = {"ema": "sd-vae-ft-ema", "mse": "sd-vae-ft-mse"}  # REPA generate.py --vae ema|mse
 
@@ -40,10 +45,11 @@ class SampleConfig:
     preset: str | None = None
     expect_resolution: int | None = None  # set by 512 px presets: the checkpoint must be at this resolution
     num_samples: int = 50_000
-    mode: str = "sde"
-    steps: int | None = None  # None: 250 for sde, 50 for ode
+    mode: str | None = None  # None: the family's default sampler (SiT: sde, DiT: ddpm), set when the model loads
+    steps: int | None = None  # None: the mode's default (sde 250, ode 50, ddpm 250, ddim 50)
     heun: bool = False
     cfg_scale: float = 1.0
+    cfg_channels: str = "all"  # CFG on every latent channel, or "3": DiT's released rule (its first three only)
     guidance_low: float = 0.0
     guidance_high: float = 1.0
     seed: int = 0
@@ -71,29 +77,39 @@ def _device(text: str) -> str | None:
 
 def build_parser() -> argparse.ArgumentParser:
     p = ArgumentParser(prog="python -m trainer sample", formatter_class=HelpFormatter,
-                description="Generate images from a SiT checkpoint into PNG shards and a samples manifest.",
+                description="Generate images from a SiT or DiT checkpoint into PNG shards and a samples manifest.",
                 epilog="example (the paper's FID 1.42 setting):\n  torchrun --nproc-per-node 8 -m trainer sample "
                        "--ckpt RUN --out samples --num-samples 50000 --mode sde --num-steps 250 --cfg-scale 1.8 "
                        "--guidance-high 0.7 --npz\n  (the same: --ckpt RUN --out samples --preset paper-cfg --npz)\n"
                        "an official REPA file:\n  python -m trainer sample --out samples --ckpt SiT-XL-2-256.pt "
-                       "--model SiT-XL/2 --encoder-depth 8 --projector-embed-dims 768")
+                       "--model SiT-XL/2 --encoder-depth 8 --projector-embed-dims 768\n"
+                       "the released DiT-XL/2 (found in $TORCH_HOME/hub/checkpoints or ./pretrained_models):\n"
+                       "  python -m trainer sample --out samples --ckpt DiT-XL-2-256x256.pt --preset dit-nocfg")
     io_ = p.add_argument_group("input/output")
-    io_.add_argument("--ckpt", help="our .pt / export .safetensors / run folder / official REPA file; required")
+    io_.add_argument("--ckpt", help="our .pt / export .safetensors / run folder / official REPA or DiT file / a "
+                     "released name (DiT-XL-2-256x256.pt) or NAME=PATH; required")
     io_.add_argument("--out", help="output folder (shards/, manifest.json, grid.png); required")
     io_.add_argument("--preset", choices=sorted(PRESETS), help="the paper's sampling settings: paper-cfg (SDE 250, "
-                     "CFG 1.8 on [0, 0.7]), paper-nocfg, paper-cfg-1.35, paper-512-cfg (Table 11)")
+                     "CFG 1.8 on [0, 0.7]), paper-nocfg, paper-cfg-1.35, paper-512-cfg (Table 11); DiT: dit-nocfg "
+                     "(DDPM 250, Table 3), dit-cfg-1.5 (the DiT paper's 2.27)")
     add_config_flag(io_)
     io_.add_argument("--dry-run", action="store_true", help="print the resolved settings as JSON and exit")
     io_.add_argument("--npz", action="store_true", help="also write samples.npz (arr_0, N×H×W×3 uint8) for ADM")
     io_.add_argument("--shard-size", type=positive_int, default=1000, help="samples per tar shard (the resume unit)")
     s = p.add_argument_group("sampling")
     s.add_argument("--num-samples", type=positive_int, default=50_000, help="images to generate (indices 0..N-1)")
-    s.add_argument("--mode", choices=("sde", "ode"), default="sde", help="Euler–Maruyama SDE or Euler/Heun ODE")
+    s.add_argument("--mode", choices=sampler_modes(), default=None, help="the model family's sampler: SiT sde "
+                   "(Euler–Maruyama, the default) or ode (Euler/Heun); DiT ddpm (ancestral, the default) or ddim "
+                   "(eta 0, deterministic)")
     flag(s, "--num-steps", "--steps", dest="steps", metavar="N", type=positive_int, default=None,
-         help="sampler steps; default: 250 (sde) or 50 (ode)")
+         help="sampler steps; default: 250 (sde, ddpm) or 50 (ode, ddim); DDPM/DDIM respace DiT's 1000 timesteps")
     s.add_argument("--heun", action="store_true", help="Heun instead of Euler (ode only)")
     s.add_argument("--cfg-scale", type=float, default=1.0, help="1 = no guidance; the paper uses 1.8")
-    s.add_argument("--guidance-low", type=float, default=0.0, help="CFG applies only for low <= t <= high")
+    s.add_argument("--cfg-channels", choices=cfg_rules(), default="all", help="latent channels CFG guides: all "
+                   "(the default), or 3, the released DiT sampler's rule (first three channels; reproduces the DiT "
+                   "paper's FIDs; DiT only)")
+    s.add_argument("--guidance-low", type=float, default=0.0, help="CFG applies only for low <= t <= high "
+                   "(DiT: t = timestep/1000)")
     s.add_argument("--guidance-high", type=float, default=1.0, help="the paper uses 0.7")
     s.add_argument("--seed", type=nonneg_int, default=0, help="sample i's label and noise come from (seed, i)")
     s.add_argument("--balanced", action="store_true", help="an equal number of samples per class")
@@ -101,19 +117,20 @@ def build_parser() -> argparse.ArgumentParser:
     r.add_argument("--batch-size", type=positive_int, default=64, help="global, split across ranks as in train; "
                    "does not change the images")
     r.add_argument("--precision", choices=PRECISIONS, default="tf32",
-                   help="SiT matmuls; the state stays float64 (tf32 is the reference's setting; docs/cli.md)")
+                   help="the model's matmuls; the state stays float64 (tf32 is the reference's setting; docs/cli.md)")
     r.add_argument("--device", type=_device, default=None, help=f"{DEVICE_HELP}; auto takes cuda:LOCAL_RANK "
                    "(default: auto)")
     r.add_argument("--vae", default=None, help="NAME[=PATH] (REPA's ema|mse work); default: the checkpoint's VAE, "
                    "else sd-vae-ft-ema")
     m = p.add_argument_group("model (official checkpoints; ours carry config.json)")
-    m.add_argument("--model", default=None, help="e.g. SiT-XL/2 (default for official files)")
+    m.add_argument("--model", default=None, help="e.g. SiT-XL/2 (default for official files), DiT-XL/2")
     m.add_argument("--encoder-depth", type=positive_int, default=None, help="default 8 for official files")
     m.add_argument("--projector-embed-dims", default=None, help="each projector's output width, i.e. its encoder's token width (comma list; default 768 for "
                    "official files); `trainer train --projector-hidden-dim` is the hidden width")
     m.add_argument("--resolution", type=positive_int, default=None, help="default 256 for official files")
     m.add_argument("--num-classes", type=positive_int, default=None, help="default 1000 for official files")
-    m.add_argument("--path", choices=PATHS, default=None, help="interpolant; default from the checkpoint")
+    m.add_argument("--path", choices=objective_paths(), default=None, help="the objective's path (SiT interpolant, "
+                   "DiT beta schedule); default from the checkpoint")
     add_sample_aliases(p)
     return p
 
@@ -134,9 +151,7 @@ def resolve(argv: Sequence[str]) -> tuple[SampleConfig, bool]:
     cfg = SampleConfig(**values)
     if cfg.vae in REPA_VAES:
         cfg.vae = REPA_VAES[cfg.vae]
-    if cfg.steps is None:
-        cfg.steps = DEFAULT_STEPS[cfg.mode]
-    if cfg.heun and cfg.mode != "ode":
+    if cfg.heun and cfg.mode not in (None, "ode"):
         raise UserError("--heun applies to --mode ode only")
     if cfg.cfg_scale < 1.0:
         raise UserError(f"--cfg-scale must be >= 1 (1 = no guidance), got {cfg.cfg_scale}")
@@ -144,6 +159,21 @@ def resolve(argv: Sequence[str]) -> tuple[SampleConfig, bool]:
         raise UserError(f"need 0 <= --guidance-low <= --guidance-high <= 1, got {cfg.guidance_low}, "
                         f"{cfg.guidance_high}")
     return cfg, dry
+
+
+def settle_mode(cfg: SampleConfig, samplers: Sequence[str], steps: dict[str, int], rules: Sequence[str],
+                family: str) -> None:
+    """Fill --mode and --num-steps from the loaded model's family and check the sampler settings against it."""
+    if cfg.mode is None:
+        cfg.mode = samplers[0]
+    if cfg.mode not in samplers:
+        raise UserError(f"--mode {cfg.mode}: {family} samples with {', '.join(samplers)}")
+    if cfg.steps is None:
+        cfg.steps = steps[cfg.mode]
+    if cfg.heun and cfg.mode != "ode":
+        raise UserError(f"--heun applies to --mode ode only (this is {family}, --mode {cfg.mode})")
+    if cfg.cfg_channels not in rules:
+        raise UserError(f"--cfg-channels {cfg.cfg_channels}: {family} guides {' or '.join(rules)}")
 
 
 def per_rank_batch(cfg: SampleConfig, world: int) -> int:

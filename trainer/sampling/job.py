@@ -1,4 +1,5 @@
-"""`python -m trainer sample`: checkpoint -> SDE/ODE samples -> VAE decode -> PNG shards + samples manifest.
+"""`python -m trainer sample`: checkpoint -> the family's sampler (SiT: SDE/ODE, DiT: DDPM/DDIM) -> VAE decode ->
+PNG shards + samples manifest.
 
 Sample i's label and noise come from a generator seeded by (seed, i), so the images do not depend on the
 batch size or the number of ranks. The index range is cut into shards; torchrun ranks take shards
@@ -23,12 +24,14 @@ from manifests import (Manifest, ShardEntry, atomic_write_json, read_json, sha25
 from common import UserError
 from manifests import storage
 from manifests.io import ensure_writable_dir, remove_tmp_files
+from manifests.lease import hold
 
 import trainer.models as models
 from trainer.models import Loaded, ModelSpec
 from trainer.sampling.output import decode, png_bytes, write_grid, write_npz
 # `parse` is re-exported for callers of trainer.sample.
-from trainer.sampling.config import SampleConfig, check_resolution, dumps, parse, per_rank_batch, resolve  # noqa: F401
+from trainer.sampling.config import (SampleConfig, check_resolution, dumps, parse, per_rank_batch,  # noqa: F401
+                                     resolve, settle_mode)
 from trainer.sampling.samplers import nfe, sample_generator
 
 SHARD_NAME = "samples-{:06d}"
@@ -63,13 +66,14 @@ def model_spec(cfg: SampleConfig) -> ModelSpec:
 
 
 def load_model(cfg: SampleConfig) -> Loaded:
-    """The checkpoint's model (trainer/models/checkpoints.py), loaded strictly and stripped for sampling."""
+    """The checkpoint's model (trainer/models/checkpoints.py), loaded strictly and stripped for sampling; --mode
+    and --num-steps left to the family's defaults are filled in here."""
     lm = models.load_model(cfg.ckpt, model_spec(cfg))
-    if lm.family.conditioning != "class":
-        raise UserError(f"{lm.name} is {lm.family.conditioning}-conditioned; this sampler draws class labels only")
-    if cfg.mode not in lm.family.samplers:
-        raise UserError(f"--mode {cfg.mode}: {lm.family.name} samples with {', '.join(lm.family.samplers)}")
-    lm.family.prepare_sampling(lm.model)
+    family = lm.family
+    if family.conditioning != "class":
+        raise UserError(f"{lm.name} is {family.conditioning}-conditioned; this sampler draws class labels only")
+    settle_mode(cfg, list(family.samplers), dict(family.steps), family.cfg_channels, family.name)
+    family.prepare_sampling(lm.model)
     return lm
 
 
@@ -100,7 +104,7 @@ class Velocity:
 
 
 def set_precision(precision: str) -> None:
-    """tf32 (the reference's default) allows TF32 matmuls/convs; fp32 forbids them; bf16 autocasts the SiT."""
+    """tf32 (the reference's default) allows TF32 matmuls/convs; fp32 forbids them; bf16 autocasts the model."""
     tf32 = precision != "fp32"
     torch.set_float32_matmul_precision("high" if tf32 else "highest")
     torch.backends.cudnn.allow_tf32 = tf32
@@ -160,7 +164,7 @@ def run_shard(cfg: SampleConfig, k: int, idx: range, src: Source, vae, device: t
         noise, y, gens = draw_inputs(cfg, sub, shape, model.num_classes, balanced)
         z = sampler(fn, noise.to(device), y.to(device), steps=cfg.steps, generator=gens, heun=cfg.heun,
                     cfg_scale=cfg.cfg_scale, guidance_low=cfg.guidance_low, guidance_high=cfg.guidance_high,
-                    path=rec.path, null_class=model.num_classes)
+                    path=rec.path, null_class=model.num_classes, guide_channels=cfg.cfg_channels)
         if not bool(torch.isfinite(z).all()):  # one sync per batch; NaN would silently become black images
             raise UserError(f"sampling produced non-finite latents for samples {sub.start}..{sub.stop - 1} "
                             f"(corrupt checkpoint or overflow; try --precision fp32)")
@@ -183,8 +187,11 @@ def fingerprint_of(cfg: SampleConfig, src: Source) -> dict[str, Any]:
     """The settings a finished shard was made with; a re-run must match them to reuse it."""
     keep = ("num_samples", "mode", "steps", "heun", "cfg_scale", "guidance_low", "guidance_high", "seed",
             "balanced", "shard_size", "precision")
-    return {**{k: getattr(cfg, k) for k in keep}, "ckpt_sha256": src.sha256, "model": src.lm.name,
-            "path": src.lm.record.path, "vae": src.vae}
+    fp = {**{k: getattr(cfg, k) for k in keep}, "ckpt_sha256": src.sha256, "model": src.lm.name,
+          "path": src.lm.record.path, "vae": src.vae}
+    if cfg.cfg_channels != "all":  # recorded only when not the rule every older shard was made with
+        fp["cfg_channels"] = cfg.cfg_channels
+    return fp
 
 
 # ---- the job --------------------------------------------------------------------------------------------------
@@ -224,6 +231,7 @@ def run(cfg: SampleConfig, argv: list[str], rank: int, world: int, local: int) -
 
     from pipeline.encoders import load_vae
     out = ensure_writable_dir(cfg.out)
+    lease = hold(out, "trainer sample") if rank == 0 else None  # one job per --out; a second gets one line
     set_precision(cfg.precision)
     device = torch.device(cfg.device or (f"cuda:{local}" if torch.cuda.is_available() else "cpu"))
     if device.type == "cuda":
@@ -238,7 +246,7 @@ def run(cfg: SampleConfig, argv: list[str], rank: int, world: int, local: int) -
     fp = fingerprint_of(cfg, src)
     shards = shard_ranges(cfg.num_samples, cfg.shard_size)
     if rank == 0 and (out / "shards").is_dir():
-        remove_tmp_files(out / "shards")  # half-written leftovers of a killed run
+        remove_tmp_files(out / "shards", lease.started)  # half-written leftovers of a killed run
     _barrier(world)
     pending = [k for k in range(len(shards)) if not shard_done(out, k, fp)]
     _barrier(world)  # every rank has the same plan before anyone writes
@@ -252,6 +260,8 @@ def run(cfg: SampleConfig, argv: list[str], rank: int, world: int, local: int) -
     _barrier(world)
     if rank == 0:
         finish(cfg, src, out, shards, fp, command=" ".join(["python -m trainer sample", *argv]))
+    if lease is not None:
+        lease.release()
 
 
 def finish(cfg: SampleConfig, src: Source, out: Path, shards: list[range], fp: dict[str, Any], command: str) -> None:

@@ -173,13 +173,20 @@ def nfe(mode: str, steps: int, heun: bool = False) -> int:
 
 # ---- the SiT family's entry points (one keyword set for every family's samplers) ---------------------------------
 
+def _all_channels(guide_channels: str) -> None:
+    if str(guide_channels) != "all":
+        raise ValueError(f"the SiT samplers guide all channels; guide_channels {guide_channels!r} is DiT's rule")
+
+
 def sde(model: Callable, noise: torch.Tensor, y: torch.Tensor, *, steps: int, generator: Generators = None,
-        heun: bool = False, **guidance: Any) -> torch.Tensor:
+        heun: bool = False, guide_channels: str = "all", **guidance: Any) -> torch.Tensor:
     """`sample_sde` (heun does not apply)."""
+    _all_channels(guide_channels)
     return sample_sde(model, noise, y, steps=steps, generator=generator, **guidance)
 
 
 def ode(model: Callable, noise: torch.Tensor, y: torch.Tensor, *, steps: int, generator: Generators = None,
-        heun: bool = False, **guidance: Any) -> torch.Tensor:
+        heun: bool = False, guide_channels: str = "all", **guidance: Any) -> torch.Tensor:
     """`sample_ode` (deterministic: the generators are not used)."""
+    _all_channels(guide_channels)
     return sample_ode(model, noise, y, steps=steps, heun=heun, **guidance)
