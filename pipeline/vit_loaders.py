@@ -142,14 +142,32 @@ def _clip_tower(spec: EncoderSpec, size: int, visual: nn.Module, where: str) -> 
     return ClipTokens(visual.float())
 
 
+def openai_clip_model(path: str, flag: str) -> nn.Module:
+    """An OpenAI CLIP file (TorchScript archive or plain state dict) -> open_clip's CLIP, in fp32, never unpickling.
+
+    open_clip's own `load_openai_model` falls back to `torch.load` without `weights_only`, which runs arbitrary
+    pickles on torch < 2.6; here a state dict goes through `read_checkpoint` (weights_only=True) instead.
+    """
+    from open_clip.model import build_model_from_openai_state_dict
+    try:
+        sd = torch.jit.load(path, map_location="cpu").state_dict()  # the released archives: tensors and code only
+    except RuntimeError:  # not TorchScript: a plain state dict (or {'state_dict': {'module.*'}})
+        sd = read_checkpoint(path, flag)
+        if isinstance(sd, dict) and isinstance(sd.get("state_dict"), dict):
+            sd = {k.removeprefix("module."): v for k, v in sd["state_dict"].items()}
+    return build_model_from_openai_state_dict(sd, cast_dtype=torch.float32).float().eval()
+
+
 def load_clip(spec: EncoderSpec, size: int, path: str | None, flag: str) -> ClipTokens:
     """OpenAI CLIP's visual tower via open_clip: a TorchScript archive or plain state dict, the hub, or tiny."""
     import open_clip
     if path is not None:
         if not os.path.exists(path):
             raise UserError(f"encoder weights not found: {path} ({flag})")
-        try:  # open_clip reads both OpenAI layouts (TorchScript archive, plain state dict)
-            visual = open_clip.load_openai_model(path, precision="fp32", device="cpu").visual
+        try:
+            visual = openai_clip_model(path, flag).visual
+        except UserError:
+            raise
         except Exception as e:  # noqa: BLE001 - a wrong or corrupt file: one line naming it
             msg = str(e).strip().splitlines()[0] if str(e).strip() else type(e).__name__
             raise UserError(f"cannot read {path} as {spec.file_format} ({flag}): {msg}") from e
