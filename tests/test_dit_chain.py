@@ -16,7 +16,7 @@ import torch
 
 from common import UserError, run_cli
 from test_sampler_job import images, same_images
-from trainer_common import args, ckpt, popen, same_state, stats, wait_for
+from trainer_common import args, ckpt, popen, same_state, small_feats, stats, wait_for  # noqa: F401
 
 from trainer.__main__ import main as trainer_main
 
@@ -195,3 +195,27 @@ def test_align_runs_on_the_released_layout_at_integer_timesteps(released, tiny_f
     with torch.no_grad():
         lm.model(noisy(z, 0.5, torch.stack(eps)), torch.full((2,), 500), torch.full((2,), 1000))
     torch.testing.assert_close(torch.from_numpy(pooled[2]), seen["h"])
+
+
+@pytest.mark.slow
+def test_two_ranks_equal_one_rank(small_feats, tmp_path, capsys):
+    """DiT + DDPM under torchrun: 2 ranks (gloo) take disjoint halves of each global batch with the per-sample
+    timesteps, noise and label drops of the 1-rank run, so losses and weights agree within float rounding."""
+    import subprocess
+    import sys
+
+    from helpers import REPO, free_port
+    from trainer_common import ENV, assert_weights_close, run_inproc
+
+    def train(run: Path) -> list[str]:
+        return args(small_feats, run, "--model", "DiT-Debug/2", "--lr", "1e-3", steps=4, batch=4)
+    two, one = tmp_path / "two", tmp_path / "one"
+    p = subprocess.run([sys.executable, "-m", "torch.distributed.run", "--nproc-per-node", "2", "--master-addr",
+                        "127.0.0.1", "--master-port", str(free_port()), "-m", "trainer", *train(two)],
+                       cwd=REPO, env=ENV, capture_output=True, text=True, timeout=240)
+    assert p.returncode == 0, p.stderr[-3000:]
+    rc, err = run_inproc(train(one), capsys)
+    assert rc == 0, err
+    assert json.loads((two / "config.json").read_text())["model"] == "DiT-Debug/2"
+    np.testing.assert_allclose([r["loss"] for r in stats(two)], [r["loss"] for r in stats(one)], rtol=1e-5)
+    assert_weights_close(ckpt(two, 4)["model"], ckpt(one, 4)["model"], steps=4)
