@@ -52,6 +52,7 @@ class SampleConfig:
     cfg_channels: str = "all"  # CFG on every latent channel, or "3": DiT's released rule (its first three only)
     guidance_low: float = 0.0
     guidance_high: float = 1.0
+    guide_ckpt: str | None = None  # autoguidance: the weaker model that replaces the unconditional branch
     seed: int = 0
     balanced: bool = False
     batch_size: int = 64
@@ -111,6 +112,11 @@ def build_parser() -> argparse.ArgumentParser:
     s.add_argument("--guidance-low", type=float, default=0.0, help="CFG applies only for low <= t <= high "
                    "(DiT: t = timestep/1000)")
     s.add_argument("--guidance-high", type=float, default=1.0, help="the paper uses 0.7")
+    s.add_argument("--guide-ckpt", default=None, metavar="PATH_OR_RUN@STEP",
+                   help="autoguidance (Karras et al. 2024): guide with this weaker model (a smaller one, or an "
+                        "earlier step of the same run: RUN@STEP) instead of the unconditional branch, "
+                        "D = D_guide + w (D_main - D_guide) with w = --cfg-scale, inside the guidance interval; "
+                        "default: CFG (docs/sampling.md#autoguidance)")
     s.add_argument("--seed", type=nonneg_int, default=0, help="sample i's label and noise come from (seed, i)")
     s.add_argument("--balanced", action="store_true", help="an equal number of samples per class")
     r = p.add_argument_group("runtime")
@@ -153,6 +159,8 @@ def resolve(argv: Sequence[str]) -> tuple[SampleConfig, bool]:
         cfg.vae = REPA_VAES[cfg.vae]
     if cfg.heun and cfg.mode not in (None, "ode"):
         raise UserError("--heun applies to --mode ode only")
+    if cfg.guide_ckpt is not None and cfg.cfg_scale == 1.0:
+        raise UserError("--guide-ckpt needs --cfg-scale > 1 (w = 1 is the main model alone)")
     if cfg.cfg_scale < 1.0:
         raise UserError(f"--cfg-scale must be >= 1 (1 = no guidance), got {cfg.cfg_scale}")
     if not 0.0 <= cfg.guidance_low <= cfg.guidance_high <= 1.0:

@@ -32,6 +32,7 @@ from trainer.sampling.output import decode, png_bytes, write_grid, write_npz
 # `parse` is re-exported for callers of trainer.sample.
 from trainer.sampling.config import (SampleConfig, check_resolution, dumps, parse, per_rank_batch,  # noqa: F401
                                      resolve, settle_mode)
+from trainer.sampling.autoguide import AutoGuided, check_compatible, resolve_guide
 from trainer.sampling.samplers import nfe, sample_generator
 
 SHARD_NAME = "samples-{:06d}"
@@ -50,6 +51,8 @@ class Source:
     sha256: str
     vae: str
     velocity: Any = None  # the prepared (cast, compiled) forward, made once per process in run()
+    guide: Loaded | None = None  # --guide-ckpt: the autoguidance model
+    guide_sha256: str | None = None
 
 
 def model_spec(cfg: SampleConfig) -> ModelSpec:
@@ -74,6 +77,17 @@ def load_model(cfg: SampleConfig) -> Loaded:
         raise UserError(f"{lm.name} is {family.conditioning}-conditioned; this sampler draws class labels only")
     settle_mode(cfg, list(family.samplers), dict(family.steps), family.cfg_channels, family.name)
     family.prepare_sampling(lm.model)
+    return lm
+
+
+def load_guide(cfg: SampleConfig, main: Loaded) -> Loaded:
+    """--guide-ckpt's model through the same loader (its own config decides its size), checked against the main."""
+    lm = models.load_model(resolve_guide(cfg.guide_ckpt), ModelSpec())
+    if lm.family.conditioning != main.family.conditioning:
+        raise UserError(f"--guide-ckpt {cfg.guide_ckpt} is {lm.family.conditioning}-conditioned, the main model "
+                        f"{main.family.conditioning}-conditioned")
+    check_compatible(main.model, lm.model, main.name, lm.name)
+    lm.family.prepare_sampling(lm.model)
     return lm
 
 
@@ -191,6 +205,8 @@ def fingerprint_of(cfg: SampleConfig, src: Source) -> dict[str, Any]:
           "path": src.lm.record.path, "vae": src.vae}
     if cfg.cfg_channels != "all":  # recorded only when not the rule every older shard was made with
         fp["cfg_channels"] = cfg.cfg_channels
+    if src.guide is not None:  # autoguidance: another guide is other images
+        fp["guide"] = {"model": src.guide.name, "ckpt_sha256": src.guide_sha256}
     return fp
 
 
@@ -241,6 +257,12 @@ def run(cfg: SampleConfig, argv: list[str], rank: int, world: int, local: int) -
     src = Source(lm=lm, sha256=sha256_file(lm.checkpoint.path), vae=cfg.vae or lm.record.vae)
     lm.model.to(device)
     src.velocity = Velocity(lm.model, device, cfg.precision)
+    if cfg.guide_ckpt is not None:  # autoguidance: the guide's forward takes the unconditional half's place
+        src.guide = load_guide(cfg, lm)
+        src.guide_sha256 = sha256_file(src.guide.checkpoint.path)
+        src.guide.model.to(device)
+        src.velocity = AutoGuided(src.velocity, Velocity(src.guide.model, device, cfg.precision),
+                                  null_class=lm.model.num_classes)
     vae = load_vae(src.vae, device=device)
     balanced = balanced_labels(cfg.seed, cfg.num_samples, lm.model.num_classes) if cfg.balanced else None
     fp = fingerprint_of(cfg, src)
@@ -284,6 +306,11 @@ def finish(cfg: SampleConfig, src: Source, out: Path, shards: list[range], fp: d
     sampler = {k: v for k, v in asdict(cfg).items() if k not in ("ckpt", "out", "device")}
     sampler.update(path=rec.path, vae=src.vae, nfe=nfe(cfg.mode, cfg.steps, cfg.heun),
                    latent_scale=rec.latent_scale, latent_shift=rec.latent_shift, model=lm.name)
+    if src.guide is not None:
+        sampler["guidance"] = "autoguidance"
+        sampler["guide"] = {"model": src.guide.name, "path": src.guide.checkpoint.url or
+                            str(storage.resolve(src.guide.checkpoint.path)), "sha256": src.guide_sha256,
+                            "step": src.guide.checkpoint.step}
     m = Manifest(root=out, name=f"samples-{lm.name.replace('/', '-')}-{cfg.mode}-cfg{cfg.cfg_scale}",
                  shardlist=entries, kind="samples", num_samples=cfg.num_samples,
                  fields={"png": {"dtype": "uint8", "shape": [res, res, 3], "codec": "png"},
