@@ -17,6 +17,7 @@ from common import UserError, check
 from manifests.codecs import CODECS, decode, field_codec, scale_field
 from manifests.shards import CLS, npy_ext
 
+from trainer.data.context import ContextReads, ContextSpec, cond_to_device, resolve_context  # noqa: F401
 from trainer.data.index import ShardIndex, StepSampler, build_index, epoch_permutation  # noqa: F401 (re-exported)
 from trainer.loop.steprng import flip_bits
 
@@ -42,10 +43,15 @@ class DataSpec:
     classes: list[str] = field(default_factory=list)
     enc_dtypes: list[str] = field(default_factory=list)  # stored (.npy) dtype per encoder field
     enc_codecs: list[str] = field(default_factory=list)  # token codec per encoder field (manifests/codecs.py)
+    context: ContextSpec | None = None  # text families: the caption-context field (trainer/data/context.py)
 
 
-def resolve_fields(m: Manifest, encoders: list[str] | None, patch_size: int, hflip: bool) -> DataSpec:
-    """Check the fields this run needs against the model geometry; every mismatch is a one-line UserError."""
+def resolve_fields(m: Manifest, encoders: list[str] | None, patch_size: int, hflip: bool,
+                   conditioning: str = "class", model: str = "") -> DataSpec:
+    """Check the fields this run needs against the model geometry; every mismatch is a one-line UserError.
+
+    `conditioning` is the family's: "class" needs the class list (and no caption context), "text" a context field.
+    """
     lat = m.field(LATENT, hint="VAE moments from `pipeline extract`")
     shape = list(lat.get("shape", []))
     check(len(shape) == 3 and shape[0] % 2 == 0 and shape[1] == shape[2],
@@ -70,14 +76,16 @@ def resolve_fields(m: Manifest, encoders: list[str] | None, patch_size: int, hfl
     if hflip:
         check(bool(m.preprocess.get("hflip")), f"--hflip: manifest {m.path} has no flipped twins "
                                                 f"(extract with --hflip)")
-    check(len(m.classes) > 0, f"manifest {m.path}: 'repa.classes' is empty; the trainer needs the class list")
+    context = resolve_context(m, conditioning, model or "?")
+    if context is None:
+        check(len(m.classes) > 0, f"manifest {m.path}: 'repa.classes' is empty; the trainer needs the class list")
     check(m.num_samples > 0, f"manifest {m.path} holds no samples")
     vae = lat.get("vae", {}) or {}
     return DataSpec(in_channels=c2 // 2, input_size=h, num_classes=len(m.classes), encoders=list(encoders),
                     z_dims=z_dims, tokens=tokens, scale=float(vae.get("scaling_factor", 0.18215)),
                     shift=float(vae.get("shift", 0.0)), vae=str(vae.get("name", "sd-vae-ft-ema")),
                     resolution=int(m.preprocess.get("resolution", h * 8)), classes=list(m.classes),
-                    enc_dtypes=dtypes, enc_codecs=codecs)
+                    enc_dtypes=dtypes, enc_codecs=codecs, context=context)
 
 
 _TORCH_DTYPES = {np.dtype(k): getattr(torch, k) for k in ("float16", "float32", "int8", "uint8")}
@@ -119,21 +127,28 @@ class RingRef:
 
     def tensors(self) -> dict[str, Any]:
         """The batch's arrays: views of the ring slot (main process only)."""
-        x, zs, scales, tag, y = _SHARED_RINGS[self.key]._shared[self.worker][self.slot]
+        x, zs, scales, tag, y, ctx = _SHARED_RINGS[self.key]._shared[self.worker][self.slot]
         n = self.n
-        return {"x": x[:n], "y": y[:n], "zs": [z[:n] for z in zs], "tag": tag,
-                "zscales": [None if s is None else s[:n] for s in scales]}
+        out = {"x": x[:n], "y": y[:n], "zs": [z[:n] for z in zs], "tag": tag,
+               "zscales": [None if s is None else s[:n] for s in scales]}
+        if ctx is not None:  # text: "y" carries the caption contexts as stored (trainer/data/context.py)
+            out.update(y=ctx[0][:n], yscale=None if ctx[1] is None else ctx[1][:n])
+        return out
 
     def pin_memory(self, device: Any = None) -> dict[str, Any]:
         """Called by the DataLoader's pin thread (CUDA): page-locked copies, so the slot may be reused at once.
         (`device` is accepted for torch versions that pass one; pinned host memory serves every device.)"""
         t = self.tensors()
-        return {"x": t["x"].pin_memory(), "y": t["y"].pin_memory(), "zs": [z.pin_memory() for z in t["zs"]],
-                "zscales": [None if s is None else s.pin_memory() for s in t["zscales"]], "tag": t["tag"].clone()}
+        out = {"x": t["x"].pin_memory(), "y": t["y"].pin_memory(), "zs": [z.pin_memory() for z in t["zs"]],
+               "zscales": [None if s is None else s.pin_memory() for s in t["zscales"]], "tag": t["tag"].clone()}
+        if "yscale" in t:
+            out["yscale"] = None if t["yscale"] is None else t["yscale"].pin_memory()
+        return out
 
 
-class FeatureBatches(torch.utils.data.Dataset):
-    """Reads one micro-batch by tar offsets: VAE moments (the step draws the latent on the device), labels, tokens.
+class FeatureBatches(ContextReads, torch.utils.data.Dataset):
+    """Reads one micro-batch by tar offsets: VAE moments (the step draws the latent on the device), labels (or, for
+    text families, one caption's context: trainer/data/context.py), tokens.
 
     Token fields are shipped as stored (float16, or 8-bit codes plus a float16 scale per token); the train step
     decodes them on the device with `tokens_to_device`, so host and host-to-device copies carry the stored bytes.
@@ -224,11 +239,13 @@ class FeatureBatches(torch.utils.data.Dataset):
             ring = self._shared[worker.id]
             k = self._shared_next
             self._shared_next = (k + 1) % len(ring)
-            x, zs, scales, tag, yb = ring[k]
+            x, zs, scales, tag, yb, ctx = ring[k]
             x, zs, scales = x[:n], [z[:n] for z in zs], [None if s is None else s[:n] for s in scales]
             ref = RingRef(self._ring_key, worker.id, k, n)
         else:
-            x, zs, scales, tag = self._slot(n)
+            x, zs, scales, tag, ctx = self._slot(n)
+        if ctx is not None:
+            ctx = (ctx[0][:n], None if ctx[1] is None else ctx[1][:n])
         xn, zn = x.numpy(), [z.numpy() for z in zs]
         sn = [None if s is None else s.numpy() for s in scales]
         cls = []
@@ -243,10 +260,13 @@ class FeatureBatches(torch.utils.data.Dataset):
         keys = [str(self.index.keys[int(i)]) for i in ids]
         tag.fill_(int(positions[0]))
         out = {"step": step, "codecs": [cd.name for cd in self.codecs], "keys": keys, "pos0": int(positions[0])}
+        if ctx is not None:  # text: the chosen captions' contexts, shipped as stored, decoded by cond_to_device
+            out.update(captions=self.read_contexts(ids, positions, ctx), ycodec=self.spec.context.codec)
         if ref is not None:  # the arrays stay in the shared ring; the loader rebuilds them in the main process
             yb[:n] = torch.tensor(cls, dtype=torch.int64)
             return {**out, "ring": ref}
-        return {**out, "x": x, "y": torch.tensor(cls, dtype=torch.int64), "zs": zs, "zscales": scales, "tag": tag}
+        y = {"y": torch.tensor(cls, dtype=torch.int64)} if ctx is None else {"y": ctx[0], "yscale": ctx[1]}
+        return {**out, "x": x, **y, "zs": zs, "zscales": scales, "tag": tag}
 
     def _read_sample(self, sid: int, flip: bool, outs: dict[str, list]) -> int:
         """Read one sample's wanted members into `outs` with one preadv per run of nearby members; return its label.
@@ -320,12 +340,14 @@ class FeatureBatches(torch.utils.data.Dataset):
                           [_shared_empty((n, sp.tokens, d), _TORCH_DTYPES[self.enc_dtypes[k]])
                            for k, d in enumerate(sp.z_dims)],
                           [_shared_empty((n, sp.tokens), torch.float16) if cd.scaled else None for cd in self.codecs],
-                          _shared_empty((1,), torch.int64), _shared_empty((n,), torch.int64))
+                          _shared_empty((1,), torch.int64), _shared_empty((n,), torch.int64),
+                          self.ctx_buffers(n, _shared_empty))
                          for _ in range(self.ring_size)] for _ in range(workers)]
         self._ring_key = uuid.uuid4().hex
         _SHARED_RINGS[self._ring_key] = self
 
-    def _slot(self, n: int) -> tuple[torch.Tensor, list[torch.Tensor], list[torch.Tensor | None], torch.Tensor]:
+    def _slot(self, n: int) -> tuple[torch.Tensor, list[torch.Tensor], list[torch.Tensor | None], torch.Tensor,
+                                     tuple | None]:
         """The next buffer of a ring that is reused instead of allocated per batch.
 
         Fresh memory costs a page fault per 4 KiB, which made the loader 5x slower than a raw read. A DataLoader
@@ -342,7 +364,7 @@ class FeatureBatches(torch.utils.data.Dataset):
                               [alloc((n, sp.tokens, d), _TORCH_DTYPES[self.enc_dtypes[k]])
                                for k, d in enumerate(sp.z_dims)],
                               [alloc((n, sp.tokens), torch.float16) if cd.scaled else None for cd in self.codecs],
-                              alloc((1,), torch.int64))
+                              alloc((1,), torch.int64), self.ctx_buffers(n, alloc))
                              for _ in range(self.ring_size)]
             self._next[n] = 0
         slot = self._ring[n][self._next[n]]
@@ -387,8 +409,8 @@ def needed_exts(spec: DataSpec, hflip: bool) -> list[str]:
     exts = [npy_ext(f) for f in fields] + [CLS]
     if hflip:
         exts += [npy_ext(f, True) for f in fields]
-    return exts
+    return exts + (spec.context.exts() if spec.context is not None else [])  # contexts are never flipped
 
 
 __all__ = ["DataSpec", "resolve_fields", "RingRef", "ShardIndex", "build_index", "epoch_permutation", "StepSampler", "nonfinite_rows",
-           "FeatureBatches", "make_loader", "needed_exts", "tokens_to_device"]
+           "FeatureBatches", "make_loader", "needed_exts", "tokens_to_device", "cond_to_device"]

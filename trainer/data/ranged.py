@@ -225,6 +225,15 @@ class RemoteFeatureBatches(FeatureBatches):
     def _read_sample(self, sid: int, flip: bool, outs: dict[str, list]) -> int:
         return self._read_members(sid, flip, outs)  # the sample's bytes are in memory already
 
+    def _member_bytes(self, sid: int, ext: str, rel: int, size: int) -> bytes:  # caption reads (data/context.py)
+        return self._member(sid, ext)[rel:rel + size]
+
+    def _member_into(self, sid: int, ext: str, rel: int, out: np.ndarray) -> None:
+        data = self._member(sid, ext)
+        if len(data) < rel + out.nbytes:
+            raise UserError(f"{self._where(sid, ext)} is truncated")
+        out.reshape(-1).view(np.uint8)[:] = np.frombuffer(data, np.uint8, out.nbytes, rel)
+
     def __getitem__(self, item):
         self._fetch(item[2])
         try:

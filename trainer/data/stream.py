@@ -20,6 +20,7 @@ from common import UserError
 from manifests.codecs import CODECS, check_scales, scale_field
 from manifests.shards import CLS, npy_ext
 
+from trainer.data.context import pick_caption
 from trainer.data.indexed import LATENT, DataSpec
 
 
@@ -103,7 +104,7 @@ class StreamBatches(torch.utils.data.IterableDataset):
                 zs = [np.empty((n, sp.tokens, d), np.dtype(dt)) for d, dt in zip(sp.z_dims, sp.enc_dtypes)]
                 codecs = [CODECS[c] for c in (sp.enc_codecs or ["float16"] * len(sp.encoders))]
                 scales = [np.empty((n, sp.tokens), np.float16) if cd.scaled else None for cd in codecs]
-                cls = []
+                cls, ctx = [], self._contexts(rows, pos0) if sp.context is not None else None
                 for j, s in enumerate(rows):
                     x[j] = self._array(s, npy_ext(LATENT), (2 * c, h, h), np.dtype(np.float32))  # (2C, H, W)
                     cls.append(int(s[CLS].decode().strip()))
@@ -118,7 +119,32 @@ class StreamBatches(torch.utils.data.IterableDataset):
                        "zs": [torch.from_numpy(z) for z in zs], "keys": [s["__key__"] for s in rows],
                        "zscales": [None if z is None else torch.from_numpy(z) for z in scales],
                        "codecs": [cd.name for cd in codecs],
-                       "tag": torch.tensor([pos0]), "pos0": pos0}
+                       "tag": torch.tensor([pos0]), "pos0": pos0, **(ctx or {})}
+
+    def _contexts(self, rows: list[dict], pos0: int) -> dict[str, Any]:
+        """Text families: each sample's chosen caption (the indexed reader's rule, trainer/data/context.py)."""
+        cs = self.spec.context
+        codes = np.empty((len(rows), cs.length, cs.dim), cs.storage)  # (n, L, D) as stored
+        scales = np.empty((len(rows), cs.length), np.float16) if cs.scaled else None  # (n, L)
+        picked = []
+        for j, s in enumerate(rows):
+            where = f"shard {s.get('__url__')}: member '{s['__key__']}.{npy_ext(cs.name)}'"
+            try:
+                all_codes = np.load(io.BytesIO(s[npy_ext(cs.name)]), allow_pickle=False)  # (K, L, D)
+            except (KeyError, ValueError) as e:
+                raise UserError(f"{where} is missing or unreadable ({e})") from e
+            if all_codes.shape[1:] != (cs.length, cs.dim) or all_codes.dtype != cs.storage or not len(all_codes):
+                raise UserError(f"{where} has shape {list(all_codes.shape)} {all_codes.dtype}, the manifest says "
+                                f"[K, {cs.length}, {cs.dim}] {cs.storage}")
+            all_scales = self._array(s, npy_ext(scale_field(cs.name)), all_codes.shape[:2], np.dtype(np.float16)) \
+                if cs.scaled else None
+            codes[j], row_scale, k = pick_caption(all_codes, all_scales, self.seed, pos0 + j)
+            if scales is not None:
+                scales[j] = row_scale
+                check_scales(row_scale, CODECS[cs.codec], f"{where} (caption {k})", codes[j])
+            picked.append(k)
+        return {"y": torch.from_numpy(codes), "yscale": None if scales is None else torch.from_numpy(scales),
+                "ycodec": cs.codec, "captions": picked}
 
 
 def make_stream_loader(ds: StreamBatches, num_workers: int, pin: bool):

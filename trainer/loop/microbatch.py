@@ -138,7 +138,10 @@ def probe_batch(spec, device: torch.device, class_dropout: bool) -> Callable[[in
         g = torch.Generator(device=device).manual_seed(0)
         c, h = spec.in_channels, spec.input_size
         kw = dict(generator=g, device=device)
-        return {"x": torch.randn((n, c, h, h), **kw), "y": torch.randint(0, spec.num_classes, (n,), **kw),
+        ctx = getattr(spec, "context", None)  # text families: a caption context (n, L, D) instead of a label
+        y = (torch.randn((n, ctx.length, ctx.dim), **kw) if ctx is not None
+             else torch.randint(0, spec.num_classes, (n,), **kw))
+        return {"x": torch.randn((n, c, h, h), **kw), "y": y,
                 "zs": [torch.randn((n, spec.tokens, d), **kw) for d in spec.z_dims], "t": torch.rand(n, **kw),
                 "eps": torch.randn((n, c, h, h), **kw), "drop": torch.zeros(n, dtype=torch.bool, device=device)}
     return make

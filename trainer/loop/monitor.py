@@ -55,7 +55,10 @@ class Monitor:
         self.tracker = open_tracker(cfg.report_to, r.run_dir / TB_DIR, purge_step=start + 1 if start else 0,
                                     config=r.run_cfg, name=r.run_dir.name)
         self.rows = [row for row in read_stats(r.stats_path) if row.get("step", 0) <= start]
-        if cfg.sample_every and cfg.sample_every <= cfg.steps:  # a run that draws no grid never loads the VAE
+        if cfg.sample_every and cfg.sample_every <= cfg.steps and r.family.conditioning == "text":
+            # The grid sampler draws class labels; caption grids belong to the sampling job's prompt lists.
+            self.log.line("sample grids for text-to-image come with trainer sample --prompts")
+        elif cfg.sample_every and cfg.sample_every <= cfg.steps:  # a run that draws no grid never loads the VAE
             self.grids = Preview(r.run_cfg, cfg.sample_grid, cfg.sample_steps, r.device)
             try:
                 self.grids.load_vae()  # now, so a VAE that will not load shows before step 0

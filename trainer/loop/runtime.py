@@ -22,6 +22,7 @@ from manifests.io import atomic_write_bytes, atomic_write_json, ensure_writable_
 from manifests.runs import CONFIG_NAME, STATS_NAME
 
 from trainer.data import open_loader, plan_loader
+from trainer.data.context import check_width, context_record, load_empty
 from trainer.data.indexed import DataSpec, resolve_fields
 from trainer.loop import checkpoint, remote_run
 from trainer.loop.config import TrainConfig
@@ -72,6 +73,10 @@ class Run:
     latent_shift: float = 0.0
     resume_state: dict[str, Any] = field(default_factory=dict)
     monitor: Any = None  # trainer.monitor.Monitor, set by train()
+    # Text families: the caption-context field, and the objective's extra keywords (the empty caption's context
+    # for classifier-free dropout); class families: None and {} (their loss call is unchanged).
+    context: str | None = None
+    cond_kw: dict[str, Any] = field(default_factory=dict)
 
     @property
     def run_dir(self) -> Path:
@@ -154,6 +159,10 @@ def init_distributed() -> tuple[int, int, torch.device]:
 
 
 def model_kwargs(cfg: TrainConfig, spec: DataSpec) -> dict[str, Any]:
+    if spec.context is not None:  # text: no class table; the context embedder takes the manifest's text width
+        kw = {"input_size": spec.input_size, "in_channels": spec.in_channels, "encoder_depth": cfg.enc_depth,
+              "z_dims": spec.z_dims, "projector_dim": cfg.projector_dim, "context_dim": spec.context.dim}
+        return {k: v for k, v in kw.items() if v is not None}
     kw = {"input_size": spec.input_size, "in_channels": spec.in_channels, "num_classes": spec.num_classes,
           "encoder_depth": cfg.enc_depth, "z_dims": spec.z_dims, "projector_dim": cfg.projector_dim,
           "class_dropout_prob": cfg.class_dropout_prob}
@@ -203,11 +212,17 @@ def setup(cfg: TrainConfig, dry_run: bool = False) -> Run | None:
     """Validate every input before step 0, then build (or resume) the run; `cfg` is left as asked."""
     m = load_manifest(cfg.manifest, kind="features")
     family = family_for(cfg.model)
-    spec = resolve_fields(m, cfg.encoders, int(resolve_kwargs(cfg.model)["patch_size"]), cfg.hflip)
+    spec = resolve_fields(m, cfg.encoders, int(resolve_kwargs(cfg.model)["patch_size"]), cfg.hflip,
+                          family.conditioning, cfg.model)
     run_cfg = run_config(cfg, spec, m.path)
+    if spec.context is not None:  # what sampling needs to know of the text side (encoder, tokenizer, empty file)
+        run_cfg["context"] = context_record(m, spec.context)
     try:  # the geometry check (enc depth vs depth) and the registry's defaults, before any weight exists
         full = resolve_kwargs(cfg.model, **run_cfg["model_kwargs"])
     except ValueError as e:
+        width = entry_width(cfg.model, run_cfg["model_kwargs"]) if spec.context is not None else None
+        if width is not None:  # an entry that pins its text width (MMDiT/2: 768) names the manifest's
+            check_width(m, spec.context, cfg.model, width)
         raise UserError(f"--model {cfg.model}: {e}") from e
     run_cfg["model_kwargs"].update(encoder_depth=full["encoder_depth"], projector_dim=full["projector_dim"])
     if dry_run:
@@ -266,8 +281,11 @@ def setup(cfg: TrainConfig, dry_run: bool = False) -> Run | None:
     amp_dtype = {"fp16": torch.float16, "bf16": torch.bfloat16}.get(cfg.precision)
     amp = ((lambda: torch.autocast(device.type, dtype=amp_dtype)) if amp_dtype is not None
            else contextlib.nullcontext)
+    cond_kw = {}
+    if spec.context is not None:  # the empty caption's context, on the device once: the objective's dropout target
+        cond_kw["null_context"] = torch.from_numpy(load_empty(m, spec.context)).to(device)  # (L, D)
     micro = asked if asked is not None else auto_micro(cfg, spec, family, model, ema, opt, amp, local_batch, world,
-                                                       rank, device)
+                                                       rank, device, cond_kw)
     resolved = Resolved(run_dir=str(run_dir), run_url=run_url, loader=plan.kind, micro_batch=micro,
                         local_batch=local_batch)
     run_cfg["resolved"] = resolved.to_json()
@@ -295,13 +313,23 @@ def setup(cfg: TrainConfig, dry_run: bool = False) -> Run | None:
     return Run(cfg=cfg, resolved=resolved, run_cfg=run_cfg, family=family, rank=rank, world=world, device=device,
                model=model, ema=ema, net=net, opt=opt, scaler=scaler, amp=amp, loader=loader, start_step=start,
                rand=rand, encoders=list(spec.encoders), latent_scale=spec.scale, latent_shift=spec.shift,
-               resume_state=resume_state)
+               resume_state=resume_state, context=spec.context.name if spec.context else None, cond_kw=cond_kw)
+
+
+def entry_width(model: str, kwargs: dict[str, Any]) -> int | None:
+    """The text width a registry entry builds with when the manifest's is not imposed (None if it fails anyway)."""
+    try:
+        return int(resolve_kwargs(model, **{k: v for k, v in kwargs.items() if k != "context_dim"})["context_dim"])
+    except (ValueError, KeyError):
+        return None
 
 
 def auto_micro(cfg: TrainConfig, spec: DataSpec, family: Family, model: torch.nn.Module, ema: torch.nn.Module,
-               opt: torch.optim.Optimizer, amp, local_batch: int, world: int, rank: int, device: torch.device) -> int:
+               opt: torch.optim.Optimizer, amp, local_batch: int, world: int, rank: int, device: torch.device,
+               cond_kw: dict[str, Any]) -> int:
     """--micro-batch auto: probe this rank, then agree on the smallest choice across ranks."""
-    loss_kw = dict(path=cfg.path, proj_coeff=cfg.proj_coeff, proj_loss=cfg.proj_loss, ntxent_tau=cfg.ntxent_tau)
+    loss_kw = dict(path=cfg.path, proj_coeff=cfg.proj_coeff, proj_loss=cfg.proj_loss, ntxent_tau=cfg.ntxent_tau,
+                   **cond_kw)
     probe = probe_micro(model, ema, opt, local_batch, probe_batch(spec, device, cfg.class_dropout_prob > 0),
                         family.objective.loss, loss_kw, amp, device, extra=(sum(p.numel() * p.element_size() for p in model.parameters())
                                                      if world > 1 else 0))  # DDP's gradient buckets

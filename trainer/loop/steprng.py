@@ -1,4 +1,5 @@
-"""Per-sample training randomness: t, noise, label drop and the posterior draw from (seed, step, global index).
+"""Per-sample training randomness: t, noise, label drop and the posterior draw from (seed, step, global index);
+the loader's flips and caption choices from (seed, global position).
 
 Every rank draws the whole global batch's randomness from one generator seeded by (seed, step) and keeps its own
 rows, so the number of ranks and the micro-batch size change nothing but float rounding (DESIGN §4), a resume
@@ -13,6 +14,8 @@ import numpy as np
 import torch
 
 STEP_STREAM = 0x57E9  # tags the (seed, step) stream apart from the loader's flip hash and the sampler's seeds
+FLIP_TAG = 0xF11B  # the loader's hflip hash stream (flip_bits)
+CAPTION_TAG = 0xCA97  # the loader's caption-choice hash stream (caption_choice), apart from the flips'
 
 
 @dataclass
@@ -61,19 +64,36 @@ def posterior(moments: torch.Tensor, post: torch.Tensor, scale: float, shift: fl
     return z + shift if shift else z
 
 
+def position_hash(seed: int, tag: int, positions: np.ndarray) -> np.ndarray:
+    """A SplitMix64 hash (uint64) of each global sample position, in the stream (seed, tag)."""
+    with np.errstate(over="ignore"):
+        x = positions.astype(np.uint64) + np.uint64(step_seed(seed, tag) & 0xFFFFFFFFFFFFFFFF)
+        x = x + np.uint64(0x9E3779B97F4A7C15)
+        x = (x ^ (x >> np.uint64(30))) * np.uint64(0xBF58476D1CE4E5B9)
+        x = (x ^ (x >> np.uint64(27))) * np.uint64(0x94D049BB133111EB)
+        return x ^ (x >> np.uint64(31))
+
+
 def flip_bits(seed: int, positions: np.ndarray) -> np.ndarray:
     """Whether each global sample position uses its flipped twin: a SplitMix64 hash of (seed, position).
 
     A hash of the global position (step * batch + index) rather than a generator per micro-batch, so the choice
     does not depend on how the global batch is cut into ranks and micro-batches.
     """
-    with np.errstate(over="ignore"):
-        x = positions.astype(np.uint64) + np.uint64(step_seed(seed, 0xF11B) & 0xFFFFFFFFFFFFFFFF)
-        x = x + np.uint64(0x9E3779B97F4A7C15)
-        x = (x ^ (x >> np.uint64(30))) * np.uint64(0xBF58476D1CE4E5B9)
-        x = (x ^ (x >> np.uint64(27))) * np.uint64(0x94D049BB133111EB)
-        x = x ^ (x >> np.uint64(31))
-    return (x >> np.uint64(63)).astype(bool)
+    return (position_hash(seed, FLIP_TAG, positions) >> np.uint64(63)).astype(bool)
 
 
-__all__ = ["StepNoise", "StepRandom", "step_seed", "posterior", "flip_bits"]
+def caption_choice(seed: int, positions: np.ndarray, counts: np.ndarray) -> np.ndarray:
+    """Which of its K captions each global sample position trains on: hash(seed, position) mod K, int64.
+
+    Like the flips, a function of the global position (step * batch + index in the global batch) only, so any
+    rank count, micro-batch, worker count or resume picks the same caption; uniform over the K captions up to
+    K / 2**64 (REPA dataset.py: `random.randint(0, n_captions - 1)` per draw).
+    """
+    counts = np.asarray(counts, np.uint64)
+    if (counts == 0).any():
+        raise ValueError("caption_choice: a sample with no captions")
+    return (position_hash(seed, CAPTION_TAG, positions) % counts).astype(np.int64)
+
+
+__all__ = ["StepNoise", "StepRandom", "step_seed", "posterior", "flip_bits", "position_hash", "caption_choice"]

@@ -14,7 +14,7 @@ from tqdm import tqdm
 
 from common import UserError
 
-from trainer.data.indexed import nonfinite_rows, tokens_to_device
+from trainer.data.indexed import cond_to_device, nonfinite_rows, tokens_to_device
 from trainer.loop import checkpoint, remote_run
 from trainer.loop.config import resolve
 from trainer.loop.health import Health
@@ -166,20 +166,24 @@ def _loop(r: Run, cfg, step: int, state: dict, pbar, trace) -> int:
             batch = next(loader)
             data_wait += time.perf_counter() - t0
             assert batch["step"] == step, f"loader at step {batch['step']}, loop at {step}"
-            if trace is not None:
-                trace.write(json.dumps({"step": step, "micro": micro, "keys": batch["keys"]}) + "\n")
+            if trace is not None:  # text families also log each sample's caption index
+                picked = {"captions": batch["captions"]} if "captions" in batch else {}
+                trace.write(json.dumps({"step": step, "micro": micro, "keys": batch["keys"], **picked}) + "\n")
             moments = batch["x"].to(r.device, non_blocking=True)  # (n, 2C, H, W): VAE mean then std
-            y = batch["y"].to(r.device, non_blocking=True)  # (n,)
+            y = cond_to_device(batch, r.device)  # (n,) labels, or (n, L, D) caption contexts decoded on the device
             zs = tokens_to_device(batch, r.device)  # (n, T, z_dim) fp32 each, 8-bit codes decoded on the device
             n = moments.shape[0]
             nz = noise.rows(r.rank * r.local_batch + micro * r.micro, n)
             x = posterior(moments, nz.post, r.latent_scale, r.latent_shift)  # (n, C, H, W)
             # Checked on the device; only read back when the step turns out non-finite (no sync otherwise).
-            inputs.append((batch["keys"], nonfinite_rows(moments, zs, r.encoders)))
+            bad = nonfinite_rows(moments, zs, r.encoders)
+            if r.context is not None:  # a corrupt context names its field too
+                bad.append((r.context, ~torch.isfinite(y).flatten(1).all(1)))
+            inputs.append((batch["keys"], bad))
             with r.no_sync(micro < r.n_micro - 1):  # the family's objective (SiT: the interpolant + REPA term)
                 out = objective_loss(r.net, x, y, zs, path=cfg.path, proj_coeff=cfg.proj_coeff,
                                      proj_loss=cfg.proj_loss, ntxent_tau=cfg.ntxent_tau, amp=r.amp, t=nz.t,
-                                     eps=nz.eps, drop=nz.drop)
+                                     eps=nz.eps, drop=nz.drop, **r.cond_kw)
                 r.scaler.scale(out.total * (n / r.local_batch)).backward()
             # The loader reuses its buffers (a ring): make sure this one was not overwritten while in use.
             assert int(batch["tag"]) == batch["pos0"], "loader buffer overwritten while in use"

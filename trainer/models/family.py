@@ -9,6 +9,9 @@ A family's models share one small contract with those callers:
   it would build with (raising ValueError as building would) without making weights;
 - the network has `in_channels`, `input_size` and `num_classes` attributes, and
   `forward(x (N, C, H, W), t (N,), y (N,)) -> (output (N, C', H, W), zs)`, where zs are the REPA projections.
+  A text family's network (conditioning "text", MMDiT) is called `forward(x, t, context=(N, L, D))` instead, has
+  no class table, and its objective's loss takes the context as `y` plus `null_context` (L, D), the empty
+  caption's context that classifier-free dropout substitutes (trainer/data/context.py).
 """
 from __future__ import annotations
 

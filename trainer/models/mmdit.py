@@ -14,8 +14,13 @@ import torch
 import torch.nn as nn
 import torch.nn.functional as F
 
-from trainer.models.sit import (NORM_EPS, PROJECTOR_DIM, FinalLayer, Mlp, PatchEmbed, TimestepEmbedder, build_mlp,
-                                check_geometry, modulate, sincos_pos_embed_2d)
+from manifests import SD_VAE_SCALE, SD_VAE_SHIFT
+
+from trainer.models.family import LATENT_DOWNSAMPLE, Family, ModelSpec, Objective, Released
+from trainer.models.sit import (NORM_EPS, PROJECTOR_DIM, FinalLayer, Mlp, PatchEmbed, TimestepEmbedder, arg_int,
+                                build_mlp, check_geometry, drop_projectors, first_of, modulate, sincos_pos_embed_2d)
+from trainer.objectives.interpolant import PATHS, context_repa_loss, noisy
+from trainer.sampling.samplers import ode, sde
 
 CONTEXT_DIM = 768  # CLIP ViT-L/14 text width; official `context_embedder_config` hard-codes Linear(768, hidden)
 HEAD_DIM = 32  # official `hidden_size = 32 * depth; num_heads = depth`
@@ -259,10 +264,12 @@ def kwargs_from_state_dict(sd: dict[str, torch.Tensor]) -> dict[str, Any]:
     return kw
 
 
-# Official sizes: MMDiT/2 is train_t2i.py's model (depth 24 -> hidden 768, 24 heads); the debug entry is
-# CPU-sized through the same hidden = 32 * depth rule (depth 4 -> hidden 128, 4 heads).
-MMDIT_SIZE = dict(depth=24)
+# Official sizes: MMDiT/2 is train_t2i.py's model (depth 24 -> hidden 768, 24 heads, REPA after block 8 as its
+# README's command; the context embedder fixed to CLIP ViT-L/14's 768 as the official hard-codes). The debug entry
+# is CPU-sized through the same hidden = 32 * depth rule (depth 4 -> hidden 128, 4 heads) and takes any text width.
+MMDIT_SIZE = dict(depth=24, encoder_depth=8, context_dim=CONTEXT_DIM)
 DEBUG_SIZE = dict(depth=4, projector_dim=256, encoder_depth=2)
+FIXED = ("depth", "context_dim")  # what a size entry pins (besides the patch); encoder/projector are defaults
 MMDIT_DEFAULTS = {k: p.default for k, p in inspect.signature(MMDiT.__init__).parameters.items() if k != "self"}
 
 
@@ -270,7 +277,7 @@ def _factory(size: dict, patch: int) -> Callable[..., MMDiT]:
     def resolve(**kwargs) -> dict[str, Any]:
         """Every MMDiT argument this entry builds with, given `kwargs` (ValueError as building would), no weights."""
         kw = {**{k: v for k, v in size.items() if k in ("projector_dim", "encoder_depth")}, **kwargs}
-        for k, v in {"depth": size["depth"], "patch_size": patch}.items():
+        for k, v in {**{k: size[k] for k in FIXED if k in size}, "patch_size": patch}.items():
             if kw.get(k, v) != v:
                 raise ValueError(f"{k}={kw[k]} conflicts with the registry entry ({k}={v})")
             kw[k] = v
@@ -290,3 +297,48 @@ def _factory(size: dict, patch: int) -> Callable[..., MMDiT]:
 
 MMDiT_models: dict[str, Callable[..., MMDiT]] = {"MMDiT/2": _factory(MMDIT_SIZE, 2),
                                                  "MMDiT-Debug/2": _factory(DEBUG_SIZE, 2)}
+
+
+# ---- the family ------------------------------------------------------------------------------------------------
+
+# REPA train_t2i.py defaults: what an MMDiT file that says nothing else was trained with (its VAE is sd-vae-ft-mse).
+RELEASED = dict(model="MMDiT/2", encoder_depth=8, resolution=256, path="linear", vae="sd-vae-ft-mse")
+
+
+def released_config(sd: dict[str, torch.Tensor], spec: ModelSpec, args: dict[str, Any]) -> dict[str, Any]:
+    """Our config.json layout for an MMDiT file without one (train_t2i.py's dict with `args`, or a bare state dict):
+    flags, then its argparse options (`resolution`, `encoder_depth`, `path_type`), then the shapes, then defaults."""
+    kw = kwargs_from_state_dict(sd) if recognises(sd) else {}
+    shape_res = kw["input_size"] * LATENT_DOWNSAMPLE if kw else None
+    res = first_of(spec.resolution, arg_int(args, "resolution"), shape_res, RELEASED["resolution"])
+    depth = kw.get("depth", MMDIT_SIZE["depth"])
+    kw.update(input_size=res // LATENT_DOWNSAMPLE,
+              encoder_depth=first_of(spec.encoder_depth, arg_int(args, "encoder_depth"),
+                                     min(RELEASED["encoder_depth"], depth)))
+    kw["z_dims"] = list(first_of(spec.projector_embed_dims, kw.get("z_dims"), [768]))
+    kw.pop("depth", None)  # the size entry pins it (and patch_size); shapes pick the entry (_detect_size)
+    kw.pop("patch_size", None)
+    return {"model": first_of(spec.model, args.get("model")), "model_kwargs": kw,
+            "path": first_of(spec.path, args.get("path_type"), RELEASED["path"]), "vae": RELEASED["vae"],
+            "latent_scale": SD_VAE_SCALE, "latent_shift": SD_VAE_SHIFT, "resolution": res, "classes": []}
+
+
+def hint(key: str) -> str:
+    """Which flag most likely fixes a state-dict mismatch at this key."""
+    if key.startswith("context_embedder."):
+        return "check the text encoder's width: the manifest's context field (--text-encoder)"
+    if key.startswith("projectors."):
+        return "check --projector-embed-dims"
+    if key.startswith(("pos_embed", "x_embedder.")):
+        return "check --resolution and --model"
+    if key.startswith("joint_blocks."):
+        return "check --model and --encoder-depth"
+    return "check --model"
+
+
+MMDIT = Family(name="MMDiT", models=MMDiT_models, conditioning="text",
+               objective=Objective(name="interpolant", paths=PATHS, loss=context_repa_loss, noisy=noisy),
+               # generate_t2i.py: ODE 50 steps by default (Table 12 also reports SDE 250)
+               samplers={"ode": ode, "sde": sde}, steps={"ode": 50, "sde": 250},
+               released=Released(model=RELEASED["model"], recognises=recognises, config=released_config),
+               hint=hint, prepare_sampling=drop_projectors)

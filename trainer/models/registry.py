@@ -12,6 +12,7 @@ from common import UserError
 
 from trainer.models.dit import DIT
 from trainer.models.family import Family, StateDict
+from trainer.models.mmdit import MMDIT
 from trainer.models.sit import SIT
 
 FAMILIES: dict[str, Family] = {}
@@ -95,3 +96,4 @@ def build_model(name: str, device: torch.device | str = "cpu", **kwargs: Any) ->
 
 register(SIT)  # one line per family
 register(DIT)
+register(MMDIT)

@@ -88,12 +88,48 @@ def repa_loss(model, x: torch.Tensor, y: torch.Tensor, zs: list[torch.Tensor], *
     The trainer passes `t`, `eps` and the label `drop` drawn per sample (trainer/loop/steprng.py), so a compiled
     model sees the same randomness as an eager one; without them they are drawn here from the global RNG.
     """
+    def forward(x_t: torch.Tensor, t: torch.Tensor):
+        return model(x_t, t, y) if drop is None else model(x_t, t, y, force_drop_ids=drop)
+    return _interpolant_loss(forward, x, zs, path=path, proj_coeff=proj_coeff, proj_loss=proj_loss,
+                             ntxent_tau=ntxent_tau, amp=amp, t=t, eps=eps)
+
+
+def with_empty_context(context: torch.Tensor, drop: torch.Tensor | None,
+                       null_context: torch.Tensor | None) -> torch.Tensor:
+    """Classifier-free dropout for captions: rows with `drop` (N,) get the empty caption's context (L, D)."""
+    if drop is None:
+        return context  # (N, L, D)
+    if null_context is None:
+        raise ValueError("caption dropout needs the empty caption's context (null_context)")
+    return torch.where(drop.view(-1, 1, 1), null_context.to(context.dtype), context)  # (N, L, D)
+
+
+def context_repa_loss(model, x: torch.Tensor, y: torch.Tensor, zs: list[torch.Tensor], *, path: str = "linear",
+                      proj_coeff: float = 0.5, proj_loss: str = "cos", ntxent_tau: float = 0.1,
+                      amp: Callable[[], ContextManager] = contextlib.nullcontext, t: torch.Tensor | None = None,
+                      eps: torch.Tensor | None = None, drop: torch.Tensor | None = None,
+                      null_context: torch.Tensor | None = None) -> LossOut:
+    """`repa_loss` for a caption-conditioned model (MMDiT; REPA train_t2i.py: linear path, v-prediction, REPA on
+    the image tokens): `y` is the context (N, L, D), called as `model(x_t, t, context=...)`, and rows with
+    `drop` see `null_context` (L, D), the empty caption's (REPA dataset.py CFGDataset, p_uncond 0.1)."""
+    context = with_empty_context(y, drop, null_context)  # (N, L, D)
+
+    def forward(x_t: torch.Tensor, t: torch.Tensor):
+        return model(x_t, t, context=context)
+    return _interpolant_loss(forward, x, zs, path=path, proj_coeff=proj_coeff, proj_loss=proj_loss,
+                             ntxent_tau=ntxent_tau, amp=amp, t=t, eps=eps)
+
+
+def _interpolant_loss(forward: Callable, x: torch.Tensor, zs: list[torch.Tensor], *, path: str, proj_coeff: float,
+                      proj_loss: str, ntxent_tau: float, amp: Callable[[], ContextManager],
+                      t: torch.Tensor | None, eps: torch.Tensor | None) -> LossOut:
+    """The shared body: forward(x_t, t) -> (v_hat, zs_hat) is the conditioned model."""
     n = x.shape[0]
     t = sample_time(n, x.device) if t is None else t  # (N,)
     eps = torch.randn_like(x) if eps is None else eps  # (N, C, H, W)
     x_t, v = interpolate(x, eps, t, path)
     with amp():  # autocast covers the model only; the losses below are fp32
-        v_hat, zs_hat = model(x_t, t, y) if drop is None else model(x_t, t, y, force_drop_ids=drop)
+        v_hat, zs_hat = forward(x_t, t)
     denoise = ((v_hat.float() - v) ** 2).mean()
     if zs:
         proj = cos_proj_loss(zs_hat, zs) if proj_loss == "cos" else ntxent_proj_loss(zs_hat, zs, ntxent_tau)
