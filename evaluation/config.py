@@ -42,9 +42,11 @@ class EvalConfig:
     num_samples: int | None = None
     write_reference: str | None = None
     resolution: int | None = None
+    crop: str = "adm"  # a folder reference's crop rule (manifests.preprocess.CROP_FLAGS); manifests carry their own
     metrics: list[str] | None = None  # None: DEFAULT_METRICS, plus fd_dinov2 when its weights are here
     inception_weights: str | None = None
     dinov2: str = "dinov2-vit-l"  # EDM2's FD_DINOv2 network (evaluation.dinov2.DEFAULT_DINOV2)
+    clip_model: str | None = None  # text-to-image: adds clip_score (evaluation/clip_score.py)
     resize: str = "torch"
     device: str = "auto"
     batch_size: int = 100
@@ -99,6 +101,9 @@ def build_parser() -> argparse.ArgumentParser:
                    "--samples becomes optional")
     g.add_argument("--resolution", type=positive_int, help="centre-crop a folder reference to this size "
                    "(default: the sample size)")
+    g.add_argument("--crop", choices=("adm", "uvit"), default=d.crop,
+                   help="centre crop of a folder reference: adm (ImageNet, ADM's rule) or uvit (MS-COCO val, "
+                        "U-ViT's rule); a features manifest uses the crop it records (default: %(default)s)")
     g = p.add_argument_group("networks")
     g.add_argument("--inception-weights", metavar="PATH|random:SEED",
                    help="converted 2015 TF Inception weights (default: torch-fidelity's cached download); "
@@ -106,6 +111,10 @@ def build_parser() -> argparse.ArgumentParser:
     g.add_argument("--dinov2", metavar="NAME[=PATH]", default=d.dinov2,
                    help="the FD_DINOv2 network, named as pipeline --encoders names it; a timm checkpoint file "
                         "after '='; tiny-dinov2 is random, for tests (default: %(default)s, EDM2's ViT-L/14)")
+    g.add_argument("--clip-model", metavar="NAME[=PATH]", default=None,
+                   help="text-to-image: add clip_score, 100 x the CLIP ViT-L/14 image-caption cosine (clipped at 0, "
+                        "averaged) from the captions in the sample shards; clip-vit-l (openai/clip-vit-large-"
+                        "patch14), NAME=PATH a Hugging Face folder, tiny-clip random for tests (default: off)")
     g.add_argument("--resize", choices=RESIZE_MODES, default=d.resize,
                    help="DINOv2's resize to 224: torch (bicubic with antialias, EDM2's default) or pil (PIL "
                         "bicubic on uint8: dgm-eval exactly) (default: %(default)s)")

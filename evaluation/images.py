@@ -108,9 +108,10 @@ def _prefetch(gen: Iterator[np.ndarray], depth: int) -> Iterator[np.ndarray]:
 
 # ---- decoding ---------------------------------------------------------------------------------------------
 
-def decode_image(data: bytes | Path, what: str, crop: int | None = None, size: tuple[int, int] | None = None
-                 ) -> np.ndarray:
-    """Decode one PNG/JPEG to uint8 (H, W, 3); optional ADM centre crop; the size must then equal `size`."""
+def decode_image(data: bytes | Path, what: str, crop: int | None = None, size: tuple[int, int] | None = None,
+                 rule: str = "adm-center") -> np.ndarray:
+    """Decode one PNG/JPEG to uint8 (H, W, 3); optional centre crop by the named rule (manifests.preprocess.CROPS:
+    ADM's for ImageNet, U-ViT's for MS-COCO); the size must then equal `size`."""
     from PIL import Image
     try:
         with Image.open(io.BytesIO(data) if isinstance(data, bytes) else data) as im:
@@ -118,8 +119,8 @@ def decode_image(data: bytes | Path, what: str, crop: int | None = None, size: t
                 raise UserError(f"{what}: image mode {im.mode} is not 8-bit (expected uint8 RGB)")
             im.load()
             if crop is not None and im.size != (crop, crop):
-                from manifests.preprocess import adm_center_crop
-                im = adm_center_crop(im, crop)
+                from manifests.preprocess import CROPS
+                im = CROPS[rule](im, crop)
             arr = np.asarray(im.convert("RGB"))
     except UserError:
         raise
@@ -270,12 +271,17 @@ def _resolve_source(src: str, root: Path) -> Path:
 
 
 def open_features_manifest(path: Path) -> ImageSet:
-    """A features manifest: each sample's `json.source` image, ADM centre-cropped at the manifest's resolution."""
+    """A features manifest: each sample's `json.source` image, centre-cropped at the manifest's resolution by the
+    manifest's own crop rule (`preprocess.crop`: adm-center for ImageNet, uvit-center for MS-COCO)."""
     import json
     m = load_manifest(path, kind="features")
     res = m.preprocess.get("resolution")
     if not isinstance(res, int) or res <= 0:
         raise UserError(f"manifest {m.path}: 'repa.preprocess.resolution' is missing or not a positive integer")
+    from manifests.preprocess import CROPS
+    rule = m.preprocess.get("crop", "adm-center")
+    if rule not in CROPS:
+        raise UserError(f"manifest {m.path}: unknown preprocess.crop {rule!r} (known: {', '.join(CROPS)})")
     sources = []
     for what, data in _read_members(_member_reader(m, "json")):
         try:
@@ -288,9 +294,9 @@ def open_features_manifest(path: Path) -> ImageSet:
         raise UserError(f"manifest {m.path}: {len(missing)} source image(s) not found, e.g. {missing[0]}")
 
     def decode(chunk):
-        return _stack([decode_image(p, str(p), crop=res, size=(res, res)) for p in chunk])
+        return _stack([decode_image(p, str(p), crop=res, size=(res, res), rule=rule) for p in chunk])
     return ImageSet("features-manifest", m.root, len(sources), (res, res), _manifest_sha(m.root),
-                    f"adm-center-crop@{res}", sources, decode)
+                    f"{rule}-crop@{res}", sources, decode)
 
 
 # ---- folders ----------------------------------------------------------------------------------------------
@@ -305,7 +311,7 @@ def _hash_files(files: Sequence[Path], root: Path, workers: int) -> str:
     return h.hexdigest()
 
 
-def open_folder(path: Path, crop: int | None = None, num_workers: int = 4) -> ImageSet:
+def open_folder(path: Path, crop: int | None = None, num_workers: int = 4, rule: str = "adm-center") -> ImageSet:
     """PNG/JPEG files under `path` (sorted, recursive). crop=None: all must share the first image's size."""
     from PIL import Image
     files = sorted(p for p in path.rglob("*") if p.suffix.lower() in IMAGE_EXTS and p.is_file())
@@ -322,8 +328,8 @@ def open_folder(path: Path, crop: int | None = None, num_workers: int = 4) -> Im
         size = (crop, crop)
 
     def decode(chunk):
-        return _stack([decode_image(p, str(p), crop=crop, size=size) for p in chunk])
-    transform = "none" if crop is None else f"adm-center-crop@{crop}"
+        return _stack([decode_image(p, str(p), crop=crop, size=size, rule=rule) for p in chunk])
+    transform = "none" if crop is None else f"{rule}-crop@{crop}"
     return ImageSet("folder", path, len(files), size, _hash_files(files, path, num_workers), transform,
                     files, decode)
 
@@ -348,9 +354,9 @@ def manifest_kind(path: Path) -> str | None:
     return kind if kind in ("samples", "features") else "unknown"
 
 
-def open_images(path: str | Path, *, crop: int | None = None, num_workers: int = 4, what: str = "input"
-                ) -> ImageSet:
-    """Open any supported image set; `crop` ADM-centre-crops folder images whose size differs."""
+def open_images(path: str | Path, *, crop: int | None = None, num_workers: int = 4, what: str = "input",
+                rule: str = "adm-center") -> ImageSet:
+    """Open any supported image set; `crop` centre-crops folder images whose size differs, by `rule`."""
     p = Path(path).expanduser()
     if not p.exists():
         raise UserError(f"{what} not found: {p}")
@@ -364,5 +370,5 @@ def open_images(path: str | Path, *, crop: int | None = None, num_workers: int =
     if kind == "unknown":
         return open_samples_manifest(p)  # load_manifest names what is wrong with it
     if p.is_dir():
-        return open_folder(p, crop=crop, num_workers=num_workers)
+        return open_folder(p, crop=crop, num_workers=num_workers, rule=rule)
     raise UserError(f"{what} {p}: expected an .npz, a manifest (or its folder), or a folder of images")

@@ -62,7 +62,9 @@ def _open_inputs(cfg: EvalConfig):
     crop = cfg.resolution
     if crop is None and sets and sets[0].size[0] == sets[0].size[1]:
         crop = sets[0].size[0]
-    ref = open_images(cfg.reference, crop=crop, num_workers=cfg.num_workers, what="reference")
+    from manifests.preprocess import CROP_FLAGS
+    ref = open_images(cfg.reference, crop=crop, num_workers=cfg.num_workers, what="reference",
+                      rule=CROP_FLAGS[cfg.crop])
     for s in sets:
         if ref.size != s.size:
             raise UserError(f"sample set {s.path} is {s.size[0]}x{s.size[1]} but reference {ref.path} is "
@@ -158,7 +160,8 @@ def main(argv: Sequence[str] | None = None) -> int:
 
     from evaluation.cache import evict
     from evaluation.features import compute_activations
-    from evaluation.report import NOT_COMPARABLE, NOT_COMPARABLE_DINO, format_rows, summarize, write_report
+    from evaluation.report import (NOT_COMPARABLE, NOT_COMPARABLE_CLIP, NOT_COMPARABLE_DINO, format_rows,
+                                   summarize, write_report)
     model = dino = None
     if cfg.write_reference or any(m in INCEPTION_METRICS for m in metrics):
         from evaluation.inception import InceptionFeatures
@@ -177,11 +180,20 @@ def main(argv: Sequence[str] | None = None) -> int:
         images = np.concatenate(list(ref.batches(cfg.batch_size, cfg.num_workers)))  # (N, H, W, 3) uint8
         write_reference(_outpath(cfg.write_reference), images, ref_acts, model, dino)
     smp_kw = {**kw, "cache_dir": None if cfg.no_cache_samples else cache_dir}
+    clip = captions = None
+    if cfg.clip_model and sets:
+        from evaluation.clip_score import ClipScorer, read_captions
+        captions = [read_captions(s.path).captions for s in sets]  # every caption present before any forward
+        clip = ClipScorer(cfg.clip_model, device=device)
     results, t_fid, t_pr = [], 0.0, 0.0
     for i, samples in enumerate(sets):
         desc = "samples" if len(sets) == 1 else f"samples {i + 1}/{len(sets)}"
         acts = compute_activations(samples, model, dinov2=dino, desc=desc, **smp_kw)
         scores, a, b = _score(acts, ref_acts, metrics, cfg, device)
+        if clip is not None:
+            from evaluation.clip_score import clip_score
+            scores["clip_score"] = clip_score(samples.batches(cfg.batch_size, cfg.num_workers), captions[i], clip,
+                                              samples.count, progress=cfg.progress)
         results.append((samples, acts, scores))
         t_fid, t_pr = t_fid + a, t_pr + b
     if cache_dir is not None:
@@ -198,8 +210,9 @@ def main(argv: Sequence[str] | None = None) -> int:
               for k in ("decode_wait_s", "forward_s", *(("dinov2_forward_s",) if dino else ()), "statistics_s")}
     timing.update(fid_is_s=round(t_fid, 3), pr_s=round(t_pr, 3), total_s=round(time.perf_counter() - t_start, 3))
     inc_ok = model is None or model.comparable
-    comparable = inc_ok and (dino is None or dino.comparable)
+    comparable = inc_ok and (dino is None or dino.comparable) and (clip is None or clip.comparable)
     notes = ([] if inc_ok else [NOT_COMPARABLE]) + ([] if dino is None or dino.comparable else [NOT_COMPARABLE_DINO])
+    notes += [] if clip is None or clip.comparable else [NOT_COMPARABLE_CLIP]
     import torch
     settings = {**asdict(cfg), "samples": urls[0][0] if len(sets) == 1 else urls[0], "metrics": metrics,
                 "device": device, "tf32": False, "autocast": False, "torch": torch.__version__}
@@ -218,13 +231,16 @@ def main(argv: Sequence[str] | None = None) -> int:
     if dino is not None:
         report["dinov2"] = {"model": dino.spec.name, "weights": dino.weights_id, "sha256": dino.weights_sha256,
                             "resize": dino.resize, "comparable": dino.comparable}
+    if clip is not None:
+        report["clip"] = {"model": clip.name, "weights": clip.weights, "comparable": clip.comparable,
+                          "definition": "mean over images of max(100 * cos(CLIP image, CLIP caption), 0)"}
     report.update(settings=settings, timing=timing,
                   created_by={"command": "python -m evaluation " + shlex.join(list(argv or sys.argv[1:]))})
     write_report(out, report)
     shown = [u if storage.is_url(u) else str(s.path) for u, (s, _, _) in zip(urls[0], results)]  # URLs as given
     rows = [(name, s.count, m) for name, (s, _, m) in zip(shown, results)]
     print(format_rows(rows, inc_ok, summary=report.get("summary"),
-                      notes=[] if dino is None or dino.comparable else [NOT_COMPARABLE_DINO]))
+                      notes=[n for n in notes if n != NOT_COMPARABLE]))
     print(f"report: {out}", file=sys.stderr)
     return 0
 

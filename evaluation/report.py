@@ -13,8 +13,10 @@ from manifests import atomic_write_json
 COLUMNS = (("fid", "FID↓", "{:.2f}"), ("sfid", "sFID↓", "{:.2f}"), ("is", "IS↑", "{:.1f}"),
            ("precision", "Prec.↑", "{:.2f}"), ("recall", "Rec.↑", "{:.2f}"))
 DINO_COLUMN = ("fd_dinov2", "FD_DINOv2↓", "{:.2f}")
+CLIP_COLUMN = ("clip_score", "CLIP↑", "{:.2f}")
 NOT_COMPARABLE = "not comparable: random Inception weights (tests/demo only), numbers mean nothing"
 NOT_COMPARABLE_DINO = "not comparable: random DINOv2 weights (tests/demo only), FD_DINOv2 means nothing"
+NOT_COMPARABLE_CLIP = "not comparable: random CLIP weights (tests/demo only), CLIP score means nothing"
 SUMMARY_ROWS = ("mean", "std", "min")  # the table's rows under the per-set rows
 
 
@@ -23,7 +25,8 @@ def _fmt(fmt: str, v: float | None) -> str:
 
 
 def _columns(rows: Sequence[dict[str, Any]]) -> tuple:
-    return COLUMNS + ((DINO_COLUMN,) if any(r.get("fd_dinov2") is not None for r in rows) else ())
+    extra = tuple(c for c in (DINO_COLUMN, CLIP_COLUMN) if any(r.get(c[0]) is not None for r in rows))
+    return COLUMNS + extra
 
 
 def format_table(name: str, count: int, metrics: dict[str, float | None], comparable: bool,

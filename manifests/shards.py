@@ -77,6 +77,8 @@ def encode_member(ext: str, value: Any) -> bytes:
         return str(int(value)).encode()
     if ext == JSON:
         return json.dumps(value, sort_keys=True).encode()
+    if ext == "txt" and isinstance(value, str):  # a caption (sample shards of text-to-image), UTF-8
+        return value.encode("utf-8")
     raise TypeError(f"cannot encode {type(value).__name__} for member .{ext}")
 
 

@@ -14,11 +14,11 @@ from common import UserError
 from . import vit_loaders
 from .presets import (ENCODERS, IMAGENET_MEAN, IMAGENET_STD, SIGLIP_MEAN, SIGLIP_STD, TEXT_ENCODERS, TINY_SEED,
                       TINY_VAE_CONFIG, VAES, EncoderSpec, VaeSpec, _check_name, input_size, parse_spec)
-from .text import TextEncoder, load_text_encoder
+from .text import TextEncoder, load_text_encoder, tiny_tokenizer_files
 
 __all__ = ["ENCODERS", "VAES", "Encoder", "EncoderSpec", "VaeSpec", "load_encoder", "load_vae", "parse_spec",
            "vae_meta", "vae_moments", "tiny_state_dict", "IMAGENET_MEAN", "IMAGENET_STD", "SIGLIP_MEAN",
-           "SIGLIP_STD", "input_size", "TEXT_ENCODERS", "TextEncoder", "load_text_encoder"]
+           "SIGLIP_STD", "input_size", "TEXT_ENCODERS", "TextEncoder", "load_text_encoder", "tiny_tokenizer_files"]
 
 
 def _hub_error(what: str, where: str, e: Exception) -> UserError:
