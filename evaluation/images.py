@@ -17,7 +17,7 @@ from typing import Any, Callable, Iterator, Sequence
 
 import numpy as np
 
-from manifests import MANIFEST_NAME, index_shard, load_manifest, read_member, sha256_file
+from manifests import MANIFEST_NAME, index_shard, load_manifest, read_member, sha256_file, storage
 from common import UserError
 from common.errors import os_error_message
 
@@ -263,11 +263,14 @@ def open_samples_manifest(path: Path) -> ImageSet:
     return ImageSet("samples-manifest", m.root, len(items), size, _manifest_sha(m.root), "none", items, decode)
 
 
-def _resolve_source(src: str, root: Path) -> Path:
+def _resolve_source(src: str, root: Path, extra_roots: Sequence[Path] = ()) -> Path:
     p = Path(src)
     if p.is_absolute():
         return p
-    return root / p if (root / p).exists() else p
+    for base in (root, *extra_roots):
+        if (base / p).exists():
+            return base / p
+    return p
 
 
 def open_features_manifest(path: Path) -> ImageSet:
@@ -282,13 +285,16 @@ def open_features_manifest(path: Path) -> ImageSet:
     rule = m.preprocess.get("crop", "adm-center")
     if rule not in CROPS:
         raise UserError(f"manifest {m.path}: unknown preprocess.crop {rule!r} (known: {', '.join(CROPS)})")
+    # Sources are relative to the extraction's --source folder (recorded by `pipeline extract`), or to the manifest.
+    given = str((m.created_by.get("config") or {}).get("source") or "")
+    bases = [Path(given)] if given and not storage.is_url(given) and Path(given).is_dir() else []
     sources = []
     for what, data in _read_members(_member_reader(m, "json")):
         try:
             src = json.loads(data.decode())["source"]
         except (ValueError, KeyError, TypeError) as e:
             raise UserError(f"{what}: json member has no 'source' path") from e
-        sources.append(_resolve_source(str(src), m.root))
+        sources.append(_resolve_source(str(src), m.root, bases))
     missing = [s for s in sources if not s.is_file()]
     if missing:
         raise UserError(f"manifest {m.path}: {len(missing)} source image(s) not found, e.g. {missing[0]}")

@@ -12,17 +12,15 @@ import os
 import tarfile
 from concurrent.futures import ThreadPoolExecutor
 from pathlib import PurePosixPath
-from typing import Any
 
 from common import UserError
 from common.errors import as_user_error
-from manifests import read_json, sanitize_key, storage
+from manifests import sanitize_key, storage
+from manifests.captions import read_coco
 from manifests.shards import open_tar
 
 from .sources import LIST_THREADS, WDS_IMAGE_EXTS, Item, Listing, _dedupe
 
-COCO_HINT = "expected MS-COCO's captions layout: {'images': [{'id', 'file_name'}], 'annotations': [{'image_id', " \
-            "'caption'}]} (captions_train2014.json)"
 CAPTION_EXTS = ("txt", "json")
 
 
@@ -36,29 +34,6 @@ def list_captioned(source: str, captions: str | None) -> Listing:
 def coco_key(image_id: int) -> str:
     """Sample key of a COCO image: its id, zero-padded as COCO's file names are (sorted keys = sorted ids)."""
     return f"{image_id:012d}"
-
-
-def _int_id(v: Any) -> bool:
-    return isinstance(v, int) and not isinstance(v, bool) and v >= 0
-
-
-def read_coco(captions: str) -> tuple[list[dict], list[dict]]:
-    """The annotation file's (images, annotations), checked for COCO's shape; anything else is one-line UserError."""
-    p = storage.path(captions)
-    raw = read_json(p, "annotation file (--captions)")
-    if not isinstance(raw, dict) or not isinstance(raw.get("images"), list) \
-            or not isinstance(raw.get("annotations"), list):
-        raise UserError(f"annotation file {p} is not COCO JSON: {COCO_HINT}")
-    for i, im in enumerate(raw["images"]):
-        if not (isinstance(im, dict) and _int_id(im.get("id")) and isinstance(im.get("file_name"), str)
-                and im["file_name"]):
-            raise UserError(f"annotation file {p} is not COCO JSON: images[{i}] = {str(im)[:80]} has no integer "
-                            f"'id' and 'file_name'")
-    for i, a in enumerate(raw["annotations"]):
-        if not (isinstance(a, dict) and _int_id(a.get("image_id"))):
-            raise UserError(f"annotation file {p} is not COCO JSON: annotations[{i}] = {str(a)[:80]} has no "
-                            f"integer 'image_id'")
-    return raw["images"], raw["annotations"]
 
 
 def list_coco(source: str, captions: str) -> Listing:

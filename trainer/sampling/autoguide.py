@@ -56,19 +56,24 @@ def check_compatible(main: torch.nn.Module, guide: torch.nn.Module, main_name: s
 class AutoGuided:
     """The sampler's model for autoguidance: [x; x], [y; null] -> [main(x, y); guide(x, y)] (see the module doc)."""
 
-    def __init__(self, main: Callable, guide: Callable, null_class: int):
-        self.main, self.guide, self.null_class = main, guide, int(null_class)
+    def __init__(self, main: Callable, guide: Callable, null_class: int | torch.Tensor):
+        """`null_class`: the null label, or a text family's empty context (L, D)."""
+        self.main, self.guide, self.null_class = main, guide, null_class
         self.num_classes = getattr(main, "num_classes", None)
 
     def __call__(self, x: torch.Tensor, t: torch.Tensor, y: torch.Tensor):
         n = x.shape[0] // 2
-        cfg_batch = x.shape[0] == 2 * n and n > 0 and bool((y[n:] == self.null_class).all())
+        cfg_batch = x.shape[0] == 2 * n and n > 0 and bool((y[n:] == _as(self.null_class, y)).all())
         if not cfg_batch:  # outside the guidance interval (or w = 1): the main model alone
             return self.main(x, t, y)
         # Each half is its own model's forward: the two networks cannot share one batch anyway.
         out_main = _first(self.main(x[:n], t[:n], y[:n]))  # (N, C', H, W)
         out_guide = _first(self.guide(x[n:], t[n:], y[:n]))  # (N, C', H, W), the conditional labels
         return torch.cat([out_main, out_guide.to(out_main.dtype)], 0), ()
+
+
+def _as(null, y: torch.Tensor):
+    return null.to(device=y.device, dtype=y.dtype) if torch.is_tensor(null) else null
 
 
 def _first(out):

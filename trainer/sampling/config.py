@@ -44,7 +44,7 @@ class SampleConfig:
     out: str
     preset: str | None = None
     expect_resolution: int | None = None  # set by 512 px presets: the checkpoint must be at this resolution
-    num_samples: int = 50_000
+    num_samples: int | None = None  # None: 50,000 (class families), or one per prompt/caption (text)
     mode: str | None = None  # None: the family's default sampler (SiT: sde, DiT: ddpm), set when the model loads
     steps: int | None = None  # None: the mode's default (sde 250, ode 50, ddpm 250, ddim 50)
     heun: bool = False
@@ -55,6 +55,10 @@ class SampleConfig:
     guide_ckpt: str | None = None  # autoguidance: the weaker model that replaces the unconditional branch
     seed: int = 0
     balanced: bool = False
+    # Text-to-image (MMDiT): where each sample's caption comes from, and the text encoder (None: the run's)
+    prompts: str | None = None
+    captions: str | None = None
+    text_encoder: str | None = None
     batch_size: int = 64
     shard_size: int = 1000
     npz: bool = False
@@ -98,7 +102,8 @@ def build_parser() -> argparse.ArgumentParser:
     io_.add_argument("--npz", action="store_true", help="also write samples.npz (arr_0, N×H×W×3 uint8) for ADM")
     io_.add_argument("--shard-size", type=positive_int, default=1000, help="samples per tar shard (the resume unit)")
     s = p.add_argument_group("sampling")
-    s.add_argument("--num-samples", type=positive_int, default=50_000, help="images to generate (indices 0..N-1)")
+    s.add_argument("--num-samples", type=positive_int, default=None, help="images to generate (indices 0..N-1; "
+                   "default 50000, or one per prompt / caption for text-to-image)")
     s.add_argument("--mode", choices=sampler_modes(), default=None, help="the model family's sampler: SiT sde "
                    "(Euler–Maruyama, the default) or ode (Euler/Heun); DiT ddpm (ancestral, the default) or ddim "
                    "(eta 0, deterministic)")
@@ -119,6 +124,15 @@ def build_parser() -> argparse.ArgumentParser:
                         "default: CFG (docs/sampling.md#autoguidance)")
     s.add_argument("--seed", type=nonneg_int, default=0, help="sample i's label and noise come from (seed, i)")
     s.add_argument("--balanced", action="store_true", help="an equal number of samples per class")
+    t = p.add_argument_group("text-to-image (MMDiT; docs/text-to-image.md)")
+    t.add_argument("--prompts", metavar="FILE", default=None, help="one prompt per line; sample i uses prompt "
+                   "i mod P (default --num-samples: one per prompt)")
+    t.add_argument("--captions", metavar="ANNOTATIONS.json|MANIFEST", default=None,
+                   help="COCO annotations (captions_val2014.json) or a text-to-image features manifest: one sample "
+                        "per image in id order, its caption drawn uniformly by (seed, image), as generate_t2i.py")
+    t.add_argument("--text-encoder", metavar="NAME[=PATH]", default=None,
+                   help="caption encoder (default: the one the run was trained with, from RUN/config.json; "
+                        "clip-vit-l-text for released files)")
     r = p.add_argument_group("runtime")
     r.add_argument("--batch-size", type=positive_int, default=64, help="global, split across ranks as in train; "
                    "does not change the images")

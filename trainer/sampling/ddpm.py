@@ -22,7 +22,7 @@ from typing import Any, Callable
 import torch
 
 from trainer.objectives.ddpm import NUM_TIMESTEPS, Diffusion, check_schedule
-from trainer.sampling.samplers import Generators, _null_class, _randn_like, guided
+from trainer.sampling.samplers import Generators, _randn_like, guided, null_like
 
 GUIDE_RULES = ("all", 3)
 
@@ -47,7 +47,7 @@ def model_output(model: Callable, x: torch.Tensor, timestep: int, y: torch.Tenso
     n = x.shape[0]
     if use_cfg:
         x_in = torch.cat([x, x], 0)  # (2N, C, H, W)
-        y_in = torch.cat([y, torch.full_like(y, _null_class(model, null_class))], 0)  # (2N,)
+        y_in = torch.cat([y, null_like(y, model, null_class)], 0)  # (2N,)
     else:
         x_in, y_in = x, y
     t_in = torch.full((x_in.shape[0],), timestep, dtype=torch.long, device=x.device)  # (N,) or (2N,)

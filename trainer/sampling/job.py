@@ -33,6 +33,7 @@ from trainer.sampling.output import decode, png_bytes, write_grid, write_npz
 from trainer.sampling.config import (SampleConfig, check_resolution, dumps, parse, per_rank_batch,  # noqa: F401
                                      resolve, settle_mode)
 from trainer.sampling.autoguide import AutoGuided, check_compatible, resolve_guide
+from trainer.sampling.prompts import Prompts, TextConditioning, read_prompts
 from trainer.sampling.samplers import nfe, sample_generator
 
 SHARD_NAME = "samples-{:06d}"
@@ -53,6 +54,8 @@ class Source:
     velocity: Any = None  # the prepared (cast, compiled) forward, made once per process in run()
     guide: Loaded | None = None  # --guide-ckpt: the autoguidance model
     guide_sha256: str | None = None
+    text: TextConditioning | None = None  # text families: captions -> contexts, and the empty context
+    prompts: Prompts | None = None  # text families: each sample's caption
 
 
 def model_spec(cfg: SampleConfig) -> ModelSpec:
@@ -73,8 +76,15 @@ def load_model(cfg: SampleConfig) -> Loaded:
     and --num-steps left to the family's defaults are filled in here."""
     lm = models.load_model(cfg.ckpt, model_spec(cfg))
     family = lm.family
-    if family.conditioning != "class":
-        raise UserError(f"{lm.name} is {family.conditioning}-conditioned; this sampler draws class labels only")
+    text = family.conditioning == "text"
+    if text and not (cfg.prompts or cfg.captions):
+        raise UserError(f"{lm.name} is text-conditioned: give --prompts FILE (one per line) or --captions "
+                        f"ANNOTATIONS.json")
+    if not text and (cfg.prompts or cfg.captions or cfg.text_encoder):
+        raise UserError(f"{lm.name} is class-conditioned; --prompts, --captions and --text-encoder are for "
+                        f"text-to-image models (MMDiT)")
+    if text and cfg.balanced:
+        raise UserError("--balanced draws class labels; a text-to-image model samples its prompts")
     settle_mode(cfg, list(family.samplers), dict(family.steps), family.cfg_channels, family.name)
     family.prepare_sampling(lm.model)
     return lm
@@ -100,8 +110,10 @@ class Velocity:
     batch shape: the plain and the CFG-doubled batch); REPA_COMPILE=0 turns that off.
     """
 
-    def __init__(self, model: torch.nn.Module, device: torch.device, precision: str, compile_: bool | None = None):
-        self.model, self.device, self.num_classes = model, device, model.num_classes
+    def __init__(self, model: torch.nn.Module, device: torch.device, precision: str, compile_: bool | None = None,
+                 text: bool = False):
+        self.model, self.device, self.num_classes = model, device, getattr(model, "num_classes", None)
+        self.cond = "context" if text else "y"  # MMDiT takes the caption context by keyword, as the official
         self.bf16 = precision == "bf16"
         if self.bf16:
             for m in model.modules():
@@ -113,7 +125,7 @@ class Velocity:
 
     def __call__(self, x: torch.Tensor, t: torch.Tensor, y: torch.Tensor):
         with torch.autocast(self.device.type, dtype=torch.bfloat16, enabled=self.bf16):
-            v = self.forward(x, t, y=y)[0]
+            v = self.forward(x, t, **{self.cond: y})[0]
         return v.float(), ()
 
 
@@ -132,11 +144,13 @@ def balanced_labels(seed: int, num_samples: int, num_classes: int) -> np.ndarray
     return (perm % num_classes).astype(np.int64)
 
 
-def draw_inputs(cfg: SampleConfig, indices: range, shape: tuple[int, ...], num_classes: int,
+def draw_inputs(cfg: SampleConfig, indices: range, shape: tuple[int, ...], num_classes: int | None,
                 balanced: np.ndarray | None) -> tuple[torch.Tensor, torch.Tensor, list[torch.Generator]]:
-    """(noise (N, C, H, W), labels (N,), generators): each from sample i's own generator."""
+    """(noise (N, C, H, W), labels (N,), generators): each from sample i's own generator (text families: no
+    labels drawn, zeros returned; their captions come from `Prompts`)."""
     gens = [sample_generator(cfg.seed, i) for i in indices]
-    labels = [int(torch.randint(num_classes, (1,), generator=g)) for g in gens]  # drawn always: same noise stream
+    labels = [int(torch.randint(num_classes, (1,), generator=g)) if num_classes else 0  # drawn always: same
+              for g in gens]  # noise stream
     if balanced is not None:
         labels = [int(balanced[i]) for i in indices]
     noise = torch.stack([torch.randn(shape, generator=g) for g in gens])  # (N, C, H, W)
@@ -175,16 +189,20 @@ def run_shard(cfg: SampleConfig, k: int, idx: range, src: Source, vae, device: t
     samples = []
     for a in range(idx.start, idx.stop, cfg.batch_size):
         sub = range(a, min(a + cfg.batch_size, idx.stop))
-        noise, y, gens = draw_inputs(cfg, sub, shape, model.num_classes, balanced)
-        z = sampler(fn, noise.to(device), y.to(device), steps=cfg.steps, generator=gens, heun=cfg.heun,
+        noise, y, gens = draw_inputs(cfg, sub, shape, getattr(model, "num_classes", None), balanced)
+        texts = [src.prompts.at(i) for i in sub] if src.text is not None else None
+        cond = src.text(texts) if texts is not None else y.to(device)  # (N, L, D) contexts or (N,) labels
+        null = src.text.empty if src.text is not None else model.num_classes  # CFG's unconditional input
+        z = sampler(fn, noise.to(device), cond, steps=cfg.steps, generator=gens, heun=cfg.heun,
                     cfg_scale=cfg.cfg_scale, guidance_low=cfg.guidance_low, guidance_high=cfg.guidance_high,
-                    path=rec.path, null_class=model.num_classes, guide_channels=cfg.cfg_channels)
+                    path=rec.path, null_class=null, guide_channels=cfg.cfg_channels)
         if not bool(torch.isfinite(z).all()):  # one sync per batch; NaN would silently become black images
             raise UserError(f"sampling produced non-finite latents for samples {sub.start}..{sub.stop - 1} "
                             f"(corrupt checkpoint or overflow; try --precision fp32)")
         imgs = decode(vae, z, rec.latent_scale, rec.latent_shift)  # (N, H, W, 3) uint8
-        samples += [{"__key__": f"sample_{i:07d}", "png": png_bytes(im), "cls": int(c)}
-                    for i, im, c in zip(sub, imgs, y.tolist())]
+        samples += [{"__key__": f"sample_{i:07d}", "png": png_bytes(im),
+                     **({"txt": texts[j]} if texts is not None else {"cls": int(c)})}
+                    for j, (i, im, c) in enumerate(zip(sub, imgs, y.tolist()))]
         bar.update(len(sub))
     shards = storage.path(cfg.out) / "shards"
     info_ = write_shard(shards / f"{SHARD_NAME.format(k)}.tar", samples)
@@ -207,6 +225,8 @@ def fingerprint_of(cfg: SampleConfig, src: Source) -> dict[str, Any]:
         fp["cfg_channels"] = cfg.cfg_channels
     if src.guide is not None:  # autoguidance: another guide is other images
         fp["guide"] = {"model": src.guide.name, "ckpt_sha256": src.guide_sha256}
+    if src.text is not None:  # other captions or another text encoder: other images
+        fp["text"] = {"prompts_sha256": src.prompts.sha256, **src.text.meta}
     return fp
 
 
@@ -256,13 +276,20 @@ def run(cfg: SampleConfig, argv: list[str], rank: int, world: int, local: int) -
     check_resolution(cfg, lm.record.resolution)
     src = Source(lm=lm, sha256=sha256_file(lm.checkpoint.path), vae=cfg.vae or lm.record.vae)
     lm.model.to(device)
-    src.velocity = Velocity(lm.model, device, cfg.precision)
+    text = lm.family.conditioning == "text"
+    src.velocity = Velocity(lm.model, device, cfg.precision, text=text)
+    if text:  # captions and the text encoder the run was trained with
+        src.prompts = read_prompts(cfg.prompts, cfg.captions, cfg.seed)
+        src.text = TextConditioning((lm.checkpoint.config or {}).get("context"), cfg.text_encoder,
+                                    int(lm.model.context_embedder.in_features), device)
+    if cfg.num_samples is None:
+        cfg.num_samples = len(src.prompts) if text else 50_000
     if cfg.guide_ckpt is not None:  # autoguidance: the guide's forward takes the unconditional half's place
         src.guide = load_guide(cfg, lm)
         src.guide_sha256 = sha256_file(src.guide.checkpoint.path)
         src.guide.model.to(device)
-        src.velocity = AutoGuided(src.velocity, Velocity(src.guide.model, device, cfg.precision),
-                                  null_class=lm.model.num_classes)
+        src.velocity = AutoGuided(src.velocity, Velocity(src.guide.model, device, cfg.precision, text=text),
+                                  null_class=src.text.empty if text else lm.model.num_classes)
     vae = load_vae(src.vae, device=device)
     balanced = balanced_labels(cfg.seed, cfg.num_samples, lm.model.num_classes) if cfg.balanced else None
     fp = fingerprint_of(cfg, src)
@@ -314,7 +341,8 @@ def finish(cfg: SampleConfig, src: Source, out: Path, shards: list[range], fp: d
     m = Manifest(root=out, name=f"samples-{lm.name.replace('/', '-')}-{cfg.mode}-cfg{cfg.cfg_scale}",
                  shardlist=entries, kind="samples", num_samples=cfg.num_samples,
                  fields={"png": {"dtype": "uint8", "shape": [res, res, 3], "codec": "png"},
-                         "cls": {"dtype": "int64", "shape": [], "codec": "int"}},
+                         **({"txt": {"dtype": "str", "shape": [], "codec": "utf-8", "source": src.prompts.source}}
+                            if src.text is not None else {"cls": {"dtype": "int64", "shape": [], "codec": "int"}})},
                  classes=rec.classes, preprocess={"resolution": res},
                  created_by={"version": _version(), "command": command},
                  extra={"sampler": sampler,

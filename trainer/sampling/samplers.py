@@ -49,6 +49,14 @@ def _null_class(model: Callable, null_class: int | None) -> int:
     return int(n)
 
 
+def null_like(y: torch.Tensor, model: Callable, null: int | torch.Tensor | None) -> torch.Tensor:
+    """The unconditional half of a CFG batch: the null label for labels y (N,), or, for caption contexts
+    y (N, L, D), the empty caption's context `null` (L, D) on every row (text families pass it as null_class)."""
+    if torch.is_tensor(null) and null.ndim > 0:
+        return null.to(device=y.device, dtype=y.dtype).expand_as(y)  # (N, L, D)
+    return torch.full_like(y, _null_class(model, None if null is None else int(null)))  # (N,)
+
+
 def guided(t: float, cfg_scale: float, guidance_low: float, guidance_high: float) -> bool:
     """CFG applies at time t only inside [guidance_low, guidance_high] (REPA guidance interval)."""
     return cfg_scale > 1.0 and guidance_low <= t <= guidance_high
@@ -65,7 +73,7 @@ def velocity(model: Callable, x: torch.Tensor, t: float, y: torch.Tensor, *, cfg
     use_cfg = guided(t if guide_at is None else guide_at, cfg_scale, guidance_low, guidance_high)
     if use_cfg:
         x_in = torch.cat([x, x], 0)  # (2N, C, H, W)
-        y_in = torch.cat([y, torch.full_like(y, _null_class(model, null_class))], 0)  # (2N,)
+        y_in = torch.cat([y, null_like(y, model, null_class)], 0)  # (2N,) labels or (2N, L, D) contexts
     else:
         x_in, y_in = x, y
     t_in = torch.full((x_in.shape[0],), t, dtype=torch.float32, device=x.device)  # (N,) or (2N,)
