@@ -31,10 +31,11 @@ SEED = 0
 
 
 def train_argv(feats: Path, run: Path, *extra: str, steps: int = 4) -> list[str]:
-    """The brief's command (4 steps, checkpoints every 2), plus a grid interval so the text skip shows."""
+    """4 steps, checkpoints every 2, and a 2-step prompt grid every 2 steps."""
     return ["train", "--manifest", str(feats), "--run-dir", str(run), "--model", "MMDiT-Debug/2", "--encoders",
             "tiny-dinov2", "--batch-size", "4", "--steps", str(steps), "--ckpt-every", "2", "--precision", "fp32",
-            "--num-workers", "0", "--log-every", "1", "--report-to", "none", "--sample-every", "2", *extra]
+            "--num-workers", "0", "--log-every", "1", "--report-to", "none", "--sample-every", "2",
+            "--sample-num-steps", "2", *extra]
 
 
 @pytest.fixture(scope="module")
@@ -83,7 +84,7 @@ def _rows(ds: FeatureBatches, world: int, micro: int, steps: int = 3, batch: int
 def test_train_then_kill_and_resume_is_bit_identical(mmdit_run, t2i, tmp_path, capsys):
     """Planted bugs caught: the caption drawn from a process-global RNG (Python's `random`, torch's global
     generator) or from loader state that no checkpoint holds: the resumed run then reads other captions and its
-    weights differ; a text run that tries to draw class-label grids (it would crash at step 0 or 2)."""
+    weights differ; a text run that draws class-label grids (it would crash at step 0 or 2)."""
     cfg = json.loads((mmdit_run / "config.json").read_text())
     assert cfg["model"] == "MMDiT-Debug/2" and cfg["classes"] == [] and "num_classes" not in cfg["model_kwargs"]
     assert cfg["model_kwargs"]["context_dim"] == 64 and cfg["model_kwargs"]["z_dims"] == [64]
@@ -92,8 +93,12 @@ def test_train_then_kill_and_resume_is_bit_identical(mmdit_run, t2i, tmp_path, c
     assert [r["step"] for r in rows] == [1, 2, 3, 4] and all(np.isfinite(r["loss"]) for r in rows)
     assert all(r["proj_loss"] != 0 for r in rows)  # the REPA term on the image tokens is on
     log = (mmdit_run / "log.txt").read_text()
-    assert "sample grids for text-to-image come with trainer sample --prompts" in log
-    assert not (mmdit_run / "samples").exists()
+    # Grids for fixed prompts: each of the first samples' first caption, from the manifest's own contexts.
+    assert sorted(p.name for p in (mmdit_run / "samples").glob("step-*.png")) == \
+        ["step-0000000.png", "step-0000002.png", "step-0000004.png"]
+    assert "2 ode steps" in log
+    first = [s["json"]["captions"][0] for s in list(_samples(t2i).values())]
+    assert (mmdit_run / "samples" / "prompts.txt").read_text().splitlines() == first[:16]
 
     b = tmp_path / "b"  # SIGKILL while checkpoint 4 is half-written, then the same command again
     p = popen(train_argv(t2i, b), env={"REPA_TEST_SLOW_CKPT": "4:120"})

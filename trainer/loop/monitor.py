@@ -15,7 +15,7 @@ import time
 from concurrent.futures import Future, ThreadPoolExecutor
 from typing import Any
 
-from manifests import atomic_write_json
+from manifests import atomic_write_bytes, atomic_write_json
 from manifests.runs import DONE_MARKER as DONE
 from manifests.runs import LOG_NAME, TB_DIR
 from common.tracking import RunLog, Tracker, open_tracker
@@ -55,11 +55,12 @@ class Monitor:
         self.tracker = open_tracker(cfg.report_to, r.run_dir / TB_DIR, purge_step=start + 1 if start else 0,
                                     config=r.run_cfg, name=r.run_dir.name)
         self.rows = [row for row in read_stats(r.stats_path) if row.get("step", 0) <= start]
-        if cfg.sample_every and cfg.sample_every <= cfg.steps and r.family.conditioning == "text":
-            # The grid sampler draws class labels; caption grids belong to the sampling job's prompt lists.
-            self.log.line("sample grids for text-to-image come with trainer sample --prompts")
-        elif cfg.sample_every and cfg.sample_every <= cfg.steps:  # a run that draws no grid never loads the VAE
+        if cfg.sample_every and cfg.sample_every <= cfg.steps:  # a run that draws no grid never loads the VAE
             self.grids = Preview(r.run_cfg, cfg.sample_grid, cfg.sample_steps, r.device)
+            if self.grids.prompts is not None:  # text families: what each grid cell was asked, in reading order
+                (r.run_dir / "samples").mkdir(exist_ok=True)
+                atomic_write_bytes(r.run_dir / "samples" / "prompts.txt",
+                                   "".join(p + "\n" for p in self.grids.prompts).encode())
             try:
                 self.grids.load_vae()  # now, so a VAE that will not load shows before step 0
             except Exception as e:  # noqa: BLE001 - a preview must never stop a multi-day run

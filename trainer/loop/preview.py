@@ -1,5 +1,9 @@
-"""Sample grids during training: the EMA model, fixed classes and fixed noise, a few steps of the family's default
-sampler (SiT: the SDE, DiT: DDPM), the run's VAE.
+"""Sample grids during training: the EMA model, fixed classes (or, for text families, fixed prompts) and fixed
+noise, a few steps of the family's default sampler (SiT: the SDE, DiT: DDPM, MMDiT: the ODE), the run's VAE.
+
+A text family's prompts are the first caption of each of the manifest's first N samples, with the contexts the
+manifest stores for them (decoded as training decodes them), so grids need no text encoder; they are listed in
+RUN/samples/prompts.txt, one per grid cell in reading order.
 
 The same labels and the same noise (initial and per-step, from sample i's own generator as in
 `trainer sample`) at every grid, so a viewer watches the same images sharpen over training.
@@ -58,12 +62,21 @@ class Preview:
     def __init__(self, run_cfg: dict[str, Any], n: int, steps: int, device: torch.device):
         self.record = rec = ModelRecord.from_config(run_cfg)  # read as sampling reads a checkpoint's config
         kw = rec.model_kwargs
-        self.num_classes, self.steps, self.device = int(kw["num_classes"]), steps, device
+        self.steps, self.device = steps, device
         self.path, self.vae_name = rec.path, rec.vae
         self.scale, self.shift = rec.latent_scale, rec.latent_shift
         self.sampler = rec.family.samplers[rec.family.default_sampler]
-        self.labels = torch.tensor(grid_labels(n, self.num_classes), dtype=torch.long)  # (n,)
-        self.cols = grid_columns(n, self.num_classes)
+        self.text = rec.family.conditioning == "text"
+        if self.text:  # fixed prompts: the manifest's own contexts of its first samples' first captions
+            self.prompts, ctx = grid_contexts(run_cfg["manifest"], (run_cfg.get("context") or {}).get("field",
+                                                                                                        "context"), n)
+            self.labels, self.null = torch.from_numpy(ctx), None  # (n, L, D); no CFG in grids
+            self.cols = math.ceil(math.sqrt(len(self.prompts)))
+        else:
+            self.num_classes = int(kw["num_classes"])
+            self.labels = torch.tensor(grid_labels(n, self.num_classes), dtype=torch.long)  # (n,)
+            self.null, self.prompts = self.num_classes, None
+            self.cols = grid_columns(n, self.num_classes)
         self.shape = (int(kw["in_channels"]), int(kw["input_size"]), int(kw["input_size"]))
         self.vae = None
 
@@ -81,14 +94,30 @@ class Preview:
         noise = torch.stack([torch.randn(self.shape, generator=g) for g in gens])  # (n, C, h, w)
 
         def fn(x, t, y):
-            return ema(x, t, y=y)
+            return ema(x, t, context=y) if self.text else ema(x, t, y=y)
 
         z = self.sampler(fn, noise.to(self.device), self.labels.to(self.device), steps=self.steps, generator=gens,
-                         path=self.path, null_class=self.num_classes)  # (n, C, h, w) float64
+                         path=self.path, null_class=self.null)  # (n, C, h, w) float64
         return decode(self.vae, z, self.scale, self.shift)  # (n, H, W, 3)
 
     def grid(self, ema: torch.nn.Module) -> np.ndarray:
         return tile(self.images(ema), self.cols)
+
+
+def grid_contexts(manifest: str, field: str, n: int) -> tuple[list[str], np.ndarray]:
+    """The first caption of each of the manifest's first n samples and its stored context: (prompts, (n, L, D))."""
+    from manifests import iter_shard, load_manifest
+    from manifests.codecs import decode_sample, field_codec
+    m = load_manifest(manifest, kind="features")
+    codec = field_codec(field, m.field(field), f"manifest {m.path}")
+    prompts, ctx = [], []
+    for url in m.shard_paths():
+        for s in iter_shard(url):
+            prompts.append(str(s["json"]["captions"][0]))
+            ctx.append(decode_sample(s, field, codec, where=f"{url}:{s['__key__']}")[0])  # (L, D)
+            if len(prompts) == n:
+                return prompts, np.stack(ctx)
+    return prompts, np.stack(ctx)
 
 
 def save_png(img: np.ndarray, path: Path) -> None:
@@ -97,4 +126,4 @@ def save_png(img: np.ndarray, path: Path) -> None:
         Image.fromarray(img).save(f, format="PNG")
 
 
-__all__ = ["Preview", "grid_labels", "grid_columns", "tile", "grid_path", "save_png", "PREVIEW_SEED"]
+__all__ = ["Preview", "grid_contexts", "grid_labels", "grid_columns", "tile", "grid_path", "save_png", "PREVIEW_SEED"]
