@@ -5,6 +5,9 @@ so the SiT's samples are pictures a person can judge: RUN/samples/step-*.png sho
 sharpening into each class's shape, colour and place over training. The encoders are tiny and random-init,
 so the REPA term aligns to noise, and the metrics use random Inception weights: both mean nothing.
 `DEMO_FAST=1` shrinks every step so the test suite can run the same chain.
+`--t2i` runs the text-to-image chain instead: the same images with their captions ("a red circle at the top left"),
+caption contexts from a tiny random CLIP text encoder, MMDiT-Debug/2 + REPA, samples from a prompt file, FID and
+CLIP score (random weights: meaningless); RUN/samples/step-*.png has one cell per prompt in RUN/samples/prompts.txt.
 `--store s3` (or DEMO_STORE=s3) starts a local S3 server (moto, needs `pip install '.[s3]'`) and keeps the
 dataset, features, run, samples and report in a bucket, so every stage reads and writes s3:// URLs.
 """
@@ -64,6 +67,8 @@ def main() -> int:
     ap.add_argument("--out", default="demo", help="folder for every artefact of the chain (default: demo)")
     ap.add_argument("--fast", action="store_true", default=os.environ.get("DEMO_FAST") == "1",
                     help="tiny sizes, for the test suite (also DEMO_FAST=1)")
+    ap.add_argument("--t2i", action="store_true", default=os.environ.get("DEMO_T2I") == "1",
+                    help="the text-to-image chain (captions, tiny CLIP text encoder, MMDiT-Debug/2) (also DEMO_T2I=1)")
     ap.add_argument("--store", choices=("local", "s3"), default=os.environ.get("DEMO_STORE", "local"),
                     help="where the chain keeps its data: local folders, or a bucket on a local S3 server "
                          "(also DEMO_STORE=s3)")
@@ -74,6 +79,8 @@ def main() -> int:
     data, feats, run_dir = out / "data", out / "features", out / "run"
     samples, report, align = out / "samples", out / "report.json", out / "align"
     server = None
+    if a.t2i:
+        return t2i_chain(size, out)
     if a.store == "s3":
         server, bucket = start_s3(out)
         data_src, feats_u, run_u = f"{bucket}/data", f"{bucket}/features", f"{bucket}/run"
@@ -185,6 +192,49 @@ def chain(a, size: DemoSize, out: Path, data: Path, data_src: str, feats: str, r
           f"noise in each), or: tensorboard --logdir {run_p / 'tb'}\n"
           "The encoders are tiny and random, so alignment and metrics are meaningless here.\n"
           f"Real runs: python -m pipeline extract ... {REAL_FLAGS}  (docs/reproducing.md)")
+    return 0
+
+
+def t2i_chain(size: DemoSize, out: Path) -> int:
+    """synth (with COCO-layout captions) -> extract with contexts -> train MMDiT -> sample from prompts -> evaluate."""
+    sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
+    from pipeline.synth import captions_for
+    data, feats, run_dir, samples = out / "data", out / "features", out / "run", out / "samples"
+    print("REPA text-to-image demo on CPU: captions -> tiny RANDOM CLIP text contexts -> MMDiT-Debug/2 + REPA.\n"
+          "Grids (run/samples/step-*.png, prompts in run/samples/prompts.txt) show colour, shape and place "
+          "following the words;\nthe encoders and metrics use random weights, so their numbers mean nothing.")
+    t_start, log = time.time(), []
+    run("1/5 synthesise the embedded dataset and its captions (MS-COCO layout: data/captions.json)",
+        ["pipeline", "synth", "--out", str(data), "--classes", str(size.classes), "--per-class", str(size.per_class)],
+        log)
+    run("2/5 extract latents, DINOv2 tokens and caption contexts (U-ViT crop, int8 contexts)",
+        ["pipeline", "extract", "--source", str(data), "--captions", str(data / "captions.json"), "--out", str(feats),
+         "--vae", "pixel-vae", "--resolution", str(RESOLUTION), "--encoders", "tiny-dinov2", "--text-encoder",
+         "tiny-clip-text", "--shard-size", "64", "--micro-batch", "16"], log)
+    run("3/5 train MMDiT-Debug/2 with REPA (grids for fixed prompts in run/samples/)",
+        ["trainer", "train", "--manifest", str(feats), "--run-dir", str(run_dir), "--model", "MMDiT-Debug/2",
+         "--encoders", "tiny-dinov2", "--encoder-depth", "2", "--train-steps", str(size.steps),
+         "--batch-size", str(size.batch_size), "--ckpt-every", str(size.ckpt_every), "--log-every",
+         str(size.log_every), "--precision", "fp32", "--num-workers", "0", "--lr", "1e-3", "--ema-decay", "0.98",
+         "--sample-every", str(size.sample_every), "--sample-num-samples", str(2 * size.classes),
+         "--sample-num-steps", str(size.grid_steps)], log)
+    prompts = out / "prompts.txt"  # one prompt per class: its first caption
+    prompts.write_text("".join(captions_for(c, size.classes, gray=False)[0] + "\n" for c in range(size.classes)))
+    run("4/5 sample from a prompt file (ODE, CFG 2 on the empty context; two seeds per prompt)",
+        ["trainer", "sample", "--ckpt", str(run_dir), "--out", str(samples), "--prompts", str(prompts),
+         "--num-samples", str(2 * size.classes), "--mode", "ode", "--num-steps", str(size.sample_steps),
+         "--cfg-scale", "2", "--batch-size", "16", "--precision", "fp32"], log)
+    run("5/5 evaluate: FID against the features' images (U-ViT crop) and CLIP score (random weights: meaningless)",
+        ["evaluation", "--samples", str(samples), "--reference", str(feats), "--out", str(out / "report.json"),
+         "--inception-weights", "random:0", "--metrics", "fid", "--clip-model", "tiny-clip", "--batch-size", "16"],
+        log)
+    print(f"\n=== text-to-image demo finished in {time.time() - t_start:.0f}s")
+    for step, secs in log:
+        print(f"  {secs:6.1f}s  {step}")
+    grids = sorted((run_dir / "samples").glob("step-*.png"))
+    print(f"\n  prompts      {run_dir / 'samples' / 'prompts.txt'}\n  grids        {len(grids)} in "
+          f"{run_dir / 'samples'}\n  samples grid {samples / 'grid.png'} (prompts: {prompts})\n"
+          f"  report       {out / 'report.json'}")
     return 0
 
 

@@ -70,6 +70,26 @@ def test_demo_chain_end_to_end(tmp_path):
     assert len(losses) >= 5 and all(math.isfinite(v) for v in losses)
 
 
+@pytest.mark.slow
+def test_t2i_demo_chain_end_to_end(tmp_path):
+    """`scripts/demo.py --t2i --fast`: captions -> contexts -> MMDiT -> prompt grids -> samples -> FID + CLIP."""
+    out = tmp_path / "demo"
+    p = subprocess.run([sys.executable, str(REPO / "scripts" / "demo.py"), "--out", str(out), "--fast", "--t2i"],
+                       capture_output=True, text=True, timeout=900, cwd=REPO)
+    assert p.returncode == 0, p.stdout[-3000:] + p.stderr[-3000:]
+    prompts = (out / "prompts.txt").read_text().splitlines()
+    grid_prompts = (out / "run" / "samples" / "prompts.txt").read_text().splitlines()
+    # distinct prompts only (a class-sorted set would repeat one), every class's caption among them
+    assert len(prompts) == 4 and len(set(grid_prompts)) == len(grid_prompts) and set(prompts) <= set(grid_prompts)
+    assert sorted(p.name for p in (out / "run" / "samples").glob("step-*.png"))[0] == "step-0000000.png"
+    report = json.loads((out / "report.json").read_text())
+    assert {"fid", "clip_score"} <= set(report["metrics"]) and report["comparable"] is False
+    from manifests import iter_shard, load_manifest
+    m = load_manifest(out / "samples", kind="samples")
+    texts = [s["txt"] for url in m.shard_paths() for s in iter_shard(url)]
+    assert [t.decode() if isinstance(t, bytes) else t for t in texts] == [prompts[i % 4] for i in range(8)]
+
+
 def _reliability_rows(page: str) -> list[tuple[str, list[str]]]:
     """(fault, [file.py::test, ...]) per row of docs/reliability.md's table; `::test` continues the last file."""
     assert page.startswith("# Reliability\n"), "docs/reliability.md lost its title"

@@ -97,7 +97,7 @@ def test_train_then_kill_and_resume_is_bit_identical(mmdit_run, t2i, tmp_path, c
     assert sorted(p.name for p in (mmdit_run / "samples").glob("step-*.png")) == \
         ["step-0000000.png", "step-0000002.png", "step-0000004.png"]
     assert "2 ode steps" in log
-    first = [s["json"]["captions"][0] for s in list(_samples(t2i).values())]
+    first = list(dict.fromkeys(s["json"]["captions"][0] for s in _samples(t2i).values()))  # distinct, in order
     assert (mmdit_run / "samples" / "prompts.txt").read_text().splitlines() == first[:16]
 
     b = tmp_path / "b"  # SIGKILL while checkpoint 4 is half-written, then the same command again

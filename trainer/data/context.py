@@ -111,7 +111,35 @@ def cond_to_device(batch: dict[str, Any], device: torch.device) -> torch.Tensor:
 
 
 def _parse_header(data: bytes, where: str, tail: tuple[int, ...], dtype: np.dtype, size: int) -> tuple[int, int]:
-    """(K, header bytes) of a (K, *tail) member from its first bytes; any mismatch is a one-line UserError."""
+    """(K, header bytes) of a (K, *tail) member from its first bytes; any mismatch is a one-line UserError.
+
+    Parsed headers are cached by their exact bytes: numpy's header reader (`literal_eval`) cost more than the int8
+    payload saved (tests/benchmarks/bench_t2i.py), and a set has only a few distinct headers (one per K)."""
+    hlen = _header_length(data)
+    if hlen is not None:
+        hit = _HEADERS.get((data[:hlen], tail, dtype.str, size))
+        if hit is not None:
+            return hit
+    k, n = _parse_header_uncached(data, where, tail, dtype, size)
+    if hlen == n and len(_HEADERS) < 4096:
+        _HEADERS[(data[:n], tail, dtype.str, size)] = (k, n)
+    return k, n
+
+
+_HEADERS: dict[tuple, tuple[int, int]] = {}
+
+
+def _header_length(data: bytes) -> int | None:
+    """The .npy header's byte length from its magic and length field (v1: uint16 at 8, v2/3: uint32 at 8)."""
+    if len(data) < 12 or data[:6] != b"\x93NUMPY":
+        return None
+    if data[6] == 1:
+        return 10 + int.from_bytes(data[8:10], "little")
+    return 12 + int.from_bytes(data[8:12], "little")
+
+
+def _parse_header_uncached(data: bytes, where: str, tail: tuple[int, ...], dtype: np.dtype, size: int
+                           ) -> tuple[int, int]:
     head = io.BytesIO(data)
     try:
         version = npformat.read_magic(head)

@@ -1,7 +1,7 @@
 """Sample grids during training: the EMA model, fixed classes (or, for text families, fixed prompts) and fixed
 noise, a few steps of the family's default sampler (SiT: the SDE, DiT: DDPM, MMDiT: the ODE), the run's VAE.
 
-A text family's prompts are the first caption of each of the manifest's first N samples, with the contexts the
+A text family's prompts are the first N distinct first captions of the manifest's samples, with the contexts the
 manifest stores for them (decoded as training decodes them), so grids need no text encoder; they are listed in
 RUN/samples/prompts.txt, one per grid cell in reading order.
 
@@ -105,7 +105,8 @@ class Preview:
 
 
 def grid_contexts(manifest: str, field: str, n: int) -> tuple[list[str], np.ndarray]:
-    """The first caption of each of the manifest's first n samples and its stored context: (prompts, (n, L, D))."""
+    """The first n distinct prompts, each a sample's first caption in manifest order (a class-sorted set would
+    otherwise fill the grid with one prompt), and its stored context: (prompts, (n, L, D))."""
     from manifests import iter_shard, load_manifest
     from manifests.codecs import decode_sample, field_codec
     m = load_manifest(manifest, kind="features")
@@ -113,7 +114,10 @@ def grid_contexts(manifest: str, field: str, n: int) -> tuple[list[str], np.ndar
     prompts, ctx = [], []
     for url in m.shard_paths():
         for s in iter_shard(url):
-            prompts.append(str(s["json"]["captions"][0]))
+            text = str(s["json"]["captions"][0])
+            if text in prompts:
+                continue
+            prompts.append(text)
             ctx.append(decode_sample(s, field, codec, where=f"{url}:{s['__key__']}")[0])  # (L, D)
             if len(prompts) == n:
                 return prompts, np.stack(ctx)
