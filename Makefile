@@ -11,7 +11,7 @@ PYTEST_ARGS ?=
 # time (--maxschedchunk 1), so they spread over the workers instead of queueing behind each other on one.
 TEST_WORKERS ?= 3
 
-.PHONY: venv demo demo-fast test bench bench-gpu wheelhouse clean
+.PHONY: venv demo demo-fast demo-t2i test bench bench-gpu wheelhouse clean
 
 venv: $(VENV)/.installed
 
@@ -27,6 +27,9 @@ demo: venv
 
 demo-fast: venv
 	DEMO_FAST=1 $(PY) scripts/demo.py --out $(DEMO_DIR)-fast
+
+demo-t2i: venv
+	$(PY) scripts/demo.py --t2i --out $(DEMO_DIR)-t2i
 
 test: venv
 	$(PY) -m pytest -q -n $(TEST_WORKERS) --maxschedchunk 1 $(PYTEST_ARGS)

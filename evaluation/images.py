@@ -288,13 +288,16 @@ def open_features_manifest(path: Path) -> ImageSet:
     # Sources are relative to the extraction's --source folder (recorded by `pipeline extract`), or to the manifest.
     given = str((m.created_by.get("config") or {}).get("source") or "")
     bases = [Path(given)] if given and not storage.is_url(given) and Path(given).is_dir() else []
-    sources = []
+    names = []
     for what, data in _read_members(_member_reader(m, "json")):
         try:
-            src = json.loads(data.decode())["source"]
+            names.append(str(json.loads(data.decode())["source"]))
         except (ValueError, KeyError, TypeError) as e:
             raise UserError(f"{what}: json member has no 'source' path") from e
-        sources.append(_resolve_source(str(src), m.root, bases))
+    if given and storage.is_url(given) and "{" not in given:  # images in a bucket: fetch the listed ones once
+        want = set(names)
+        bases = [storage.path(given).mirror(lambda listing: sorted(k for k in listing if k in want))]
+    sources = [_resolve_source(n, m.root, bases) for n in names]
     missing = [s for s in sources if not s.is_file()]
     if missing:
         raise UserError(f"manifest {m.path}: {len(missing)} source image(s) not found, e.g. {missing[0]}")

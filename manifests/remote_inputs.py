@@ -9,7 +9,7 @@ from pathlib import Path
 
 from . import storage
 from .objects import mirror_root as cache_root  # noqa: F401 - trainer/loop/remote_run.py mirrors runs under it
-from .schema import MANIFEST_NAME, load_manifest
+from .schema import CONTEXT_CODEC, MANIFEST_NAME, load_manifest
 from common.errors import UserError
 
 
@@ -24,7 +24,10 @@ def localize(loc: str | os.PathLike, what: str = "input") -> Path:
             raise UserError(f"{what} not found: {src}")
         if MANIFEST_NAME in listing:  # a shard set: the manifest plus only the shards it lists
             is_set.append(True)
-            return [MANIFEST_NAME] + [e.url for e in load_manifest(src).shardlist]  # validates, checks sizes
+            m = load_manifest(src)  # validates, checks sizes
+            extra = [spec["empty"]["file"] for spec in m.fields.values()  # text sets: the empty-caption context
+                     if spec.get("codec") == CONTEXT_CODEC and isinstance(spec.get("empty"), dict)]
+            return [MANIFEST_NAME] + extra + [e.url for e in m.shardlist]
         # A run folder: the newest export (with its config) or else the newest training checkpoint.
         exports = sorted(k for k in listing if k.startswith("export/ema-") and k.endswith(".safetensors"))
         ckpts = sorted(k for k in listing if k.startswith("checkpoints/") and k.endswith(".pt"))
