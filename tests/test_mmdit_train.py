@@ -263,3 +263,26 @@ def test_family_record_presets_and_released_files(tmp_path):
     with pytest.raises(UserError, match="context_embedder"):
         from trainer.models import load_weights_into
         load_weights_into(MMDiT_models["MMDiT-Debug/2"](z_dims=[32], context_dim=8), path, name="MMDiT-Debug/2")
+
+
+@pytest.mark.slow
+def test_two_torchrun_ranks_equal_one_rank(t2i, tmp_path, capsys):
+    """MMDiT under torchrun: 2 ranks (gloo) train on the captions, noise and dropout of the 1-rank run, so losses
+    and weights agree within float rounding; the loader-level test above pins the caption rule itself."""
+    import subprocess
+    import sys
+
+    from helpers import REPO, free_port
+    from trainer_common import ENV, assert_weights_close
+
+    def argv(run: Path) -> list[str]:
+        return train_argv(t2i, run, "--lr", "1e-3", "--sample-every", "0", steps=2)
+    two, one = tmp_path / "two", tmp_path / "one"
+    p = subprocess.run([sys.executable, "-m", "torch.distributed.run", "--nproc-per-node", "2", "--master-addr",
+                        "127.0.0.1", "--master-port", str(free_port()), "-m", "trainer", *argv(two)],
+                       cwd=REPO, env=ENV, capture_output=True, text=True, timeout=240)
+    assert p.returncode == 0, p.stderr[-3000:]
+    rc, err = run_inproc(argv(one), capsys)
+    assert rc == 0, err
+    np.testing.assert_allclose([r["loss"] for r in stats(two)], [r["loss"] for r in stats(one)], rtol=1e-5)
+    assert_weights_close(ckpt(two, 2)["model"], ckpt(one, 2)["model"], steps=2)
