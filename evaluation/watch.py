@@ -32,7 +32,7 @@ from common.tracking import open_tracker
 
 from evaluation.config import metric_list
 
-METRICS = ("fid", "sfid", "is", "precision", "recall", "fd_dinov2")  # report keys kept in a row (when present)
+METRICS = ("fid", "sfid", "is", "precision", "recall", "fd_dinov2", "clip_score")  # report keys kept in a row (when present)
 EXAMPLE = """examples:
   python -m evaluation watch runs/xl --reference VIRTUAL_imagenet256_labeled.npz          # follow until DONE
   python -m evaluation watch runs/xl --reference ref.npz --once --num-samples 50000 --num-gpus 8
@@ -69,6 +69,10 @@ class WatchConfig:
     report_to: str | None = None
     cache_dir: str | None = None
     keep_samples: bool = False
+    # text-to-image runs: the captions each export samples from, and the CLIP score's model
+    prompts: str | None = None
+    captions: str | None = None
+    clip_model: str | None = None
 
 
 def build_parser() -> argparse.ArgumentParser:
@@ -103,7 +107,12 @@ def build_parser() -> argparse.ArgumentParser:
     flag(g, "--precision", "--sample-precision", dest="precision", choices=SAMPLE_PRECISIONS, default=d.precision,
          help="the sampler's numerics, as `trainer sample --precision`; the metrics always run in fp32 "
               "(default %(default)s)")
+    g.add_argument("--prompts", metavar="FILE", help="text-to-image runs: trainer sample --prompts (one per line)")
+    g.add_argument("--captions", metavar="ANNOTATIONS.json|MANIFEST", help="text-to-image runs: trainer sample "
+                   "--captions (default for a text run: --reference, when it is a features manifest with captions)")
     g = p.add_argument_group("metrics (python -m evaluation)")
+    g.add_argument("--clip-model", metavar="NAME[=PATH]", help="text-to-image runs: add the CLIP score, as for "
+                   "python -m evaluation")
     g.add_argument("--inception-weights", metavar="PATH|random:SEED", help="as for python -m evaluation "
                    "(default: torch-fidelity's cached download)")
     g.add_argument("--metrics", metavar="LIST", type=metric_list, help="as for python -m evaluation: e.g. fid,fd_dinov2 (default: "
@@ -138,6 +147,12 @@ def check_paths(cfg: WatchConfig) -> WatchConfig:
     """A watch that is about to run: its run folder and reference must exist."""
     check(Path(cfg.run).is_dir(), f"run folder not found: {cfg.run}")
     check(Path(cfg.reference).exists(), f"--reference not found: {cfg.reference}")
+    if run_config(Path(cfg.run)).get("context") and not (cfg.prompts or cfg.captions):
+        ref = Path(cfg.reference)
+        check(ref.is_dir() and (ref / "manifest.json").is_file(),
+              f"{cfg.run} is a text-to-image run: give --prompts FILE or --captions ANNOTATIONS.json (or a "
+              f"captioned features manifest as --reference)")
+        cfg.captions = str(ref)  # one caption per reference image, drawn by (seed, image)
     return cfg
 
 
@@ -208,7 +223,8 @@ def sample_command(cfg: WatchConfig, ckpt: Path, out: Path) -> list[str]:
     return [*launcher, "-m", "trainer", "sample", "--ckpt", str(ckpt), "--out", str(out),
             "--num-samples", str(cfg.num_samples), "--num-steps", str(cfg.num_steps),  # the family's default mode
             "--cfg-scale", str(cfg.cfg_scale), "--guidance-high", str(cfg.guidance_high), "--seed", str(cfg.seed),
-            "--batch-size", str(cfg.batch_size), "--precision", cfg.precision]  # both global
+            "--batch-size", str(cfg.batch_size), "--precision", cfg.precision,  # both global
+            *(["--prompts", cfg.prompts] if cfg.prompts else []), *(["--captions", cfg.captions] if cfg.captions else [])]
 
 
 def evaluate(cfg: WatchConfig, step: int, export: Path, log) -> dict[str, Any] | None:
@@ -233,7 +249,8 @@ def evaluate(cfg: WatchConfig, step: int, export: Path, log) -> dict[str, Any] |
     metrics_main(metrics_command(cfg, work / "samples", report_path))
     report = read_json(report_path, "evaluation report")
     t_eval = time.perf_counter() - t0
-    scores = {k: report["metrics"].get(k) for k in METRICS if k != "fd_dinov2" or k in report["metrics"]}
+    scores = {k: report["metrics"].get(k) for k in METRICS
+              if k not in ("fd_dinov2", "clip_score") or k in report["metrics"]}
     return {"step": step, **scores, "num_samples": cfg.num_samples,
             "sampler": {"mode": sampled_mode(work / "samples"), "steps": cfg.num_steps, "cfg_scale": cfg.cfg_scale,
                         "guidance_high": cfg.guidance_high, "seed": cfg.seed},
@@ -252,7 +269,7 @@ def metrics_command(cfg: WatchConfig, samples: Path, report: Path) -> list[str]:
     """The metrics job's argv for one export's samples."""
     args = ["--samples", str(samples), "--reference", cfg.reference, "--out", str(report),
             "--batch-size", str(cfg.eval_batch_size), "--device", cfg.device, "--num-samples", str(cfg.num_samples)]
-    for name in ("inception_weights", "cache_dir", "metrics", "dinov2", "resize"):
+    for name in ("inception_weights", "cache_dir", "metrics", "dinov2", "resize", "clip_model"):
         v = getattr(cfg, name)
         if v:
             args += ["--" + name.replace("_", "-"), ",".join(v) if isinstance(v, list) else str(v)]

@@ -132,3 +132,16 @@ def test_a_bare_state_dict_in_the_official_layout_samples(prompt_file, tmp_path)
     assert sample(bare, out, "--prompts", str(prompt_file), "--text-encoder", "tiny-clip-text") == 0
     m = load_manifest(out, kind="samples")
     assert m.num_samples == 3 and m.extra["sampler"]["model"] == "MMDiT-Debug/2" and "txt" in m.fields
+
+
+@pytest.mark.slow
+def test_the_fid_watcher_follows_a_text_run(run, t2i, tmp_path):  # noqa: F811
+    """`evaluation watch` on an MMDiT run: its exports sample one caption per reference image (the captioned
+    features manifest) and each row carries FID and the CLIP score."""
+    from evaluation.watch import main as watch_main
+    rc = run_cli(watch_main, [str(run), "--reference", str(t2i), "--once", "--num-samples", "3", "--num-steps", "2",
+                              "--batch-size", "4", "--inception-weights", "random:0", "--metrics", "fid",
+                              "--clip-model", "tiny-clip", "--eval-batch-size", "4"])
+    assert rc == 0
+    rows = [json.loads(x) for x in (run / "eval" / "metrics.jsonl").read_text().splitlines()]
+    assert rows and all(np.isfinite(r["fid"]) and r["clip_score"] >= 0 for r in rows)
