@@ -20,7 +20,8 @@ import numpy as np
 import torch
 
 from common import UserError
-from manifests import index_shard, load_manifest, read_member
+from manifests import load_manifest
+from manifests.shards import iter_member
 
 CLIP_MODELS = {"clip-vit-l": "openai/clip-vit-large-patch14", "tiny-clip": None}
 DEFAULT_CLIP = "clip-vit-l"
@@ -114,18 +115,14 @@ def read_captions(samples: str | Path) -> Captioned:
         raise UserError(f"--clip-model needs a samples manifest with captions (txt members); {samples} is not one")
     m = load_manifest(root, kind="samples")
     caps = []
-    for shard in m.shard_paths():
-        members = index_shard(shard)
-        with open(shard, "rb") as f:
-            for key, mem in members.items():
-                if "txt" not in mem:
-                    raise UserError(f"shard {shard}: sample '{key}' has no caption ('.txt' member); CLIP score "
-                                    f"needs samples made with trainer sample --prompts or --captions")
-                data = read_member(f, *mem["txt"], f"{shard}:{key}")
-                try:
-                    caps.append(data.decode("utf-8"))
-                except UnicodeDecodeError as e:
-                    raise UserError(f"shard {shard}: sample '{key}': caption is not UTF-8 text") from e
+    for shard, key, data in iter_member(m.shard_paths(), "txt"):
+        if data is None:
+            raise UserError(f"shard {shard}: sample '{key}' has no caption ('.txt' member); CLIP score "
+                            f"needs samples made with trainer sample --prompts or --captions")
+        try:
+            caps.append(data.decode("utf-8"))
+        except UnicodeDecodeError as e:
+            raise UserError(f"shard {shard}: sample '{key}': caption is not UTF-8 text") from e
     return Captioned(m.root, caps)
 
 

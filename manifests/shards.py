@@ -52,6 +52,20 @@ def decode_npy(data: bytes, what: str = "array") -> np.ndarray:
         raise UserError(f"{what}: not a plain .npy array ({e})") from e
 
 
+def read_npy_header(data: bytes, what: str = "array") -> tuple[tuple[int, ...], np.dtype, bool, int]:
+    """(shape, dtype, fortran order, header bytes) of a .npy member from its first bytes, without reading the
+    array; anything that is not a plain .npy header is a one-line UserError naming `what`."""
+    import numpy.lib.format as npformat
+    head = io.BytesIO(data)
+    try:
+        version = npformat.read_magic(head)
+        read = npformat.read_array_header_1_0 if version == (1, 0) else npformat.read_array_header_2_0
+        shape, fortran, dtype = read(head)
+    except ValueError as e:
+        raise UserError(f"{what} is not a plain .npy array ({e})") from e
+    return tuple(shape), dtype, bool(fortran), head.tell()
+
+
 def decode_member(ext: str, data: bytes, what: str = "member") -> Any:
     """Decode one member by extension: .npy arrays, cls ints, json, png/jpg images (uint8 HWC)."""
     if ext.endswith("npy"):
@@ -189,3 +203,13 @@ def read_member(f, offset: int, size: int, what: str = "member") -> bytes:
     data = f.read(size)
     check(len(data) == size, f"{what}: shard ended early (truncated file?)")
     return data
+
+
+def iter_member(shards, ext: str) -> Iterator[tuple[str, str, bytes | None]]:
+    """(shard, key, bytes of member `ext` or None if the sample has none) for every sample, in shard and file order;
+    reads only that member (tar headers, then one read each), e.g. a sample set's captions."""
+    for shard in shards:
+        members = index_shard(shard)
+        with storage.path(shard).open("rb") as f:
+            for key, mem in members.items():
+                yield str(shard), key, (read_member(f, *mem[ext], f"{shard}:{key}") if ext in mem else None)

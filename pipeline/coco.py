@@ -9,7 +9,6 @@ from __future__ import annotations
 
 import json
 import os
-import tarfile
 from concurrent.futures import ThreadPoolExecutor
 from pathlib import PurePosixPath
 
@@ -17,9 +16,8 @@ from common import UserError
 from common.errors import as_user_error
 from manifests import sanitize_key, storage
 from manifests.captions import read_coco
-from manifests.shards import open_tar
 
-from .sources import LIST_THREADS, WDS_IMAGE_EXTS, Item, Listing, _dedupe
+from .sources import LIST_THREADS, WDS_IMAGE_EXTS, Item, Listing, _dedupe, tar_samples
 
 CAPTION_EXTS = ("txt", "json")
 
@@ -168,32 +166,8 @@ def tar_captions(members: dict[str, bytes]) -> list[str]:
 
 def _index_caption_tar(tar_path) -> tuple[list[Item], list[dict]]:
     """The image + caption samples of one tar (headers, plus the small txt/json members read now)."""
-    items, skipped, groups, order = [], [], {}, []
-    try:
-        with open_tar(tar_path) as tar:
-            for ti in tar:
-                if not ti.isfile():
-                    continue
-                if ti.name.startswith("/") or ".." in ti.name.split("/"):
-                    skipped.append({"key": sanitize_key(ti.name), "source": f"{tar_path.name}:{ti.name}",
-                                    "reason": "unsafe tar member name (absolute or '..')"})
-                    continue
-                key, dot, ext = os.path.basename(ti.name).partition(".")
-                if not dot:
-                    continue
-                if key not in groups:
-                    groups[key] = {}
-                    order.append(key)
-                groups[key][ext.lower()] = ti
-            texts = {}
-            for key in order:
-                texts[key] = {}
-                for ext in CAPTION_EXTS:
-                    if ext in groups[key]:
-                        f = tar.extractfile(groups[key][ext])
-                        texts[key][ext] = f.read() if f else b""
-    except (tarfile.TarError, EOFError, OSError) as e:
-        raise UserError(f"cannot read WebDataset shard {tar_path}: {e}") from e
+    items = []
+    groups, order, texts, skipped = tar_samples(tar_path, CAPTION_EXTS)
     for key in order:
         g = groups[key]
         img_ext = next((x for x in WDS_IMAGE_EXTS if x in g), None)
@@ -202,7 +176,7 @@ def _index_caption_tar(tar_path) -> tuple[list[Item], list[dict]]:
             skipped.append({"key": sanitize_key(key), "source": src, "reason": "no image member"})
             continue
         try:
-            caps = tar_captions(texts[key])
+            caps = tar_captions(texts.get(key, {}))
         except ValueError as e:
             skipped.append({"key": sanitize_key(key), "source": src, "reason": str(e)})
             continue

@@ -128,11 +128,14 @@ def _list_tars(tars: list) -> Listing:
     return Listing("webdataset", items, [str(i) for i in range(max(it.label for it in items) + 1)], skipped)
 
 
-def _index_tar(tar_path) -> tuple[list[Item], list[dict]]:
-    """The jpg+cls samples of one tar (headers only, plus the tiny cls members) and the members it skips."""
-    items, skipped = [], []
+def tar_samples(tar_path, small: tuple[str, ...]) -> tuple[dict[str, dict[str, tarfile.TarInfo]], list[str],
+                                                           dict[str, dict[str, bytes]], list[dict]]:
+    """One tar's members grouped by sample key, in tar order: (groups, key order, the bytes of the `small` members
+    read now, skipped unsafe members). Headers only otherwise; an unreadable tar is one UserError naming it."""
+    skipped: list[dict] = []
     groups: dict[str, dict[str, tarfile.TarInfo]] = {}
     order: list[str] = []
+    data: dict[str, dict[str, bytes]] = {}
     try:
         with open_tar(tar_path) as tar:
             for ti in tar:
@@ -149,28 +152,38 @@ def _index_tar(tar_path) -> tuple[list[Item], list[dict]]:
                     groups[key] = {}
                     order.append(key)
                 groups[key][ext.lower()] = ti
-            # cls members are tiny: read them now so labels are known before planning.
-            labels = {}
-            for key in order:
-                g = groups[key]
-                if "cls" in g:
-                    f = tar.extractfile(g["cls"])
-                    try:
-                        labels[key] = int(f.read().decode().strip()) if f else None
-                    except ValueError:
-                        labels[key] = None
+            for key in order:  # small members (cls, captions): read now, so planning knows them
+                for ext in small:
+                    if ext in groups[key]:
+                        f = tar.extractfile(groups[key][ext])
+                        data.setdefault(key, {})[ext] = f.read() if f else b""
     except (tarfile.TarError, EOFError, OSError) as e:
         raise UserError(f"cannot read WebDataset shard {tar_path}: {e}") from e
+    return groups, order, data, skipped
+
+
+def _label(raw: bytes | None) -> int | None:
+    try:
+        return int(raw.decode().strip()) if raw is not None else None
+    except (ValueError, UnicodeDecodeError):
+        return None
+
+
+def _index_tar(tar_path) -> tuple[list[Item], list[dict]]:
+    """The jpg+cls samples of one tar (headers only, plus the tiny cls members) and the members it skips."""
+    items = []
+    groups, order, data, skipped = tar_samples(tar_path, ("cls",))
     for key in order:
         g = groups[key]
         img_ext = next((x for x in WDS_IMAGE_EXTS if x in g), None)
+        label = _label(data.get(key, {}).get("cls"))
         src = f"{tar_path.name}:{key}"
-        if img_ext is None or labels.get(key) is None:
+        if img_ext is None or label is None:
             why = "no image member" if img_ext is None else "missing or bad cls member"
             skipped.append({"key": sanitize_key(key), "source": src, "reason": why})
             continue
         ti = g[img_ext]
-        items.append(Item(key=sanitize_key(key), label=labels[key], source=f"{tar_path.name}:{ti.name}",
+        items.append(Item(key=sanitize_key(key), label=label, source=f"{tar_path.name}:{ti.name}",
                           path=str(tar_path), offset=ti.offset_data, size=ti.size))
     return items, skipped
 

@@ -16,8 +16,7 @@ from manifests.codecs import encode_fields, get_codec, token_field
 
 from .config import ExtractConfig
 from .sources import Item, read_items
-from .crops import decode_crop
-from .transforms import BadImage
+from .transforms import BadImage, decode_crop
 from .writer import ShardPlan, write_shard_once
 
 

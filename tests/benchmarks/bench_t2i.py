@@ -5,7 +5,7 @@ trainer loader's samples/s with int8 caption contexts against float16 ones.
                                          [--samples 320] [--workers 2] [--loader-batch 32] [--rounds 2]
                                          [--parts extract,loader]
 
-1. Extraction, per image: the pipeline's decode + U-ViT centre crop (`pipeline.crops.decode_crop(data, 256,
+1. Extraction, per image: the pipeline's decode + U-ViT centre crop (`pipeline.transforms.decode_crop(data, 256,
    "uvit-center")`) of COCO-sized synthetic JPEGs (640x480), and the int8 caption contexts of its `--captions`
    captions (`TextEncoder.members`, the pipeline's call, `--batch` images per call as the encoder actor batches them),
    for the `tiny-clip-text` preset and for CLIP ViT-L/14's text transformer at its real size with random weights
@@ -37,7 +37,7 @@ import numpy as np  # noqa: E402
 import torch  # noqa: E402
 
 from manifests.codecs import get_codec  # noqa: E402
-from pipeline.crops import decode_crop  # noqa: E402
+from pipeline.transforms import decode_crop  # noqa: E402
 from pipeline.synth import _draw  # noqa: E402
 from pipeline.text import TEXT_LENGTH, TextEncoder, load_text_encoder, tiny_tokenizer_files  # noqa: E402
 from pipeline.presets import TEXT_ENCODERS  # noqa: E402

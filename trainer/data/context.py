@@ -14,19 +14,17 @@ draw is set see the empty context instead (trainer/objectives/interpolant.py `co
 """
 from __future__ import annotations
 
-import io
 from dataclasses import dataclass
 from typing import Any, Callable
 
 import numpy as np
-import numpy.lib.format as npformat
 import torch
 
 from common import UserError, check
 from manifests import Manifest
 from manifests.codecs import CODECS, decode, field_codec, scale_field
 from manifests.schema import CONTEXT_CODEC, empty_context
-from manifests.shards import npy_ext
+from manifests.shards import npy_ext, read_npy_header
 
 from trainer.loop.steprng import caption_choice
 
@@ -140,17 +138,11 @@ def _header_length(data: bytes) -> int | None:
 
 def _parse_header_uncached(data: bytes, where: str, tail: tuple[int, ...], dtype: np.dtype, size: int
                            ) -> tuple[int, int]:
-    head = io.BytesIO(data)
-    try:
-        version = npformat.read_magic(head)
-        read = npformat.read_array_header_1_0 if version == (1, 0) else npformat.read_array_header_2_0
-        shape, fortran, got = read(head)
-    except ValueError as e:
-        raise UserError(f"{where} is not a plain .npy array ({e})") from e
+    shape, got, fortran, hlen = read_npy_header(data, where)
     if len(shape) != len(tail) + 1 or tuple(shape[1:]) != tail or got != dtype or fortran or shape[0] < 1:
         raise UserError(f"{where} has shape {list(shape)} {got}, the manifest says [K>=1, "
                         f"{', '.join(map(str, tail))}] {dtype}")
-    k, hlen = int(shape[0]), head.tell()
+    k = int(shape[0])
     if size != hlen + k * int(np.prod(tail)) * dtype.itemsize:
         raise UserError(f"{where} has {size} bytes, expected {hlen + k * int(np.prod(tail)) * dtype.itemsize}")
     return k, hlen

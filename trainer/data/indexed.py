@@ -1,7 +1,6 @@
 """The training loader: micro-batches read by tar offsets into reused shared rings (index and order: index.py)."""
 from __future__ import annotations
 
-import io
 import os
 import uuid
 import weakref
@@ -9,13 +8,12 @@ from dataclasses import dataclass, field
 from typing import Any
 
 import numpy as np
-import numpy.lib.format as npformat
 import torch
 
 from manifests import Manifest
 from common import UserError, check
 from manifests.codecs import CODECS, decode, field_codec, scale_field
-from manifests.shards import CLS, npy_ext
+from manifests.shards import CLS, npy_ext, read_npy_header
 
 from trainer.data.context import ContextReads, ContextSpec, cond_to_device, resolve_context  # noqa: F401
 from trainer.data.index import ShardIndex, StepSampler, build_index, epoch_permutation  # noqa: F401 (re-exported)
@@ -215,19 +213,13 @@ class FeatureBatches(ContextReads, torch.utils.data.Dataset):
 
     def _check_header(self, data: bytes, sid: int, ext: str, size: int, out: np.ndarray) -> bytes:
         """Validate a member's .npy header (from its first bytes) against `out`; cache and return the header."""
-        head = io.BytesIO(data)
-        try:
-            version = npformat.read_magic(head)
-            read_header = npformat.read_array_header_1_0 if version == (1, 0) else npformat.read_array_header_2_0
-            shape, fortran, dtype = read_header(head)
-        except ValueError as e:
-            raise UserError(f"{self._where(sid, ext)} is not a plain .npy array ({e})") from e
-        if tuple(shape) != out.shape or dtype != out.dtype or fortran:
+        shape, dtype, fortran, hlen = read_npy_header(data, self._where(sid, ext))
+        if shape != out.shape or dtype != out.dtype or fortran:
             raise UserError(f"{self._where(sid, ext)} has shape {list(shape)} {dtype}, the manifest says "
                             f"{list(out.shape)} {out.dtype}")
-        if size != head.tell() + out.nbytes:
-            raise UserError(f"{self._where(sid, ext)} has {size} bytes, expected {head.tell() + out.nbytes}")
-        self._headers[ext] = head.getvalue()[:head.tell()]
+        if size != hlen + out.nbytes:
+            raise UserError(f"{self._where(sid, ext)} has {size} bytes, expected {hlen + out.nbytes}")
+        self._headers[ext] = data[:hlen]
         return self._headers[ext]
 
     def __getitem__(self, item: tuple[int, np.ndarray, np.ndarray]) -> dict[str, Any]:

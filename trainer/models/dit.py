@@ -16,12 +16,11 @@ from typing import Any, Callable, Sequence
 import torch
 import torch.nn as nn
 
-from manifests import SD_VAE_SCALE, SD_VAE_SHIFT
-
-from trainer.models.family import DEFAULT_VAE, LATENT_DOWNSAMPLE, Family, ModelSpec, Objective, Released
+from trainer.models.family import (DEFAULT_VAE, LATENT_DOWNSAMPLE, Family, ModelSpec, Objective, Released,
+                                    arg_int, first_of, released_record)
 from trainer.models.sit import (DEBUG_SIZE, PROJECTOR_DIM, SIT_KEYS, SIZES, FinalLayer, LabelEmbedder, PatchEmbed,
-                                SiT, SiTBlock, TimestepEmbedder, arg_int, build_mlp, check_geometry, drop_projectors,
-                                first_of, hint)
+                                SiT, SiTBlock, TimestepEmbedder, build_mlp, check_geometry, drop_projectors,
+                                hint)
 from trainer.objectives.ddpm import SCHEDULES, ddpm_repa_loss, noisy, timestep_from_time
 from trainer.sampling.ddpm import ddim, ddpm
 
@@ -170,9 +169,7 @@ def released_config(sd: dict[str, torch.Tensor], spec: ModelSpec, args: dict[str
         class_dropout_prob=RELEASED["class_dropout_prob"])
     if projs and "projectors.0.0.weight" in sd:
         kwargs["projector_dim"] = int(sd["projectors.0.0.weight"].shape[0])
-    return {"model": first_of(spec.model, args.get("model")), "model_kwargs": kwargs,
-            "path": first_of(spec.path, RELEASED["path"]), "vae": RELEASED["vae"], "latent_scale": SD_VAE_SCALE,
-            "latent_shift": SD_VAE_SHIFT, "resolution": res, "classes": []}
+    return released_record(spec, args, kwargs, res, first_of(spec.path, RELEASED["path"]), RELEASED["vae"])
 
 
 DIT = Family(name="DiT", models=DiT_models, conditioning="class",

@@ -15,10 +15,13 @@ A family's models share one small contract with those callers:
 """
 from __future__ import annotations
 
+import contextlib
 from dataclasses import dataclass, field
 from typing import Any, Callable, Mapping, Protocol
 
 import torch
+
+from manifests import SD_VAE_SCALE, SD_VAE_SHIFT
 
 StateDict = dict[str, torch.Tensor]
 CONDITIONINGS = ("class", "text")
@@ -115,3 +118,24 @@ class Family:
     @property
     def default_sampler(self) -> str:
         return next(iter(self.samplers))
+
+
+# ---- helpers for the families' `Released.config` -----------------------------------------------------------------
+
+def first_of(*values: Any) -> Any:
+    return next((v for v in values if v is not None), None)
+
+
+def arg_int(args: dict[str, Any], key: str) -> int | None:
+    with contextlib.suppress(TypeError, ValueError):
+        return int(args[key]) if args.get(key) is not None else None
+    return None
+
+
+def released_record(spec: ModelSpec, args: dict[str, Any], kwargs: dict[str, Any], resolution: int, path: str,
+                    vae: str) -> dict[str, Any]:
+    """Our config.json layout for a released file: the size named by a flag or the file's `args` (None when
+    nothing names it), its resolved kwargs, and the SD-VAE latent constants every family here uses."""
+    return {"model": first_of(spec.model, args.get("model")), "model_kwargs": kwargs, "path": path, "vae": vae,
+            "latent_scale": SD_VAE_SCALE, "latent_shift": SD_VAE_SHIFT, "resolution": resolution, "classes": []}
+

@@ -14,11 +14,10 @@ import torch
 import torch.nn as nn
 import torch.nn.functional as F
 
-from manifests import SD_VAE_SCALE, SD_VAE_SHIFT
-
-from trainer.models.family import LATENT_DOWNSAMPLE, Family, ModelSpec, Objective, Released
-from trainer.models.sit import (NORM_EPS, PROJECTOR_DIM, FinalLayer, Mlp, PatchEmbed, TimestepEmbedder, arg_int,
-                                build_mlp, check_geometry, drop_projectors, first_of, modulate, sincos_pos_embed_2d)
+from trainer.models.family import (LATENT_DOWNSAMPLE, Family, ModelSpec, Objective, Released, arg_int, first_of,
+                                    released_record)
+from trainer.models.sit import (NORM_EPS, PROJECTOR_DIM, FinalLayer, Mlp, PatchEmbed, TimestepEmbedder,
+                                build_mlp, check_geometry, drop_projectors, modulate, sincos_pos_embed_2d)
 from trainer.objectives.interpolant import PATHS, context_repa_loss, noisy
 from trainer.sampling.samplers import ode, sde
 
@@ -318,9 +317,8 @@ def released_config(sd: dict[str, torch.Tensor], spec: ModelSpec, args: dict[str
     kw["z_dims"] = list(first_of(spec.projector_embed_dims, kw.get("z_dims"), [768]))
     kw.pop("depth", None)  # the size entry pins it (and patch_size); shapes pick the entry (_detect_size)
     kw.pop("patch_size", None)
-    return {"model": first_of(spec.model, args.get("model")), "model_kwargs": kw,
-            "path": first_of(spec.path, args.get("path_type"), RELEASED["path"]), "vae": RELEASED["vae"],
-            "latent_scale": SD_VAE_SCALE, "latent_shift": SD_VAE_SHIFT, "resolution": res, "classes": []}
+    return released_record(spec, args, kw, res, first_of(spec.path, args.get("path_type"), RELEASED["path"]),
+                           RELEASED["vae"])
 
 
 def hint(key: str) -> str:

@@ -2,7 +2,6 @@
 `models/sit.py` (DESIGN §4), so its released checkpoints load strictly."""
 from __future__ import annotations
 
-import contextlib
 import inspect
 import math
 import re
@@ -13,9 +12,8 @@ import torch
 import torch.nn as nn
 import torch.nn.functional as F
 
-from manifests import SD_VAE_SCALE, SD_VAE_SHIFT
-
-from trainer.models.family import DEFAULT_VAE, LATENT_DOWNSAMPLE, Family, ModelSpec, Objective, Released
+from trainer.models.family import (DEFAULT_VAE, LATENT_DOWNSAMPLE, Family, ModelSpec, Objective, Released,
+                                    arg_int, first_of, released_record)
 from trainer.objectives.interpolant import PATHS, noisy, repa_loss
 from trainer.sampling.samplers import ode, sde
 
@@ -304,16 +302,6 @@ def recognises(sd: dict[str, torch.Tensor]) -> bool:
     return out == patch * patch * in_ch
 
 
-def first_of(*values: Any) -> Any:
-    return next((v for v in values if v is not None), None)
-
-
-def arg_int(args: dict[str, Any], key: str) -> int | None:
-    with contextlib.suppress(TypeError, ValueError):
-        return int(args[key]) if args.get(key) is not None else None
-    return None
-
-
 def released_config(sd: dict[str, torch.Tensor], spec: ModelSpec, args: dict[str, Any]) -> dict[str, Any]:
     """Our config.json layout for an official REPA file: flags, then its argparse options, then the state-dict
     shapes, then REPA's defaults (RELEASED). The shapes decide what no option records (projectors, channels)."""
@@ -337,9 +325,8 @@ def released_config(sd: dict[str, torch.Tensor], spec: ModelSpec, args: dict[str
         class_dropout_prob=RELEASED["class_dropout_prob"])
     if projs and "projectors.0.0.weight" in sd:
         kwargs["projector_dim"] = int(sd["projectors.0.0.weight"].shape[0])
-    return {"model": first_of(spec.model, args.get("model")), "model_kwargs": kwargs,
-            "path": first_of(spec.path, args.get("path_type"), RELEASED["path"]), "vae": RELEASED["vae"],
-            "latent_scale": SD_VAE_SCALE, "latent_shift": SD_VAE_SHIFT, "resolution": res, "classes": []}
+    return released_record(spec, args, kwargs, res, first_of(spec.path, args.get("path_type"), RELEASED["path"]),
+                           RELEASED["vae"])
 
 
 def hint(key: str) -> str:

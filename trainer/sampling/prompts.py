@@ -22,7 +22,8 @@ import numpy as np
 import torch
 
 from common import UserError
-from manifests import iter_shard, load_manifest, storage
+from manifests import load_manifest, storage
+from manifests.shards import iter_member
 from manifests.captions import captions_by_image, read_coco
 
 DEFAULT_TEXT_ENCODER = "clip-vit-l-text"  # U-ViT's FrozenCLIPEmbedder: what the official MMDiT was trained on
@@ -83,13 +84,15 @@ def read_prompts(prompts: str | None, captions: str | None, seed: int) -> Prompt
 def _manifest_captions(path: str) -> list[list[str]]:
     m = load_manifest(path, kind="features")
     out = []
-    for url in m.shard_paths():
-        for s in iter_shard(url):
-            caps = (s.get("json") or {}).get("captions")
-            if not (isinstance(caps, list) and caps and all(isinstance(c, str) for c in caps)):
-                raise UserError(f"features manifest {m.path}: sample '{s['__key__']}' has no captions in its json "
-                                f"(--captions takes a text-to-image manifest or COCO annotations)")
-            out.append(caps)
+    for _, key, data in iter_member(m.shard_paths(), "json"):  # the small json members only, not the features
+        try:
+            caps = json.loads(data.decode()).get("captions") if data is not None else None
+        except (ValueError, AttributeError):
+            caps = None
+        if not (isinstance(caps, list) and caps and all(isinstance(c, str) for c in caps)):
+            raise UserError(f"features manifest {m.path}: sample '{key}' has no captions in its json "
+                            f"(--captions takes a text-to-image manifest or COCO annotations)")
+        out.append(caps)
     return out
 
 
